@@ -1,0 +1,30 @@
+"""Shared fixtures. Tests never touch the network: telemetry is off for Ray, FiftyOne and DVC."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory) -> Path:
+    """A small embedded data set (80 images over the three splits), built once per session."""
+    from pipeline.synth import SynthConfig, build
+
+    out = tmp_path_factory.mktemp("synth") / "synth"
+    build(SynthConfig(images=80, seed=0), out, workers=2, progress=False)
+    return out
