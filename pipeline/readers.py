@@ -1,0 +1,503 @@
+"""Readers: COCO instances JSON and OpenImages box CSVs into the images / boxes tables.
+
+    python -m pipeline.readers coco --annotations coco/annotations/instances_train2017.json \
+        --images coco/train2017 --out data/tables/coco_train2017
+    python -m pipeline.readers openimages --boxes openimages/oidv6-train-annotations-bbox.csv \
+        --classes openimages/class-descriptions-boxable.csv --images openimages/train \
+        --out data/tables/openimages_train
+
+The same code reads the embedded data and the real files (COCO 2017: 860k boxes; OpenImages V6
+train: 14.6 million rows over 1.74 million images).
+
+Bad input:
+- a missing file or a missing column/key is an error that names it and says what is expected;
+- a bad row (NaN, inverted, zero-area or out-of-range box, unknown label, missing image) is
+  dropped, counted by reason and listed in the rejects table; every valid row is kept.
+
+OpenImages is read in two steps because its boxes are normalised to [0, 1] and pixel coordinates
+need each image's size: `read_openimages_boxes` validates the CSV (no image needed, so the sampler
+can pick images before they are downloaded) and `attach_images` resolves the sizes of the images
+that are wanted from their file headers.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from pipeline import contracts
+from pipeline.categories import read_openimages_classes
+from pipeline.files import write_text
+
+OPENIMAGES_HEADER = (
+    "ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax",
+    "IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside",
+)
+OPENIMAGES_USED = ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax", "IsGroupOf")
+COCO_IMAGE_FIELDS = ("id", "file_name", "width", "height")
+COCO_ANNOTATION_FIELDS = ("id", "image_id", "category_id", "bbox")
+# COCO boxes are floats from polygon extents; allow this much overshoot (pixels) before rejecting,
+# and clip what is allowed.
+COCO_EDGE_TOLERANCE = 1.0
+
+# Normalised OpenImages boxes: the validated CSV rows, before image sizes are known.
+NORMALIZED_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("label", pa.string()),
+    ("xmin", pa.float32()),
+    ("ymin", pa.float32()),
+    ("xmax", pa.float32()),
+    ("ymax", pa.float32()),
+    ("is_group", pa.bool_()),
+    ("row", pa.int64()),
+])
+
+
+class ReaderError(ValueError):
+    """An input file that cannot be read as the format it claims to be."""
+
+
+@dataclass
+class ReadResult:
+    """What a reader returns: the contract tables and the rejected rows."""
+
+    images: pa.Table
+    boxes: pa.Table
+    rejects: pa.Table
+    extra: dict = field(default_factory=dict)
+
+    def reject_counts(self) -> dict[str, int]:
+        return reject_counts(self.rejects)
+
+    def summary(self) -> dict:
+        return {
+            "images": self.images.num_rows,
+            "boxes": self.boxes.num_rows,
+            "rejected": self.rejects.num_rows,
+            "rejected_by_reason": self.reject_counts(),
+            **self.extra,
+        }
+
+    def write(self, out_dir: str | Path) -> None:
+        out = Path(out_dir)
+        contracts.write_table(self.images, out / "images.parquet", contracts.IMAGES)
+        contracts.write_table(self.boxes, out / "boxes.parquet", contracts.BOXES)
+        contracts.write_table(self.rejects, out / "rejects.parquet", contracts.REJECTS)
+        write_text(out / "summary.json", json.dumps(self.summary(), indent=2) + "\n")
+
+
+def reject_counts(rejects: pa.Table) -> dict[str, int]:
+    counts = {r: 0 for r in contracts.REJECT_REASONS}
+    if rejects.num_rows:
+        for row in pc.value_counts(rejects.column("reason")).to_pylist():
+            counts[row["values"]] = row["counts"]
+    return counts
+
+
+REASON_NAMES = np.array((None,) + contracts.REJECT_REASONS, dtype=object)
+
+
+def reason_codes(masks: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """Per row, 1 + the index of the first reason (in REJECT_REASONS order) whose mask is true;
+    0 for a good row. `REASON_NAMES[code]` gives the reason. Vectorised: no loop over rows."""
+    code = np.zeros(n, dtype=np.int8)
+    for j, name in reversed(list(enumerate(contracts.REJECT_REASONS, start=1))):
+        m = masks.get(name)
+        if m is not None:
+            code[m] = j
+    return code
+
+
+def rejects_table(source_file: str, rows, image_ids, labels, reasons) -> pa.Table:
+    n = len(reasons)
+    return pa.table({
+        "source_file": pa.array([source_file] * n, pa.string()),
+        "row": pa.array(rows, pa.int64()),
+        "image_id": pa.array(image_ids, pa.string()),
+        "label": pa.array(labels, pa.string()),
+        "reason": pa.array(reasons, pa.string()),
+    }, schema=contracts.REJECTS_SCHEMA)
+
+
+def _require_file(path: Path, what: str, fix: str) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist; {fix}")
+
+
+# ----------------------------------------------------------------------------------------- COCO
+
+
+def coco_source(annotations: Path) -> str:
+    """'instances_train2017.json' -> 'coco_train2017'."""
+    stem = annotations.stem
+    stem = stem[len("instances_"):] if stem.startswith("instances_") else stem
+    return "coco_" + re.sub(r"[^A-Za-z0-9]+", "_", stem)
+
+
+def coco_key(source: str, image_id: int) -> str:
+    return f"{source}_{int(image_id):012d}"
+
+
+def read_coco(
+    annotations: str | Path,
+    images_dir: str | Path | None,
+    *,
+    source: str | None = None,
+    check_files: bool = True,
+) -> ReadResult:
+    """Read a COCO instances JSON (through pycocotools) into images/boxes tables.
+
+    `images_dir` is the folder holding the `file_name`s (e.g. `coco/train2017`); with
+    `check_files`, images whose file is missing are dropped with their boxes (reason
+    `missing_image`). Crowd annotations (`iscrowd=1`) are kept with `is_group=True`.
+    """
+    from pycocotools.coco import COCO
+
+    annotations = Path(annotations)
+    _require_file(annotations, "COCO annotation file", "pass the path of instances_<split>2017.json")
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress to stdout
+        try:
+            coco = COCO(str(annotations))
+        except json.JSONDecodeError as e:
+            raise ReaderError(f"{annotations}: not valid JSON ({e})") from None
+    data = coco.dataset
+    if not isinstance(data, dict):
+        raise ReaderError(f"{annotations}: expected a JSON object with images/annotations/categories")
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise ReaderError(
+                f"{annotations}: missing top-level key '{key}'; a COCO instances file has "
+                "'images', 'annotations' and 'categories'"
+            )
+    source = source or coco_source(annotations)
+    images_dir = Path(images_dir) if images_dir is not None else None
+
+    # Images: every listed image whose file exists.
+    img_rows, img_rejects = [], []
+    for i, im in enumerate(data["images"]):
+        missing = [k for k in COCO_IMAGE_FIELDS if k not in im]
+        if missing:
+            raise ReaderError(f"{annotations}: images[{i}] lacks field(s) {missing} (needs {list(COCO_IMAGE_FIELDS)})")
+        path = (images_dir / im["file_name"]) if images_dir is not None else Path(im["file_name"])
+        if check_files and images_dir is not None and not path.is_file():
+            img_rejects.append((i, str(im["id"]), None, "missing_image"))
+            continue
+        img_rows.append((coco_key(source, im["id"]), source, str(im["id"]), str(path),
+                         int(im["width"]), int(im["height"])))
+    images = pa.table(
+        {name: pa.array([r[j] for r in img_rows], contracts.IMAGES_SCHEMA.field(name).type)
+         for j, name in enumerate(contracts.IMAGES_SCHEMA.names)},
+        schema=contracts.IMAGES_SCHEMA,
+    )
+    sizes = {int(r[2]): (r[4], r[5]) for r in img_rows}
+
+    # Annotations, vectorised.
+    anns = data["annotations"]
+    for i, a in enumerate(anns):
+        missing = [k for k in COCO_ANNOTATION_FIELDS if k not in a]
+        if missing:
+            raise ReaderError(
+                f"{annotations}: annotations[{i}] lacks field(s) {missing} (needs {list(COCO_ANNOTATION_FIELDS)})"
+            )
+    n = len(anns)
+    cats = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
+    bbox = np.full((n, 4), np.nan, dtype=np.float64)
+    for i, a in enumerate(anns):
+        b = a["bbox"]
+        if isinstance(b, (list, tuple)) and len(b) == 4 and all(isinstance(v, (int, float)) and v is not None for v in b):
+            bbox[i] = b
+    image_ids = np.array([a["image_id"] for a in anns], dtype=np.int64) if n else np.zeros(0, np.int64)
+    cat_ids = np.array([a["category_id"] for a in anns], dtype=np.int64) if n else np.zeros(0, np.int64)
+    crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
+    wh = np.array([sizes.get(int(i), (np.nan, np.nan)) for i in image_ids], dtype=np.float64).reshape(n, 2)
+    x, y, w, h = bbox.T
+    with np.errstate(invalid="ignore"):
+        masks = {
+            "nan_box": ~np.isfinite(bbox).all(axis=1),
+            "inverted_box": (w < 0) | (h < 0),
+            "zero_area_box": (w == 0) | (h == 0),
+            "out_of_range_box": np.isfinite(wh[:, 0]) & (
+                (x < -COCO_EDGE_TOLERANCE) | (y < -COCO_EDGE_TOLERANCE)
+                | (x + w > wh[:, 0] + COCO_EDGE_TOLERANCE) | (y + h > wh[:, 1] + COCO_EDGE_TOLERANCE)
+            ),
+            "unknown_label": np.array([c not in cats for c in cat_ids], dtype=bool),
+            "missing_image": ~np.isfinite(wh[:, 0]),
+        }
+    code = reason_codes(masks, n)
+    gi = np.flatnonzero(code == 0)
+    x1 = np.clip(x[gi], 0, wh[gi, 0])
+    y1 = np.clip(y[gi], 0, wh[gi, 1])
+    x2 = np.clip(x[gi] + w[gi], 0, wh[gi, 0])
+    y2 = np.clip(y[gi] + h[gi], 0, wh[gi, 1])
+    # Clipping can collapse a box that lay (within the tolerance) outside the image.
+    keep = (x2 > x1) & (y2 > y1)
+    code[gi[~keep]] = 1 + contracts.REJECT_REASONS.index("out_of_range_box")
+    gi, x1, y1, x2, y2 = gi[keep], x1[keep], y1[keep], x2[keep], y2[keep]
+    boxes = pa.table({
+        "key": pa.array([coco_key(source, i) for i in image_ids[gi]], pa.string()),
+        "label": pa.array([cats[c] for c in cat_ids[gi]], pa.string()),
+        "category_id": pa.array(cat_ids[gi], pa.int32()),
+        "x1": pa.array(x1, pa.float32()),
+        "y1": pa.array(y1, pa.float32()),
+        "x2": pa.array(x2, pa.float32()),
+        "y2": pa.array(y2, pa.float32()),
+        "is_group": pa.array(crowd[gi], pa.bool_()),
+    }, schema=contracts.BOXES_SCHEMA)
+
+    bad = np.flatnonzero(code)
+    rejects = pa.concat_tables([
+        rejects_table(f"{annotations}:images", [r[0] for r in img_rejects], [r[1] for r in img_rejects],
+                      [r[2] for r in img_rejects], [r[3] for r in img_rejects]),
+        rejects_table(f"{annotations}:annotations", bad.tolist(), [str(i) for i in image_ids[bad]],
+                      [cats.get(int(c), str(int(c))) for c in cat_ids[bad]], REASON_NAMES[code[bad]].tolist()),
+    ])
+    return ReadResult(
+        contracts.conform(images, contracts.IMAGES, str(annotations)),
+        contracts.conform(boxes, contracts.BOXES, str(annotations)),
+        rejects,
+        extra={"source": source, "annotations": str(annotations)},
+    )
+
+
+# ----------------------------------------------------------------------------------- OpenImages
+
+
+def openimages_source(boxes_csv: Path) -> str:
+    """'oidv6-train-annotations-bbox.csv' -> 'openimages_train'."""
+    for split in ("train", "validation", "test"):
+        if re.search(rf"(^|[-_]){split}([-_]|$)", boxes_csv.stem):
+            return f"openimages_{split}"
+    return "openimages_" + re.sub(r"[^A-Za-z0-9]+", "_", boxes_csv.stem)
+
+
+def openimages_key(source: str, image_id: str) -> str:
+    return f"{source}_{image_id}"
+
+
+def _read_header(path: Path) -> list[str]:
+    with path.open("r", encoding="utf-8", newline="") as f:
+        first = f.readline().strip().lstrip("\ufeff")
+    return [c.strip() for c in first.split(",")]
+
+
+_FLOAT_RE = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
+
+
+def _read_boxes_csv(path: Path) -> pa.Table:
+    """Read the used columns; coordinates that are not numbers become NaN (rejected later)."""
+    coords = ("XMin", "XMax", "YMin", "YMax")
+    read_opts = pacsv.ReadOptions(block_size=1 << 26)
+    base_types = {"ImageID": pa.string(), "LabelName": pa.string(), "IsGroupOf": pa.string()}
+    try:
+        return pacsv.read_csv(path, read_options=read_opts, convert_options=pacsv.ConvertOptions(
+            include_columns=list(OPENIMAGES_USED),
+            column_types={**base_types, **{c: pa.float64() for c in coords}},
+        ))
+    except pa.ArrowInvalid:
+        pass  # some coordinate is not a number: read as text and convert value by value
+    try:
+        t = pacsv.read_csv(path, read_options=read_opts, convert_options=pacsv.ConvertOptions(
+            include_columns=list(OPENIMAGES_USED),
+            column_types={**base_types, **{c: pa.string() for c in coords}},
+        ))
+    except pa.ArrowInvalid as e:
+        raise ReaderError(f"{path}: not a readable CSV ({e})") from None
+    for c in coords:
+        col = t.column(c)
+        ok = pc.fill_null(pc.match_substring_regex(col, _FLOAT_RE), False)
+        num = pc.cast(pc.if_else(ok, col, pa.scalar("nan")), pa.float64())
+        t = t.set_column(t.schema.get_field_index(c), c, num)
+    return t
+
+
+def read_openimages_boxes(boxes_csv: str | Path, classes_csv: str | Path) -> tuple[pa.Table, pa.Table]:
+    """Validate an OpenImages box CSV; return (normalised boxes, rejects).
+
+    Normalised boxes follow NORMALIZED_SCHEMA (`row` is the CSV line, header = 1). Rows with a
+    missing/NaN, inverted (min > max), zero-area (min == max) or out-of-[0, 1] coordinate, or a
+    LabelName that is not a MID of `classes_csv`, are rejected.
+    """
+    boxes_csv, classes_csv = Path(boxes_csv), Path(classes_csv)
+    _require_file(boxes_csv, "OpenImages box file", "pass the path of oidv6-<split>-annotations-bbox.csv")
+    header = _read_header(boxes_csv)
+    missing = [c for c in OPENIMAGES_USED if c not in header]
+    if missing:
+        raise ReaderError(
+            f"{boxes_csv}: missing column(s) {missing}; the OpenImages V6 header is "
+            f"{','.join(OPENIMAGES_HEADER)}"
+        )
+    classes = read_openimages_classes(classes_csv)
+    t = _read_boxes_csv(boxes_csv)
+    n = t.num_rows
+    xmin, xmax, ymin, ymax = (t.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
+                              for c in ("XMin", "XMax", "YMin", "YMax"))
+    coords = np.stack([xmin, xmax, ymin, ymax], axis=1)
+    image_id = t.column("ImageID")
+    label = t.column("LabelName")
+    with np.errstate(invalid="ignore"):
+        masks = {
+            "nan_box": ~np.isfinite(coords).all(axis=1),
+            "inverted_box": (xmin > xmax) | (ymin > ymax),
+            "zero_area_box": (xmin == xmax) | (ymin == ymax),
+            "out_of_range_box": (coords < 0).any(axis=1) | (coords > 1).any(axis=1),
+            "unknown_label": ~pc.fill_null(pc.is_in(label, value_set=pa.array(sorted(classes)), skip_nulls=True),
+                                           False).to_numpy(zero_copy_only=False),
+            "missing_image": ~pc.fill_null(pc.greater(pc.utf8_length(image_id), 0), False)
+                              .to_numpy(zero_copy_only=False),
+        }
+    code = reason_codes(masks, n)
+    good = code == 0
+    line = np.arange(2, n + 2, dtype=np.int64)
+    good_arr = pa.array(good)
+    group = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(t.column("IsGroupOf")), "1"), False)
+    norm = pa.table({
+        "image_id": image_id.filter(good_arr),
+        "label": label.filter(good_arr),
+        "xmin": pa.array(xmin[good], pa.float32()),
+        "ymin": pa.array(ymin[good], pa.float32()),
+        "xmax": pa.array(xmax[good], pa.float32()),
+        "ymax": pa.array(ymax[good], pa.float32()),
+        "is_group": group.filter(good_arr),
+        "row": pa.array(line[good], pa.int64()),
+    }, schema=NORMALIZED_SCHEMA)
+    bad = ~good
+    bad_arr = pa.array(bad)
+    rejects = pa.table({
+        "source_file": pa.array(np.full(int(bad.sum()), str(boxes_csv), dtype=object), pa.string()),
+        "row": pa.array(line[bad], pa.int64()),
+        "image_id": image_id.filter(bad_arr),
+        "label": label.filter(bad_arr),
+        "reason": pa.array(REASON_NAMES[code[bad]], pa.string()),
+    }, schema=contracts.REJECTS_SCHEMA)
+    return norm, rejects
+
+
+def image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the file header, or None if the file is missing or not an image."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def attach_images(
+    norm: pa.Table,
+    images_dir: str | Path,
+    *,
+    source: str,
+    boxes_csv: str = "",
+    image_ids: list[str] | None = None,
+    threads: int = 8,
+) -> ReadResult:
+    """Turn normalised OpenImages boxes into images/boxes tables in pixels.
+
+    Images are `images_dir/<ImageID>.jpg`; `image_ids` restricts the result to those images (all
+    images of `norm` by default). Rows of images whose file is missing or unreadable are rejected
+    with reason `missing_image`. Sizes are read from file headers (no decode), `threads` at a time.
+    """
+    images_dir = Path(images_dir)
+    if image_ids is not None:
+        norm = norm.filter(pc.is_in(norm.column("image_id"), value_set=pa.array(image_ids, pa.string())))
+    ids = pc.unique(norm.column("image_id")).to_pylist() if image_ids is None else list(dict.fromkeys(image_ids))
+    ids.sort()
+    paths = [images_dir / f"{i}.jpg" for i in ids]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        sizes = list(pool.map(image_size, paths))
+    found = [(i, p, s) for i, p, s in zip(ids, paths, sizes) if s is not None]
+    images = pa.table({
+        "key": pa.array([openimages_key(source, i) for i, _, _ in found], pa.string()),
+        "source": pa.array([source] * len(found), pa.string()),
+        "image_id": pa.array([i for i, _, _ in found], pa.string()),
+        "path": pa.array([str(p) for _, p, _ in found], pa.string()),
+        "width": pa.array([s[0] for _, _, s in found], pa.int32()),
+        "height": pa.array([s[1] for _, _, s in found], pa.int32()),
+    }, schema=contracts.IMAGES_SCHEMA)
+    size_t = images.select(["image_id", "key", "width", "height"])
+    joined = norm.join(size_t, keys="image_id", join_type="left outer")
+    has_img = pc.is_valid(joined.column("width"))
+    # The join does not keep row order: sort by image, then CSV line, so the output is deterministic.
+    ok = joined.filter(has_img).sort_by([("key", "ascending"), ("row", "ascending")])
+    w = pc.cast(ok.column("width"), pa.float32())
+    h = pc.cast(ok.column("height"), pa.float32())
+    boxes = pa.table({
+        "key": ok.column("key"),
+        "label": ok.column("label"),
+        "category_id": pa.array(np.full(ok.num_rows, -1, np.int32)),
+        "x1": pc.multiply(ok.column("xmin"), w),
+        "y1": pc.multiply(ok.column("ymin"), h),
+        "x2": pc.multiply(ok.column("xmax"), w),
+        "y2": pc.multiply(ok.column("ymax"), h),
+        "is_group": ok.column("is_group"),
+    })
+    miss = joined.filter(pc.invert(has_img))
+    rejects = rejects_table(
+        boxes_csv, miss.column("row").to_pylist(), miss.column("image_id").to_pylist(),
+        miss.column("label").to_pylist(), ["missing_image"] * miss.num_rows,
+    )
+    rejects = rejects.sort_by([("row", "ascending")])
+    return ReadResult(
+        contracts.conform(images, contracts.IMAGES, str(images_dir)),
+        contracts.conform(boxes, contracts.BOXES, boxes_csv or str(images_dir)),
+        rejects,
+        extra={"source": source},
+    )
+
+
+def read_openimages(
+    boxes_csv: str | Path,
+    classes_csv: str | Path,
+    images_dir: str | Path,
+    *,
+    source: str | None = None,
+) -> ReadResult:
+    """Both OpenImages steps: validate the CSV, then resolve every image's size from its file."""
+    boxes_csv = Path(boxes_csv)
+    source = source or openimages_source(boxes_csv)
+    norm, rejects = read_openimages_boxes(boxes_csv, classes_csv)
+    res = attach_images(norm, images_dir, source=source, boxes_csv=str(boxes_csv))
+    res.rejects = pa.concat_tables([rejects, res.rejects]).sort_by([("row", "ascending")])
+    res.extra.update({"boxes_csv": str(boxes_csv), "csv_rows": norm.num_rows + rejects.num_rows})
+    return res
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.readers", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="format", required=True)
+    c = sub.add_parser("coco", help="COCO instances JSON -> tables")
+    c.add_argument("--annotations", required=True, type=Path)
+    c.add_argument("--images", required=True, type=Path, help="folder holding the file_names")
+    c.add_argument("--out", required=True, type=Path)
+    o = sub.add_parser("openimages", help="OpenImages box CSV -> tables")
+    o.add_argument("--boxes", required=True, type=Path)
+    o.add_argument("--classes", required=True, type=Path)
+    o.add_argument("--images", required=True, type=Path, help="folder holding <ImageID>.jpg")
+    o.add_argument("--out", required=True, type=Path)
+    args = p.parse_args(argv)
+    if args.format == "coco":
+        res = read_coco(args.annotations, args.images)
+    else:
+        res = read_openimages(args.boxes, args.classes, args.images)
+    res.write(args.out)
+    print(json.dumps(res.summary(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
