@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import io
 import json
+import os
 import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -162,77 +164,63 @@ def read_coco(
     `check_files`, images whose file is missing are dropped with their boxes (reason
     `missing_image`). Crowd annotations (`iscrowd=1`) are kept with `is_group=True`.
     """
-    from pycocotools.coco import COCO
-
     annotations = Path(annotations)
     _require_file(annotations, "COCO annotation file", "pass the path of instances_<split>2017.json")
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress to stdout
-        try:
-            coco = COCO(str(annotations))
-        except json.JSONDecodeError as e:
-            raise ReaderError(f"{annotations}: not valid JSON ({e})") from None
+    coco = _load_coco(annotations)
     data = coco.dataset
-    if not isinstance(data, dict):
-        raise ReaderError(f"{annotations}: expected a JSON object with images/annotations/categories")
-    for key in ("images", "annotations", "categories"):
-        if key not in data:
-            raise ReaderError(
-                f"{annotations}: missing top-level key '{key}'; a COCO instances file has "
-                "'images', 'annotations' and 'categories'"
-            )
     source = source or coco_source(annotations)
     images_dir = Path(images_dir) if images_dir is not None else None
 
-    # Images: every listed image whose file exists.
-    img_rows, img_rejects = [], []
-    for i, im in enumerate(data["images"]):
-        missing = [k for k in COCO_IMAGE_FIELDS if k not in im]
-        if missing:
-            raise ReaderError(f"{annotations}: images[{i}] lacks field(s) {missing} (needs {list(COCO_IMAGE_FIELDS)})")
-        path = (images_dir / im["file_name"]) if images_dir is not None else Path(im["file_name"])
-        if check_files and images_dir is not None and not path.is_file():
-            img_rejects.append((i, str(im["id"]), None, "missing_image"))
-            continue
-        img_rows.append((coco_key(source, im["id"]), source, str(im["id"]), str(path),
-                         int(im["width"]), int(im["height"])))
-    images = pa.table(
-        {name: pa.array([r[j] for r in img_rows], contracts.IMAGES_SCHEMA.field(name).type)
-         for j, name in enumerate(contracts.IMAGES_SCHEMA.names)},
-        schema=contracts.IMAGES_SCHEMA,
-    )
-    sizes = {int(r[2]): (r[4], r[5]) for r in img_rows}
+    # Images: every listed image (whose file exists, with `check_files`).
+    ims = data["images"]
+    _require_fields(ims, COCO_IMAGE_FIELDS, annotations, "images")
+    ids = np.fromiter((im["id"] for im in ims), np.int64, len(ims))
+    paths = [str(images_dir / im["file_name"]) if images_dir is not None else im["file_name"] for im in ims]
+    present = np.ones(len(ims), dtype=bool)
+    if check_files and images_dir is not None:
+        present = np.fromiter((os.path.isfile(p) for p in paths), bool, len(ims))
+    keep_im = np.flatnonzero(present)
+    width = np.fromiter((im["width"] for im in ims), np.int64, len(ims))
+    height = np.fromiter((im["height"] for im in ims), np.int64, len(ims))
+    keys = np.array([coco_key(source, i) for i in ids], dtype=object)
+    images = pa.table({
+        "key": pa.array(keys[keep_im], pa.string()),
+        "source": pa.array([source] * len(keep_im), pa.string()),
+        "image_id": pa.array(ids[keep_im].astype(str), pa.string()),
+        "path": pa.array([paths[i] for i in keep_im], pa.string()),
+        "width": pa.array(width[keep_im], pa.int32()),
+        "height": pa.array(height[keep_im], pa.int32()),
+    }, schema=contracts.IMAGES_SCHEMA)
 
-    # Annotations, vectorised.
+    # Annotations, as arrays: one pass per field, no per-row Python work beyond extraction.
     anns = data["annotations"]
-    for i, a in enumerate(anns):
-        missing = [k for k in COCO_ANNOTATION_FIELDS if k not in a]
-        if missing:
-            raise ReaderError(
-                f"{annotations}: annotations[{i}] lacks field(s) {missing} (needs {list(COCO_ANNOTATION_FIELDS)})"
-            )
+    _require_fields(anns, COCO_ANNOTATION_FIELDS, annotations, "annotations")
     n = len(anns)
+    image_ids = np.fromiter((a["image_id"] for a in anns), np.int64, n)
+    cat_ids = np.fromiter((a["category_id"] for a in anns), np.int64, n)
+    crowd = np.fromiter((bool(a.get("iscrowd", 0)) for a in anns), bool, n)
+    bbox = _bbox_array(anns)
+    # Each annotation's image among the present ones (sorted search instead of a dict lookup).
+    order = np.argsort(ids[keep_im], kind="stable")
+    sorted_ids = ids[keep_im][order]
+    pos = np.clip(np.searchsorted(sorted_ids, image_ids), 0, max(len(sorted_ids) - 1, 0))
+    found = (sorted_ids[pos] == image_ids) if len(sorted_ids) else np.zeros(n, bool)
+    row_im = np.where(found, keep_im[order][pos] if len(sorted_ids) else 0, -1)
+    wh = np.full((n, 2), np.nan)
+    wh[found] = np.stack([width[row_im[found]], height[row_im[found]]], axis=1)
     cats = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
-    bbox = np.full((n, 4), np.nan, dtype=np.float64)
-    for i, a in enumerate(anns):
-        b = a["bbox"]
-        if isinstance(b, (list, tuple)) and len(b) == 4 and all(isinstance(v, (int, float)) and v is not None for v in b):
-            bbox[i] = b
-    image_ids = np.array([a["image_id"] for a in anns], dtype=np.int64) if n else np.zeros(0, np.int64)
-    cat_ids = np.array([a["category_id"] for a in anns], dtype=np.int64) if n else np.zeros(0, np.int64)
-    crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
-    wh = np.array([sizes.get(int(i), (np.nan, np.nan)) for i in image_ids], dtype=np.float64).reshape(n, 2)
     x, y, w, h = bbox.T
     with np.errstate(invalid="ignore"):
         masks = {
             "nan_box": ~np.isfinite(bbox).all(axis=1),
             "inverted_box": (w < 0) | (h < 0),
             "zero_area_box": (w == 0) | (h == 0),
-            "out_of_range_box": np.isfinite(wh[:, 0]) & (
+            "out_of_range_box": found & (
                 (x < -COCO_EDGE_TOLERANCE) | (y < -COCO_EDGE_TOLERANCE)
                 | (x + w > wh[:, 0] + COCO_EDGE_TOLERANCE) | (y + h > wh[:, 1] + COCO_EDGE_TOLERANCE)
             ),
-            "unknown_label": np.array([c not in cats for c in cat_ids], dtype=bool),
-            "missing_image": ~np.isfinite(wh[:, 0]),
+            "unknown_label": ~np.isin(cat_ids, np.fromiter(cats, np.int64, len(cats))),
+            "missing_image": ~found,
         }
     code = reason_codes(masks, n)
     gi = np.flatnonzero(code == 0)
@@ -244,9 +232,11 @@ def read_coco(
     keep = (x2 > x1) & (y2 > y1)
     code[gi[~keep]] = 1 + contracts.REJECT_REASONS.index("out_of_range_box")
     gi, x1, y1, x2, y2 = gi[keep], x1[keep], y1[keep], x2[keep], y2[keep]
+    cat_list = sorted(cats)
+    cat_names = np.array([cats[c] for c in cat_list], dtype=object)
     boxes = pa.table({
-        "key": pa.array([coco_key(source, i) for i in image_ids[gi]], pa.string()),
-        "label": pa.array([cats[c] for c in cat_ids[gi]], pa.string()),
+        "key": pa.array(keys[row_im[gi]], pa.string()),
+        "label": pa.array(cat_names[np.searchsorted(cat_list, cat_ids[gi])], pa.string()),
         "category_id": pa.array(cat_ids[gi], pa.int32()),
         "x1": pa.array(x1, pa.float32()),
         "y1": pa.array(y1, pa.float32()),
@@ -256,10 +246,11 @@ def read_coco(
     }, schema=contracts.BOXES_SCHEMA)
 
     bad = np.flatnonzero(code)
+    miss_im = np.flatnonzero(~present)
     rejects = pa.concat_tables([
-        rejects_table(f"{annotations}:images", [r[0] for r in img_rejects], [r[1] for r in img_rejects],
-                      [r[2] for r in img_rejects], [r[3] for r in img_rejects]),
-        rejects_table(f"{annotations}:annotations", bad.tolist(), [str(i) for i in image_ids[bad]],
+        rejects_table(f"{annotations}:images", miss_im.tolist(), ids[miss_im].astype(str).tolist(),
+                      [None] * len(miss_im), ["missing_image"] * len(miss_im)),
+        rejects_table(f"{annotations}:annotations", bad.tolist(), image_ids[bad].astype(str).tolist(),
                       [cats.get(int(c), str(int(c))) for c in cat_ids[bad]], REASON_NAMES[code[bad]].tolist()),
     ])
     return ReadResult(
@@ -268,6 +259,55 @@ def read_coco(
         rejects,
         extra={"source": source, "annotations": str(annotations)},
     )
+
+
+def _load_coco(annotations: Path):
+    """pycocotools' COCO object for `annotations`, parsed with orjson (about 1.3x faster than json)."""
+    import orjson
+    from pycocotools.coco import COCO
+
+    try:
+        data = orjson.loads(annotations.read_bytes())
+    except orjson.JSONDecodeError as e:
+        raise ReaderError(f"{annotations}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ReaderError(f"{annotations}: expected a JSON object with images/annotations/categories")
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise ReaderError(
+                f"{annotations}: missing top-level key '{key}'; a COCO instances file has "
+                "'images', 'annotations' and 'categories'"
+            )
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress to stdout
+        coco.createIndex()
+    return coco
+
+
+def _require_fields(rows: list[dict], fields: tuple[str, ...], path: Path, what: str) -> None:
+    need = set(fields)
+    for i, r in enumerate(rows):
+        if not need <= r.keys():
+            missing = [k for k in fields if k not in r]
+            raise ReaderError(f"{path}: {what}[{i}] lacks field(s) {missing} (needs {list(fields)})")
+
+
+def _bbox_array(anns: list[dict]) -> np.ndarray:
+    """(n, 4) float64 boxes; a malformed bbox (not 4 numbers) becomes a row of NaN."""
+    try:
+        out = np.array([a["bbox"] for a in anns], dtype=np.float64)
+        if out.shape == (len(anns), 4):
+            return out
+    except (TypeError, ValueError):
+        pass
+    out = np.full((len(anns), 4), np.nan)
+    for i, a in enumerate(anns):
+        b = a["bbox"]
+        if isinstance(b, (list, tuple)) and len(b) == 4 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in b):
+            out[i] = b
+    return out
 
 
 # ----------------------------------------------------------------------------------- OpenImages
@@ -286,9 +326,10 @@ def openimages_key(source: str, image_id: str) -> str:
 
 
 def _read_header(path: Path) -> list[str]:
-    with path.open("r", encoding="utf-8", newline="") as f:
-        first = f.readline().strip().lstrip("\ufeff")
-    return [c.strip() for c in first.split(",")]
+    """The column names of a CSV's first line (quoted or not, with or without a BOM)."""
+    with path.open("r", encoding="utf-8-sig", newline="") as f:
+        first = f.readline()
+    return [c.strip() for c in next(csv.reader([first]), [])]
 
 
 _FLOAT_RE = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
@@ -298,14 +339,15 @@ def _read_boxes_csv(path: Path) -> pa.Table:
     """Read the used columns; coordinates that are not numbers become NaN (rejected later)."""
     coords = ("XMin", "XMax", "YMin", "YMax")
     read_opts = pacsv.ReadOptions(block_size=1 << 26)
-    base_types = {"ImageID": pa.string(), "LabelName": pa.string(), "IsGroupOf": pa.string()}
+    base_types = {"ImageID": pa.string(), "LabelName": pa.string()}
     try:
         return pacsv.read_csv(path, read_options=read_opts, convert_options=pacsv.ConvertOptions(
             include_columns=list(OPENIMAGES_USED),
-            column_types={**base_types, **{c: pa.float64() for c in coords}},
+            column_types={**base_types, "IsGroupOf": pa.int8(), **{c: pa.float64() for c in coords}},
         ))
     except pa.ArrowInvalid:
-        pass  # some coordinate is not a number: read as text and convert value by value
+        pass  # some value is not a number: read as text and convert value by value
+    base_types["IsGroupOf"] = pa.string()
     try:
         t = pacsv.read_csv(path, read_options=read_opts, convert_options=pacsv.ConvertOptions(
             include_columns=list(OPENIMAGES_USED),
@@ -340,17 +382,17 @@ def read_openimages_boxes(boxes_csv: str | Path, classes_csv: str | Path) -> tup
     classes = read_openimages_classes(classes_csv)
     t = _read_boxes_csv(boxes_csv)
     n = t.num_rows
-    xmin, xmax, ymin, ymax = (t.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
+    xmin, xmax, ymin, ymax = (np.asarray(t.column(c).to_numpy(zero_copy_only=False), dtype=np.float64)
                               for c in ("XMin", "XMax", "YMin", "YMax"))
-    coords = np.stack([xmin, xmax, ymin, ymax], axis=1)
     image_id = t.column("ImageID")
     label = t.column("LabelName")
     with np.errstate(invalid="ignore"):
+        finite = np.isfinite(xmin) & np.isfinite(xmax) & np.isfinite(ymin) & np.isfinite(ymax)
         masks = {
-            "nan_box": ~np.isfinite(coords).all(axis=1),
+            "nan_box": ~finite,
             "inverted_box": (xmin > xmax) | (ymin > ymax),
             "zero_area_box": (xmin == xmax) | (ymin == ymax),
-            "out_of_range_box": (coords < 0).any(axis=1) | (coords > 1).any(axis=1),
+            "out_of_range_box": (np.minimum(xmin, ymin) < 0) | (np.maximum(xmax, ymax) > 1),
             "unknown_label": ~pc.fill_null(pc.is_in(label, value_set=pa.array(sorted(classes)), skip_nulls=True),
                                            False).to_numpy(zero_copy_only=False),
             "missing_image": ~pc.fill_null(pc.greater(pc.utf8_length(image_id), 0), False)
@@ -359,25 +401,30 @@ def read_openimages_boxes(boxes_csv: str | Path, classes_csv: str | Path) -> tup
     code = reason_codes(masks, n)
     good = code == 0
     line = np.arange(2, n + 2, dtype=np.int64)
-    good_arr = pa.array(good)
-    group = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(t.column("IsGroupOf")), "1"), False)
+    group = t.column("IsGroupOf")
+    group = pc.fill_null(pc.equal(group, 1) if pa.types.is_integer(group.type)
+                         else pc.equal(pc.utf8_trim_whitespace(group), "1"), False)
+    all_good = bool(good.all())  # the usual case: no filtering, no copies
+
+    def keep(col, mask):
+        return col if all_good else col.filter(pa.array(mask))
+
     norm = pa.table({
-        "image_id": image_id.filter(good_arr),
-        "label": label.filter(good_arr),
-        "xmin": pa.array(xmin[good], pa.float32()),
-        "ymin": pa.array(ymin[good], pa.float32()),
-        "xmax": pa.array(xmax[good], pa.float32()),
-        "ymax": pa.array(ymax[good], pa.float32()),
-        "is_group": group.filter(good_arr),
-        "row": pa.array(line[good], pa.int64()),
+        "image_id": keep(image_id, good),
+        "label": keep(label, good),
+        "xmin": pa.array(xmin if all_good else xmin[good], pa.float32()),
+        "ymin": pa.array(ymin if all_good else ymin[good], pa.float32()),
+        "xmax": pa.array(xmax if all_good else xmax[good], pa.float32()),
+        "ymax": pa.array(ymax if all_good else ymax[good], pa.float32()),
+        "is_group": keep(group, good),
+        "row": pa.array(line if all_good else line[good], pa.int64()),
     }, schema=NORMALIZED_SCHEMA)
     bad = ~good
-    bad_arr = pa.array(bad)
     rejects = pa.table({
         "source_file": pa.array(np.full(int(bad.sum()), str(boxes_csv), dtype=object), pa.string()),
         "row": pa.array(line[bad], pa.int64()),
-        "image_id": image_id.filter(bad_arr),
-        "label": label.filter(bad_arr),
+        "image_id": image_id.filter(pa.array(bad)),
+        "label": label.filter(pa.array(bad)),
         "reason": pa.array(REASON_NAMES[code[bad]], pa.string()),
     }, schema=contracts.REJECTS_SCHEMA)
     return norm, rejects

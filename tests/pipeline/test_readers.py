@@ -198,6 +198,15 @@ def test_openimages_text_in_a_number_column_is_a_bad_row(tmp_path: Path):
     assert rejects.to_pylist()[0]["row"] == 3 and rejects.to_pylist()[0]["reason"] == "nan_box"
 
 
+def test_openimages_quoted_header_with_bom_is_read(tmp_path: Path):
+    csv = tmp_path / "oidv6-train-annotations-bbox.csv"
+    quoted = ",".join(f'"{h}"' for h in HEADER.split(","))
+    csv.write_text("\ufeff" + quoted + "\n" + OI_ROWS[0] + "\n", encoding="utf-8")
+    norm, rejects = read_openimages_boxes(csv, OI_CLASSES)
+    assert norm.num_rows == 1 and rejects.num_rows == 0
+    assert norm.column("image_id").to_pylist() == ["000002b66c9c498e"]
+
+
 def test_openimages_missing_column_and_files_are_named(tmp_path: Path, oi_files):
     csv, images = oi_files
     bad = tmp_path / "no-group.csv"
