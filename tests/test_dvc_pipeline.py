@@ -1,6 +1,7 @@
 """`dvc repro` on a copy of the project with a reduced embedded data set, end to end."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline import contracts as C
 from pipeline.readers import read_coco, read_openimages
 
 
@@ -36,7 +38,7 @@ def dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_dvc_repro_builds_the_embedded_data(repo: Path, tmp_path: Path):
+def test_dvc_repro_builds_the_embedded_data_and_openimage_mini(repo: Path, tmp_path: Path):
     proj = project_copy(repo, tmp_path / "proj")
     params = yaml.safe_load((proj / "params.yaml").read_text())
     params["synth"]["images"] = 40
@@ -51,6 +53,11 @@ def test_dvc_repro_builds_the_embedded_data(repo: Path, tmp_path: Path):
     oi = synth / "openimages"
     res = read_openimages(oi / "oidv6-train-annotations-bbox.csv", oi / "class-descriptions-boxable.csv", oi / "train")
     assert res.images.num_rows == 22 and res.rejects.num_rows == 0
+    mini = proj / "data" / "openimage_mini"
+    stats = json.loads((mini / "stats.json").read_text())
+    assert all(stats["criteria"].values())
+    assert C.read_table(mini / "images.parquet", C.IMAGES).num_rows == stats["openimage_mini"]["num_images"] > 0
+    assert len((mini / "image_ids.txt").read_text().splitlines()) == stats["openimage_mini"]["num_images"]
     lock = yaml.safe_load((proj / "dvc.lock").read_text())
     assert lock["stages"]["synth"]["params"]["params.yaml"]["synth"]["images"] == 40
 
@@ -58,4 +65,10 @@ def test_dvc_repro_builds_the_embedded_data(repo: Path, tmp_path: Path):
     assert "didn't change" in dvc(proj, "repro").stdout
     params["synth"]["seed"] = 1
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert "Running stage 'synth'" in dvc(proj, "repro").stdout
+    rerun = dvc(proj, "repro").stdout
+    assert "Running stage 'synth'" in rerun and "Running stage 'sample'" in rerun
+    # A parameter of a later stage re-runs only that stage.
+    params["sample"]["seed"] = 7
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    rerun = dvc(proj, "repro").stdout
+    assert "Running stage 'sample'" in rerun and "Running stage 'synth'" not in rerun
