@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
+# FiftyOne keeps its MongoDB data in this folder; tests never touch a developer's real database.
+os.environ["FIFTYONE_DATABASE_DIR"] = tempfile.mkdtemp(prefix="d3ssl-fiftyone-")
+os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
