@@ -49,6 +49,10 @@ def _check_value(value: Any, tp: Any, where: str) -> Any:
         if len(args) != len(value):
             raise ParamsError(f"{where}: expected {len(args)} items, got {len(value)} ({value!r})")
         return tuple(_check_value(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ParamsError(f"{where}: expected a mapping of {tp.__name__} settings, got {value!r}")
+        return from_dict(tp, value, where)
     if origin is typing.Literal:
         if value not in typing.get_args(tp):
             raise ParamsError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
@@ -118,5 +122,7 @@ def override(cfg: T, **values: Any) -> T:
 def as_dict(cfg: Any) -> dict[str, Any]:
     """A JSON/YAML-friendly dict of a config (tuples become lists)."""
     def conv(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
         return [conv(x) for x in v] if isinstance(v, tuple) else v
     return {k: conv(v) for k, v in dataclasses.asdict(cfg).items()}

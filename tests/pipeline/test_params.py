@@ -42,6 +42,20 @@ def test_bad_values_name_the_key(data, fragment):
     assert fragment in str(e.value)
 
 
+@dataclass(frozen=True)
+class Outer:
+    inner: Cfg = Cfg()
+    k: int = 0
+
+
+def test_nested_sections_are_typed_too():
+    cfg = from_dict(Outer, {"inner": {"n": 5, "pair": [7, 8]}, "k": 1}, "x")
+    assert cfg.inner == Cfg(n=5, pair=(7, 8)) and cfg.k == 1
+    assert as_dict(cfg)["inner"]["pair"] == [7, 8]
+    with pytest.raises(ParamsError, match=r"x.inner: unknown key\(s\) \['m'\]"):
+        from_dict(Outer, {"inner": {"m": 1}}, "x")
+
+
 def test_load_section_errors_name_file_and_section(tmp_path: Path):
     p = tmp_path / "params.yaml"
     p.write_text("other:\n  a: 1\n")
