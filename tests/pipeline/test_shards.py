@@ -1,0 +1,153 @@
+"""Shards: a Ray job writing WebDataset tars + proposal tables that read back every which way."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pipeline import contracts as C
+from pipeline.shards import ShardsConfig, plan_shards, proposals_name, run, split_proposals
+
+
+def make_inputs(root: Path, n: int = 23) -> tuple[Path, Path, dict[str, bytes]]:
+    """n JPEGs, one PNG with alpha, one missing file; an images table and proposals for most keys."""
+    rng = np.random.default_rng(0)
+    rows, props, sources = [], [], {}
+    for i in range(n + 2):
+        key = f"openimages_train_{i:016x}"
+        w, h = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+        path = root / "img" / (f"{i:016x}.png" if i == n else f"{i:016x}.jpg")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if i == n + 1:
+            pass  # listed in the table, missing on disk
+        elif i == n:
+            Image.fromarray(rng.integers(0, 255, (h, w, 4), dtype=np.uint8), "RGBA").save(path)
+        else:
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path, quality=85)
+            sources[key] = path.read_bytes()
+        rows.append({"key": key, "source": "openimages_train", "image_id": f"{i:016x}", "path": str(path),
+                     "width": w, "height": h})
+        for r in range(i % 4):  # keys with i % 4 == 0 have no proposals
+            props.append({"key": key, "x1": float(r), "y1": 1.0, "x2": float(r + 20), "y2": 30.0, "rank": r})
+    images = C.write_table(pa.Table.from_pylist(rows), root / "images.parquet", C.IMAGES)
+    (root / "props").mkdir()
+    C.write_table(pa.Table.from_pylist(props), root / "props" / "part-00000.parquet", C.PROPOSALS)
+    return images, root / "props", sources
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    images, props, sources = make_inputs(root)
+    index = run(images, props, root / "out", ShardsConfig(samples_per_shard=7, seed=3), num_workers=2, progress=False)
+    return root, index, sources
+
+
+def test_plan_is_a_seeded_shuffle_cut_into_shards():
+    keys = [f"k{i}" for i in range(10)]
+    plan = plan_shards(keys, 4, seed=1)
+    assert [len(s) for s in plan] == [4, 4, 2]
+    assert sorted(k for s in plan for k in s) == sorted(keys)
+    assert plan == plan_shards(keys, 4, seed=1) and plan != plan_shards(keys, 4, seed=2)
+    with pytest.raises(ValueError, match="at least 1"):
+        plan_shards(keys, 0, 1)
+
+
+def test_round_trip_bytes_proposals_and_checksums(built):
+    root, index, sources = built
+    out = root / "out"
+    props = C.read_table(root / "props" / "part-00000.parquet", C.PROPOSALS).to_pylist()
+    seen = {}
+    for entry in index["shards"]:
+        tar_path = out / entry["name"]
+        assert hashlib.sha256(tar_path.read_bytes()).hexdigest() == entry["sha256"]
+        prop_path = out / entry["proposals"]
+        assert entry["proposals"] == proposals_name(entry["name"])
+        assert hashlib.sha256(prop_path.read_bytes()).hexdigest() == entry["proposals_sha256"]
+        with tarfile.open(tar_path) as tar:
+            names = tar.getnames()
+            keys = [n[:-4] for n in names if n.endswith(".jpg")]
+            for k in keys:
+                seen[k] = tar.extractfile(f"{k}.jpg").read()
+                meta = json.loads(tar.extractfile(f"{k}.json").read())
+                assert meta["key"] == k and set(meta) == {"key", "source", "image_id", "width", "height"}
+        assert entry["samples"] == len(keys)
+        table = C.read_table(prop_path, C.PROPOSALS).to_pylist()
+        expected = sorted((p for p in props if p["key"] in keys), key=lambda p: (keys.index(p["key"]), p["rank"]))
+        assert table == expected                      # exactly that shard's keys, in tar order then rank
+    for k, data in sources.items():
+        assert seen[k] == data                        # JPEGs: the original bytes
+    png_key = "openimages_train_" + f"{23:016x}"
+    assert seen[png_key][:3] == b"\xff\xd8\xff"        # the PNG became a JPEG
+    assert Image.open(io.BytesIO(seen[png_key])).mode == "RGB"
+    assert index["total_samples"] == 24 and len(index["failures"]) == 1
+    assert index["failures"][0]["key"].endswith(f"{24:016x}") and "FileNotFoundError" in index["failures"][0]["reason"]
+    assert json.loads((out / "index.json").read_text()) == index
+
+
+def test_reads_back_with_webdataset_and_ray_data(built):
+    import ray
+    import webdataset as wds
+
+    root, index, _ = built
+    urls = [str(root / "out" / s["name"]) for s in index["shards"]]
+    keys = [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
+    assert len(keys) == 24 == len(set(keys))
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        ds = ray.data.read_webdataset(urls)
+        rows = ds.take_all()
+        assert len(rows) == 24 and all("jpg" in r and "json" in r for r in rows)
+    finally:
+        ray.shutdown()
+
+
+def test_rerun_writes_only_missing_shards_and_a_new_plan_starts_over(tmp_path: Path):
+    images, props, _ = make_inputs(tmp_path, n=10)
+    out = tmp_path / "out"
+    cfg = ShardsConfig(samples_per_shard=4, seed=0)
+    first = run(images, props, out, cfg, num_workers=2, progress=False)
+    names = [s["name"] for s in first["shards"]]
+    mtimes = {n: (out / n).stat().st_mtime_ns for n in names}
+    # an interrupted run: one shard's tar is gone, another lost its table, a stray temp file is left
+    (out / names[1]).unlink()
+    (out / proposals_name(names[2])).unlink()
+    (out / f".{names[0]}.tmp-deadbeef").write_bytes(b"half")
+    second = run(images, props, out, cfg, num_workers=2, progress=False)
+    for n in names:
+        if n in (names[1], names[2]):
+            assert (out / n).exists()
+        else:
+            assert (out / n).stat().st_mtime_ns == mtimes[n]       # untouched
+    assert [s["sha256"] for s in second["shards"]] == [s["sha256"] for s in first["shards"]]
+    assert not list(out.glob(".*tmp*"))
+    # nothing to do: no Ray cluster is started, the index is the same
+    third = run(images, props, out, cfg, num_workers=2, progress=False)
+    assert [s["sha256"] for s in third["shards"]] == [s["sha256"] for s in first["shards"]]
+    # another plan: the old shards go
+    run(images, props, out, ShardsConfig(samples_per_shard=6, seed=0), num_workers=2, progress=False)
+    assert sorted(p.name for p in out.glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar"]
+
+
+def test_split_proposals_slices_per_shard():
+    t = pa.table({"key": ["b", "a", "c", "a", "z"], "x1": [0.0] * 5, "y1": [0.0] * 5, "x2": [1.0] * 5,
+                  "y2": [1.0] * 5, "rank": pa.array([0, 1, 0, 0, 0], pa.int32())})
+    parts = split_proposals(t, [["a", "b"], ["c"], ["d"]])
+    assert [p.column("key").to_pylist() for p in parts] == [["a", "a", "b"], ["c"], []]
+    assert parts[0].column("rank").to_pylist() == [0, 1, 0]
+
+
+def test_same_inputs_same_bytes(tmp_path: Path):
+    images, props, _ = make_inputs(tmp_path, n=6)
+    a = run(images, props, tmp_path / "a", ShardsConfig(samples_per_shard=4), num_workers=1, progress=False)
+    b = run(images, props, tmp_path / "b", ShardsConfig(samples_per_shard=4), num_workers=2, progress=False)
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+    assert os.listdir(tmp_path / "a") and not list((tmp_path / "a").glob(".*tmp*"))
