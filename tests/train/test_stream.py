@@ -1,0 +1,108 @@
+"""The streaming input pipeline: splitting, equal epochs, determinism, resume, bad shards."""
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from pipeline.shards import SHARD_PATTERN
+from train.stream import LoaderConfig, batches_per_worker, make_loader, make_stream, read_index
+from train.views import ViewConfig
+
+from tests.train.conftest import PER_SHARD
+
+
+def small(**kw) -> LoaderConfig:
+    base = dict(batch_size=4, workers=2, shuffle_buffer=8, views=ViewConfig(size=64, small_size=32))
+    base.update(kw)
+    return LoaderConfig(**base)
+
+
+def run_epoch(urls, cfg, **kw) -> list[dict]:
+    return list(make_loader(urls, cfg, **kw))
+
+
+def test_two_ranks_two_workers_see_every_sample_once(shards, monkeypatch):
+    urls, total = read_index(shards)
+    keys = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        for b in run_epoch(urls, small(resampled=False), seed=0):
+            keys += b["key"]
+    assert len(keys) == total and len(set(keys)) == total
+
+
+def test_resampled_epochs_have_equal_batch_counts_per_rank(shards, monkeypatch):
+    urls, total = read_index(shards)
+    cfg = small(epoch_samples=40)
+    counts = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        batches = run_epoch(urls, cfg, seed=0, total_samples=total, world=2)
+        counts.append(len(batches))
+        assert all(len(b["key"]) == cfg.batch_size for b in batches)
+    assert counts[0] == counts[1] == cfg.workers * batches_per_worker(cfg, total, 2) == 6
+
+
+def test_batches_hold_the_views_and_boxes(shards):
+    urls, total = read_index(shards)
+    b = run_epoch(urls, small(), seed=0, total_samples=total)[0]
+    assert b["x1"].shape == (4, 3, 64, 64) and b["x1"].dtype == torch.uint8
+    assert b["x2s"].shape == (4, 3, 32, 32) and b["boxes2"].shape == (4, 4, 4) and b["valid"].shape == (4, 4)
+    assert torch.equal(b["xb"][0], b["x1"][1])                 # the background is another image of the batch
+    assert torch.allclose(b["boxes2s"], b["boxes2"] * 0.5)
+    for i, key in enumerate(b["key"]):
+        n = int(b["valid"][i].sum())
+        assert 1 <= n <= 4
+        if key.endswith("_0"):                                  # no proposals: the whole-image box
+            assert n == 1 and torch.allclose(b["boxes2"][i, 0], torch.tensor([0.0, 0.0, 64.0, 64.0]), atol=1e-3)
+
+
+def test_same_seed_rank_worker_same_batches(shards):
+    urls, total = read_index(shards)
+    a = run_epoch(urls, small(), seed=5, total_samples=total)
+    b = run_epoch(urls, small(), seed=5, total_samples=total)
+    c = run_epoch(urls, small(), seed=6, total_samples=total)
+    assert [x["key"] for x in a] == [x["key"] for x in b]
+    assert all(torch.equal(x["x2"], y["x2"]) and torch.equal(x["boxes1"], y["boxes1"]) for x, y in zip(a, b))
+    assert [x["key"] for x in a] != [x["key"] for x in c]
+    e1 = run_epoch(urls, small(), seed=5, epoch=1, total_samples=total)
+    assert [x["key"] for x in a] != [x["key"] for x in e1]      # a new epoch, a new order
+
+
+@pytest.mark.parametrize("start", [1, 3, 4])
+def test_resuming_mid_epoch_continues_exactly(shards, start):
+    urls, total = read_index(shards)
+    cfg = small(epoch_samples=48)
+    full = run_epoch(urls, cfg, seed=2, total_samples=total)
+    rest = run_epoch(urls, cfg, seed=2, total_samples=total, start_batch=start)
+    assert len(rest) == len(full) - start
+    for x, y in zip(full[start:], rest):
+        assert x["key"] == y["key"] and torch.equal(x["x1"], y["x1"]) and torch.equal(x["boxes2"], y["boxes2"])
+
+
+def test_a_corrupt_shard_is_reported_and_skipped(shards, tmp_path, caplog):
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    bad = copy / SHARD_PATTERN.format(2)
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])                     # truncated mid-shard
+    urls, total = read_index(copy)
+    with caplog.at_level(logging.WARNING, logger="train.stream"):
+        batches = list(make_stream(urls, small(resampled=False, workers=0), seed=0))
+    keys = [k for b in batches for k in b["key"]]
+    assert not any(k.startswith("img_2_") and k in keys for k in [f"img_2_{j}" for j in range(3, 5)])
+    assert len(keys) >= total - PER_SHARD and len(set(keys)) == len(keys)
+    assert int(batches[-1]["errors"]) == 1
+    msg = [r.getMessage() for r in caplog.records if "corrupt shard" in r.getMessage()]
+    assert msg and str(bad) in msg[0] and "at sample" in msg[0]
+
+
+def test_resuming_needs_the_resampled_mode(shards):
+    urls, _ = read_index(shards)
+    with pytest.raises(ValueError, match="resampled"):
+        make_stream(urls, small(resampled=False), seed=0, start_batch=2)

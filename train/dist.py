@@ -1,0 +1,73 @@
+"""Distributed helpers in one place: everything else calls these, so one CPU process works too.
+
+`rank()` and `world_size()` are 0 and 1 when torch.distributed is not initialised; `all_gather`
+is the identity on one process. Launch many processes with torchrun, which sets RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT:
+
+    torchrun --nproc_per_node=2 -m train.pretrain ...                       # one machine
+    torchrun --nnodes=2 --node_rank=0 --rdzv_endpoint=HOST:29400 ... -m train.pretrain ...
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as torch_dist
+
+
+def is_initialized() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env(device: torch.device) -> bool:
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); False when not launched by it."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1 or is_initialized():
+        return is_initialized()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch_dist.init_process_group(backend=backend)
+    return True
+
+
+def barrier() -> None:
+    if is_initialized():
+        torch_dist.barrier()
+
+
+@torch.no_grad()
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from every rank along dim 0 (no gradient); the identity on one process."""
+    if not is_initialized() or world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    torch_dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over ranks (a copy); `x` itself on one process."""
+    if not is_initialized() or world_size() == 1:
+        return x
+    y = x.detach().clone()
+    torch_dist.all_reduce(y)
+    return y / world_size()
+
+
+def destroy() -> None:
+    if is_initialized():
+        torch_dist.destroy_process_group()

@@ -1,0 +1,290 @@
+"""The streaming input pipeline: WebDataset shards + proposal tables -> batches of views.
+
+    urls, total = read_index("data/shards")
+    loader = make_loader(urls, LoaderConfig(), seed=0, epoch=e, total_samples=total)
+    for batch in loader: ...
+
+One function, `make_stream`, builds the whole chain; each stage says what the stream holds after
+it. Splitting is explicit: in the exact mode shards are dealt to ranks (`split_by_node`) and then
+to loader workers (`split_by_worker`); in the resampled mode (the default for training) every
+(rank, worker) draws shards with replacement from its own seeded generator and stops after a fixed
+number of batches, so every rank gets the same number of batches per epoch, which DDP needs.
+
+Determinism: every random draw comes from a generator seeded with integers (seed, epoch, rank,
+worker[, sample index]); the same seed, rank and worker give the same batches. `start_batch`
+resumes an epoch in the middle (resampled mode): each worker skips, before decoding, the samples of
+the batches that were already consumed, and the workers are rotated so that the DataLoader's
+round-robin continues where it stopped.
+
+Bad data: a truncated or corrupt shard is reported (logged) with its name and the position of the
+sample where reading failed, counted (`errors` in every batch: this worker's running count), and the
+stream goes on with the next shard. A sample without proposals uses the whole-image box.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import random
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import webdataset as wds
+from PIL import Image
+from webdataset.utils import pytorch_worker_info
+
+from train.views import ViewConfig, make_views
+
+log = logging.getLogger(__name__)
+
+PROPOSALS_SUFFIX = ".proposals.parquet"   # pipeline.shards writes train-%06d.proposals.parquet
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """The `loader` section of params.yaml."""
+
+    batch_size: int = 32                   # per rank
+    workers: int = 2                       # DataLoader processes per rank
+    shuffle_buffer: int = 256              # samples held for shuffling, per worker
+    resampled: bool = True                 # draw shards with replacement, fixed epoch length (DDP)
+    epoch_samples: int = 0                 # samples per epoch over all ranks (resampled); 0 = all samples once
+    views: ViewConfig = field(default_factory=ViewConfig)
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers with splitmix64 (stable across processes, unlike hash()
+    of strings, and cheap enough to call once per sample)."""
+    mask = (1 << 64) - 1
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        z = (h ^ (int(p) & mask)) * 0xBF58476D1CE4E5B9 & mask
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & mask
+        h = (z ^ (z >> 31)) + 0x9E3779B97F4A7C15 & mask
+    return h >> 1
+
+
+@dataclass
+class _Position:
+    """Who this iterator is, resolved inside the loader worker at iteration time."""
+
+    rank: int
+    world: int
+    worker: int      # the *virtual* worker (rotated when resuming mid-epoch)
+    workers: int
+    skip_batches: int
+
+
+def _position(start_batch: int) -> _Position:
+    rank, world, worker, workers = pytorch_worker_info()
+    virtual = (worker + start_batch) % workers
+    skip = max(0, (start_batch - virtual + workers - 1) // workers)
+    return _Position(rank, world, virtual, workers, skip)
+
+
+class ShardSource(torch.utils.data.IterableDataset):
+    """Stream of {"url"}: resampled per (rank, worker), or each shard once, dealt to ranks then workers."""
+
+    def __init__(self, urls: list[str], resampled: bool, seed: int, epoch: int, start_batch: int):
+        super().__init__()
+        if not urls:
+            raise ValueError("no shards given: build them with `python -m pipeline.shards`")
+        self.urls, self.resampled, self.seed, self.epoch, self.start_batch = list(urls), resampled, seed, epoch, start_batch
+
+    def __iter__(self) -> Iterator[dict]:
+        pos = _position(self.start_batch)
+        if self.resampled:
+            rng = random.Random(_seed(self.seed, self.epoch, pos.rank, pos.worker, 1))
+            while True:
+                yield {"url": rng.choice(self.urls), "_pos": pos}
+        else:
+            order = list(self.urls)
+            random.Random(_seed(self.seed, self.epoch, 2)).shuffle(order)   # the same on every rank
+            for url in wds.split_by_worker(wds.split_by_node(order)):
+                yield {"url": url, "_pos": pos}
+
+
+def read_shards(src: Iterator[dict], stats: dict) -> Iterator[dict]:
+    """{"url"} -> {"__key__", "__url__", "jpg": bytes, "json": dict}; a broken shard is reported and skipped."""
+    for item in src:
+        url, position = item["url"], 0
+        try:
+            with tarfile.open(url, mode="r|*") as tar:
+                current: dict = {}
+                for member in tar:
+                    if not member.isreg():
+                        continue
+                    key, _, ext = member.name.partition(".")
+                    if current and current["__key__"] != key:
+                        yield current
+                        position += 1
+                        current = {}
+                    current.setdefault("__key__", key)
+                    current["__url__"] = url
+                    current["_pos"] = item["_pos"]
+                    current[ext] = tar.extractfile(member).read()
+                if current:
+                    yield current
+                    position += 1
+        except (OSError, tarfile.TarError, EOFError) as e:
+            stats["errors"] += 1
+            log.warning("corrupt shard %s at sample %d: %s (skipped; %d so far in this worker)",
+                        url, position, e, stats["errors"])
+
+
+def join_proposals(src: Iterator[dict]) -> Iterator[dict]:
+    """+ "proposals": (n, 4) float32 boxes by rank, from the parquet table beside the sample's shard."""
+    cached_url, table = None, {}
+    for sample in src:
+        url = sample["__url__"]
+        if url != cached_url:
+            cached_url, table = url, {}
+            path = Path(url[: -len(".tar")] + PROPOSALS_SUFFIX)
+            try:
+                t = pq.read_table(path, columns=["key", "x1", "y1", "x2", "y2", "rank"]).sort_by(
+                    [("key", "ascending"), ("rank", "ascending")])
+                keys = t.column("key").to_numpy(zero_copy_only=False)
+                xy = np.stack([t.column(c).to_numpy() for c in ("x1", "y1", "x2", "y2")], axis=1).astype(np.float32)
+                starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+                for s, e in zip(starts, np.r_[starts[1:], len(keys)]):
+                    table[keys[s]] = xy[s:e]
+            except (OSError, ValueError) as e:
+                log.warning("no proposal table for %s (%s): whole-image boxes for its samples", url, e)
+        sample["proposals"] = table.get(sample["__key__"], np.zeros((0, 4), np.float32))
+        yield sample
+
+
+def shuffle(src: Iterator[dict], bufsize: int, seed: int, epoch: int) -> Iterator[dict]:
+    """Reservoir shuffle of raw samples, seeded per (seed, epoch, rank, worker)."""
+    buf, rng = [], None
+    for sample in src:
+        if rng is None:
+            pos = sample["_pos"]
+            rng = random.Random(_seed(seed, epoch, pos.rank, pos.worker, 3))
+        buf.append(sample)
+        if len(buf) >= bufsize:
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+    while buf:
+        i = rng.randrange(len(buf))
+        buf[i], buf[-1] = buf[-1], buf[i]
+        yield buf.pop()
+
+
+def decode_views(src: Iterator[dict], cfg: LoaderConfig, seed: int, epoch: int, stats: dict) -> Iterator[dict]:
+    """Raw sample -> {"key", "x1", "x2", "x2s" (uint8 HxWx3 arrays), "boxes1", "boxes2", "boxes2s", "valid"}.
+
+    The first `skip_batches * batch_size` samples of this worker (already consumed before a resume)
+    are dropped undecoded; the per-sample generator depends on the sample's index, not on what ran
+    before, so the rest is exactly what an uninterrupted run would give.
+    """
+    for i, sample in enumerate(src):
+        pos = sample["_pos"]
+        if i < pos.skip_batches * cfg.batch_size:
+            continue
+        rng = np.random.default_rng(_seed(seed, epoch, pos.rank, pos.worker, 4, i))
+        try:
+            with Image.open(io.BytesIO(sample["jpg"])) as im:
+                v = make_views(im, sample["proposals"], rng, cfg.views)
+        except (OSError, ValueError, KeyError) as e:
+            stats["errors"] += 1
+            log.warning("undecodable sample %s in %s: %s (skipped)", sample.get("__key__"), sample.get("__url__"), e)
+            continue
+        v["key"] = sample["__key__"]
+        yield v
+
+
+def collate(samples: list[dict], stats: dict) -> dict:
+    """Stack a batch into tensors (images uint8 Bx3xHxW); `xb`, the de-positioning background of
+    each sample, is x1 of the next sample in the batch. Stacked with numpy: torch.stack would use
+    the intra-op thread pool, which only contends with the loader workers here."""
+    batch = {"key": [s["key"] for s in samples]}
+    for k in ("x1", "x2", "x2s"):
+        batch[k] = np.ascontiguousarray(np.stack([s[k] for s in samples]).transpose(0, 3, 1, 2))
+    batch["xb"] = np.roll(batch["x1"], -1, axis=0)
+    for k in ("boxes1", "boxes2", "boxes2s", "valid"):
+        batch[k] = np.stack([s[k] for s in samples])
+    batch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+    batch["errors"] = torch.tensor(stats["errors"])
+    return batch
+
+
+def batches_per_worker(cfg: LoaderConfig, total_samples: int, world: int) -> int:
+    """Resampled mode: batches each (rank, worker) yields per epoch."""
+    samples = cfg.epoch_samples or total_samples
+    return max(1, math.ceil(samples / (world * max(cfg.workers, 1) * cfg.batch_size)))
+
+
+def make_stream(urls: list[str], cfg: LoaderConfig, *, seed: int, epoch: int = 0, total_samples: int = 0,
+                world: int = 1, start_batch: int = 0) -> wds.DataPipeline:
+    """The whole input pipeline as one IterableDataset; each yielded item is a batch.
+
+    `total_samples` (the shards' sample count, from index.json) and `world` set the resampled
+    epoch length; `start_batch` resumes an epoch after that many batches of this rank.
+    """
+    if start_batch and not cfg.resampled:
+        raise ValueError("resuming inside an epoch needs the resampled mode (loader.resampled: true)")
+    stats = {"errors": 0}
+    stages = [
+        ShardSource(urls, cfg.resampled, seed, epoch, start_batch),   # {"url"}
+        lambda src: read_shards(src, stats),                           # raw samples {jpg, json}
+        join_proposals,                                                # + proposals (n, 4)
+        lambda src: shuffle(src, cfg.shuffle_buffer, seed, epoch),     # shuffled raw samples
+        lambda src: decode_views(src, cfg, seed, epoch, stats),        # views + boxes, one image
+        wds.batched(cfg.batch_size, collation_fn=lambda s: collate(s, stats), partial=not cfg.resampled),
+    ]
+    pipeline = wds.DataPipeline(*stages)
+    if cfg.resampled:
+        pipeline = _EpochLimit(pipeline, batches_per_worker(cfg, total_samples, world), start_batch)
+    return pipeline
+
+
+class _EpochLimit(torch.utils.data.IterableDataset):
+    """Stop each worker after its share of the epoch's batches (minus those consumed before a resume)."""
+
+    def __init__(self, pipeline, batches: int, start_batch: int):
+        super().__init__()
+        self.pipeline, self.batches, self.start_batch = pipeline, batches, start_batch
+
+    def __iter__(self):
+        pos = _position(self.start_batch)
+        remaining = self.batches - pos.skip_batches
+        if remaining <= 0:
+            return
+        for i, batch in enumerate(self.pipeline):
+            yield batch
+            if i + 1 >= remaining:
+                break
+
+
+def make_loader(urls: list[str], cfg: LoaderConfig, *, seed: int, epoch: int = 0, total_samples: int = 0,
+                world: int = 1, start_batch: int = 0) -> torch.utils.data.DataLoader:
+    """A DataLoader over `make_stream` (the stream batches; the loader only runs the workers)."""
+    stream = make_stream(urls, cfg, seed=seed, epoch=epoch, total_samples=total_samples, world=world,
+                         start_batch=start_batch)
+    return torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=cfg.workers, worker_init_fn=_worker_init,
+        persistent_workers=False, prefetch_factor=2 if cfg.workers else None,
+    )
+
+
+def _worker_init(_: int) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)     # one thread per loader worker: workers, not threads, use the cores
+    torch.set_num_threads(1)
+
+
+def read_index(folder: str | Path) -> tuple[list[str], int]:
+    """(shard paths, total samples) from a shards folder's index.json."""
+    folder = Path(folder)
+    index = json.loads((folder / "index.json").read_text())
+    urls = [str(folder / s["name"]) for s in index["shards"] if s["samples"] > 0]
+    return urls, int(index["total_samples"])
