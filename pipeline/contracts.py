@@ -11,7 +11,8 @@ breaks its contract is caught where it is made, with the file and the column nam
              `is_group` (COCO `iscrowd`, OpenImages `IsGroupOf`) is an addition to DESIGN.md: both
              data sets mark boxes that cover several instances, and the sampler and O-KNN must treat
              them apart.
-- proposals: key, x1, y1, x2, y2, rank   (rank = selective-search order after filtering, from 0)
+- proposals: key, x1, y1, x2, y2, rank   (rank: the proposal's place, from 0, in the proposals
+             stage's seeded order after filtering)
 - rejects:   source_file, row, image_id, label, reason
              one row per input row a reader dropped, with the reason; `row` is the 1-based line of a
              CSV (header = line 1) or the 0-based index into a JSON list.
