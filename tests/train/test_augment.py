@@ -1,0 +1,190 @@
+"""Region augmentations: the invariants of PRC, PRM, RBJ and the composition, batched == looped."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from train.augment import (
+    AugmentConfig, apply_box_jitter, apply_cutout, apply_prc, apply_prm, apply_rbj, compose,
+    intersection_area, prc_mask, rect_masks, region_views, sample_box_jitter, sample_cutout,
+    sample_prc, sample_prm, sample_rbj, sample_shift, shift_images,
+)
+
+
+def random_boxes(g: torch.Generator, B: int, K: int, size: int = 64) -> torch.Tensor:
+    xy = torch.rand((B, K, 2), generator=g) * (size - 12)
+    wh = 8 + torch.rand((B, K, 2), generator=g) * (size - 8 - xy)
+    return torch.cat([xy, xy + wh], dim=-1)
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    B, K = 6, 5
+    boxes = random_boxes(g, B, K)
+    valid = torch.rand((B, K), generator=g) < 0.8
+    valid[:, 0] = True
+    images = torch.randn((B, 3, 64, 64), generator=g)
+    return images, boxes, valid
+
+
+def test_prc_cutouts_keep_aspect_and_size_ratio_inside_their_proposal(batch):
+    _, boxes, valid = batch
+    cfg = AugmentConfig(prc_p=1.0)
+    for seed in range(20):
+        p = sample_prc(boxes, valid, cfg, torch.Generator().manual_seed(seed))
+        cuts, use = p["cuts"], p["use"]
+        assert torch.equal(use, valid)
+        bw, bh = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+        cw, ch = cuts[..., 2] - cuts[..., 0], cuts[..., 3] - cuts[..., 1]
+        assert torch.allclose(cw / ch, bw / bh, rtol=1e-4)                          # same h/w ratio
+        ratio = cw / bw
+        assert ratio[use].min() >= 0.2 - 1e-6 and ratio[use].max() <= 0.5 + 1e-6    # size ratio range
+        assert (cuts[..., :2] >= boxes[..., :2] - 1e-4).all() and (cuts[..., 2:] <= boxes[..., 2:] + 1e-4).all()
+
+
+def test_prc_restore_pairs_follow_the_large_to_small_overlap_rule(batch):
+    _, boxes, valid = batch
+    cfg = AugmentConfig(prc_p=1.0, prc_overlap=0.1)
+    areas = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    for seed in range(10):
+        p = sample_prc(boxes, valid, cfg, torch.Generator().manual_seed(seed))
+        cover = intersection_area(p["cuts"], boxes) / areas[:, None, :]
+        B, K = valid.shape
+        for b in range(B):
+            for i in range(K):
+                for j in range(K):
+                    smaller = (areas[b, j] < areas[b, i]) or (areas[b, j] == areas[b, i] and j > i)
+                    want = bool(valid[b, i] and valid[b, j] and i != j and smaller and cover[b, i, j] > 0.1)
+                    assert bool(p["restore"][b, i, j]) == want
+
+
+def test_prc_restores_the_overlapped_part_of_a_smaller_proposal():
+    boxes = torch.tensor([[[0.0, 0.0, 40.0, 40.0], [10.0, 10.0, 20.0, 20.0]]])
+    valid = torch.tensor([[True, True]])
+    # the big proposal's cutout covers all of the small one; the small one has no cutout
+    params = {"cuts": torch.tensor([[[5.0, 5.0, 25.0, 25.0], [0.0, 0.0, 0.0, 0.0]]]),
+              "use": torch.tensor([[True, False]]), "restore": torch.tensor([[[False, True], [False, False]]])}
+    m = prc_mask(boxes, params, 40, 40)[0]
+    assert not m[10:20, 10:20].any()                      # restored for the smaller proposal
+    assert m[5:25, 5:25].sum() == 20 * 20 - 10 * 10       # the rest of the cutout is cut
+    img = torch.ones((1, 3, 40, 40))
+    out = apply_prc(img, boxes, params)
+    assert out[0, :, 5, 5].eq(0).all() and out[0, :, 15, 15].eq(1).all()
+
+
+def test_rbj_boxes_are_never_larger_nor_outside_the_original(batch):
+    _, boxes, _ = batch
+    for seed in range(50):
+        out = apply_rbj(boxes, sample_rbj(boxes, AugmentConfig(rbj_shrink=0.4), torch.Generator().manual_seed(seed)))
+        assert (out[..., :2] >= boxes[..., :2] - 1e-5).all() and (out[..., 2:] <= boxes[..., 2:] + 1e-5).all()
+        size, new = boxes[..., 2:] - boxes[..., :2], out[..., 2:] - out[..., :2]
+        assert (new <= size + 1e-5).all() and (new >= 0.6 * size - 1e-4).all()
+
+
+def test_prm_rectangles_straddle_a_side_and_fill_with_the_background(batch):
+    images, boxes, valid = batch
+    cfg = AugmentConfig(prm_p=1.0)
+    p = sample_prm(boxes, valid, cfg, torch.Generator().manual_seed(3))
+    r = p["rects"]
+    rw, rh = r[..., 2] - r[..., 0], r[..., 3] - r[..., 1]
+    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    s, aspect = (rw * rh) / area, rw / rh
+    assert s.min() >= 0.2 - 1e-4 and s.max() <= 0.6 + 1e-4
+    assert aspect.min() >= 0.75 - 1e-4 and aspect.max() <= 4 / 3 + 1e-4
+    cx, cy = (r[..., 0] + r[..., 2]) / 2, (r[..., 1] + r[..., 3]) / 2
+    on_side = (torch.isclose(cx, boxes[..., 0]) | torch.isclose(cx, boxes[..., 2])
+               | torch.isclose(cy, boxes[..., 1]) | torch.isclose(cy, boxes[..., 3]))
+    assert on_side.all()
+    fill = torch.full_like(images, 7.0)
+    out = apply_prm(images, p, fill)
+    m = (rect_masks(r, 64, 64) & valid[..., None, None]).any(1)[:, None].expand_as(images)
+    assert (out[m] == 7.0).all() and torch.equal(out[~m], images[~m])
+    assert (apply_prm(images, p, None)[m] == 0).all()
+
+
+def test_composition_pixel_for_pixel():
+    H = W = 12
+    x2 = torch.arange(3 * H * W, dtype=torch.float32).reshape(1, 3, H, W)
+    xb = torch.full((1, 3, H, W), -1.0)
+    boxes = torch.tensor([[[1.0, 2.0, 4.0, 5.0], [6.0, 1.0, 8.0, 3.0], [0.0, 0.0, 0.0, 0.0]]])
+    valid = torch.tensor([[True, True, False]])
+    t = torch.tensor([[3, 4]])
+    x3, shifted, m_hat = compose(x2, boxes, valid, xb, t, None)
+    assert torch.equal(shifted[0, :2], torch.tensor([[4.0, 6.0, 7.0, 9.0], [9.0, 5.0, 11.0, 7.0]]))
+    expect = xb.clone()
+    for (x0, y0, x1, y1) in [(1, 2, 4, 5), (6, 1, 8, 3)]:
+        expect[0, :, y0 + 4:y1 + 4, x0 + 3:x1 + 3] = x2[0, :, y0:y1, x0:x1]
+    assert torch.equal(x3, expect)
+    assert int(m_hat.sum()) == 3 * 3 + 2 * 2
+    # with PRC on the shifted mask (eq. 7) the cut pixels show the background
+    prc = {"cuts": torch.tensor([[[4.0, 6.0, 5.0, 7.0], [0.0] * 4, [0.0] * 4]]), "use": torch.tensor([[True, False, False]]),
+           "restore": torch.zeros((1, 3, 3), dtype=torch.bool)}
+    x3c, _, m_c = compose(x2, boxes, valid, xb, t, prc)
+    assert not m_c[0, 6, 4] and torch.equal(x3c[0, :, 6, 4], xb[0, :, 6, 4]) and int(m_c.sum()) == 12
+
+
+def test_shifts_keep_every_box_inside_the_image(batch):
+    _, boxes, valid = batch
+    for seed in range(50):
+        t = sample_shift(boxes, valid, 64, 64, torch.Generator().manual_seed(seed))
+        moved = boxes + t[:, None, :].float().repeat(1, 1, 2)
+        v = valid
+        assert (moved[..., :2][v] >= -1e-5).all() and (moved[..., 2:][v] <= 64 + 1e-5).all()
+    assert torch.equal(shift_images(torch.arange(16.0).reshape(1, 1, 4, 4), torch.tensor([[1, 0]]))[0, 0, :, 1:],
+                       torch.arange(16.0).reshape(4, 4)[:, :3])
+
+
+def test_batched_equals_a_per_sample_loop(batch):
+    images, boxes, valid = batch
+    g = torch.Generator().manual_seed(11)
+    cfg = AugmentConfig(prc_p=0.8, prm_p=0.8, cutout=True, box_jitter=True)
+    fill = torch.randn(images.shape, generator=g)
+    prc, prm = sample_prc(boxes, valid, cfg, g), sample_prm(boxes, valid, cfg, g)
+    rbj, cut, jit = sample_rbj(boxes, cfg, g), sample_cutout(boxes, valid, cfg, g), sample_box_jitter(boxes, valid, cfg, g)
+    t = sample_shift(boxes, valid, 64, 64, g)
+    whole = {
+        "prc": apply_prc(images, boxes, prc), "prm": apply_prm(images, prm, fill), "rbj": apply_rbj(boxes, rbj),
+        "cut": apply_cutout(images, cut), "jit": apply_box_jitter(boxes, jit, 64, 64),
+        "x3": compose(images, boxes, valid, fill, t, prc)[0],
+    }
+    for b in range(images.shape[0]):
+        one = lambda p: {k: v[b:b + 1] for k, v in p.items()}   # noqa: E731
+        s = slice(b, b + 1)
+        assert torch.equal(apply_prc(images[s], boxes[s], one(prc)), whole["prc"][s])
+        assert torch.equal(apply_prm(images[s], one(prm), fill[s]), whole["prm"][s])
+        assert torch.equal(apply_rbj(boxes[s], one(rbj)), whole["rbj"][s])
+        assert torch.equal(apply_cutout(images[s], one(cut)), whole["cut"][s])
+        assert torch.equal(apply_box_jitter(boxes[s], one(jit), 64, 64), whole["jit"][s])
+        assert torch.equal(compose(images[s], boxes[s], valid[s], fill[s], t[s], one(prc))[0], whole["x3"][s])
+
+
+def test_region_views_are_deterministic_for_a_generator_seed(batch):
+    images, boxes, valid = batch
+    b = {"x1": images, "x2": images.flip(-1), "x2s": images[..., ::2, ::2], "xb": images.roll(1, 0),
+         "boxes1": boxes, "boxes2": boxes, "boxes2s": boxes / 2, "valid": valid}
+    a = region_views(b, AugmentConfig(), torch.Generator().manual_seed(5))
+    c = region_views(b, AugmentConfig(), torch.Generator().manual_seed(5))
+    d = region_views(b, AugmentConfig(), torch.Generator().manual_seed(6))
+    assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
+    assert not torch.equal(a["x1h"], d["x1h"])
+    assert set(a) == {"x1h", "x2sh", "x3", "mask3", "s1", "s2s", "s3", "t1", "t2"}
+    off = region_views(b, AugmentConfig(prc=False, prm=False, rbj=False, compose=False), torch.Generator().manual_seed(5))
+    assert torch.equal(off["x1h"], images) and torch.equal(off["s1"], boxes) and "x3" not in off
+
+
+def test_soco_box_jitter_and_cutout(batch):
+    images, boxes, valid = batch
+    cfg = AugmentConfig(box_jitter_p=1.0, cutout_p=1.0)
+    p = sample_box_jitter(boxes, valid, cfg, torch.Generator().manual_seed(0))
+    out = apply_box_jitter(boxes, p, 64, 64)
+    size, new = boxes[..., 2:] - boxes[..., :2], out[..., 2:] - out[..., :2]
+    assert (out >= 0).all() and (out <= 64).all() and (new <= 1.1 * size + 1e-4).all()
+    c = sample_cutout(boxes, valid, cfg, torch.Generator().manual_seed(0))
+    side = c["rects"][..., 2] - c["rects"][..., 0]
+    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    assert ((side ** 2 / area)[valid] >= 0.1 - 1e-4).all() and ((side ** 2 / area)[valid] <= 0.3 + 1e-4).all()
+    assert math.isclose(float(apply_cutout(torch.ones(1, 1, 8, 8), {"rects": torch.tensor([[[0.0, 0.0, 4.0, 4.0]]]),
+                                                                     "use": torch.tensor([[True]])}).sum()), 48.0)
