@@ -11,10 +11,17 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# One intra-op thread per process: tests run several processes at once (Ray workers, loader
+# workers, torchrun ranks) on 2 cores, and OpenMP thread pools that wait for each other's cores
+# make a CPU-bound step several times slower than one thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 

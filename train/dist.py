@@ -68,6 +68,21 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return y / world_size()
 
 
+@torch.no_grad()
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average floating-point buffers (BN running statistics) over ranks, in place.
+
+    DDP keeps parameters identical; BN running statistics are per rank unless SyncBN (CUDA) is
+    used. Averaging them before a checkpoint gives every rank, and the saved model, the same ones.
+    """
+    if not is_initialized() or world_size() == 1:
+        return
+    for b in module.buffers():
+        if b.is_floating_point():
+            torch_dist.all_reduce(b)
+            b.div_(world_size())
+
+
 def destroy() -> None:
     if is_initialized():
         torch_dist.destroy_process_group()

@@ -1,0 +1,70 @@
+"""Losses against hand computations; the queue and the momentum update."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from train.losses import Queue, byol_loss, info_nce
+from train.methods import MethodConfig, ema_momentum
+from train.model import RegionEncoder, momentum_copy, momentum_update
+
+
+def test_info_nce_by_hand():
+    q = torch.tensor([[3.0, 4.0]])          # normalised: (0.6, 0.8)
+    k = torch.tensor([[1.0, 0.0]])
+    neg = torch.tensor([[0.0, 2.0], [-1.0, 0.0]])
+    T = 0.5
+    pos = 0.6 / T
+    negs = [0.8 / T, -0.6 / T]
+    expect = -math.log(math.exp(pos) / (math.exp(pos) + sum(math.exp(n) for n in negs)))
+    assert float(info_nce(q, k, neg, T)) == pytest.approx(expect, rel=1e-6)
+    # the mean over rows
+    q2 = torch.cat([q, torch.tensor([[0.0, 1.0]])])
+    k2 = torch.cat([k, torch.tensor([[0.0, 1.0]])])
+    second = -math.log(math.exp(1 / T) / (math.exp(1 / T) + math.exp(1 / T) + math.exp(0)))
+    assert float(info_nce(q2, k2, neg, T)) == pytest.approx((expect + second) / 2, rel=1e-6)
+
+
+def test_byol_loss_by_hand():
+    p = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    z = torch.tensor([[0.0, 3.0], [2.0, 2.0]])
+    assert float(byol_loss(p, z)) == pytest.approx(((2 - 0) + (2 - 2)) / 2)
+
+
+def test_queue_is_a_ring_of_normalised_keys():
+    queue = Queue(5, 2)
+    a = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]])
+    queue.enqueue(a)
+    assert int(queue.ptr) == 3 and int(queue.filled) == 3 and queue.fill_ratio() == 0.6
+    assert torch.allclose(queue.features[:3], torch.nn.functional.normalize(a, dim=1))
+    b = torch.tensor([[0.0, -1.0], [-1.0, 0.0], [3.0, 4.0], [0.0, 5.0]])
+    queue.enqueue(b)                        # wraps: slots 3, 4, then 0, 1
+    assert int(queue.ptr) == 2 and int(queue.filled) == 5
+    nb = torch.nn.functional.normalize(b, dim=1)
+    assert torch.allclose(queue.features[3:], nb[:2]) and torch.allclose(queue.features[:2], nb[2:])
+    assert torch.allclose(queue.features[2], torch.nn.functional.normalize(a[2:3], dim=1)[0])
+    queue.enqueue(torch.randn(12, 2))       # more than the queue holds: the newest 5 stay
+    assert int(queue.filled) == 5
+    assert torch.allclose(queue.negatives().norm(dim=1), torch.ones(5))
+
+
+def test_momentum_update_is_the_ema():
+    student = RegionEncoder("resnet18", proj_dim=8)
+    teacher = momentum_copy(student)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in teacher.parameters()]
+    momentum_update(student, teacher, 0.9)
+    for t0, t1, s in zip(before, teacher.parameters(), student.parameters()):
+        assert torch.allclose(t1, 0.9 * t0 + 0.1 * s)
+
+
+def test_cosine_momentum_rises_to_one():
+    cfg = MethodConfig(momentum=0.99, momentum_schedule="cosine")
+    assert ema_momentum(cfg, 0.0) == pytest.approx(0.99)
+    assert ema_momentum(cfg, 1.0) == pytest.approx(1.0)
+    assert ema_momentum(MethodConfig(momentum=0.999), 0.7) == 0.999

@@ -1,0 +1,128 @@
+"""The pre-training stage end to end: 2-process DDP, kill-and-resume, export into torchvision."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+import yaml
+
+from train.export import export
+from train.pretrain import load_config, method_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_params(path: Path, **pretrain) -> Path:
+    """A params file for a tiny run: ResNet-18, RoIAlign 7x7, 64 px views, 2 proposals, small queue."""
+    doc = yaml.safe_load((REPO / "params.yaml").read_text())
+    doc["pretrain"].update({"arch": "resnet18", "roi_size": 7, "epochs": 2, "checkpoint_every": 2, "warmup_epochs": 0.5,
+                            "deterministic": True, **pretrain})
+    doc["loader"].update({"batch_size": 4, "workers": 2, "shuffle_buffer": 8, "epoch_samples": 24})
+    doc["loader"]["views"].update({"size": 64, "small_size": 32, "num_proposals": 2})
+    for m in doc["methods"].values():
+        m.update({"queue_size": 64, "proj_hidden": 32})
+        if m.get("pred_hidden"):
+            m["pred_hidden"] = 32
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def run(args: list[str], env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    out = subprocess.run([sys.executable, "-m", "train.pretrain", *args], capture_output=True, text=True,
+                         env=env, cwd=REPO, **kw)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def final_model(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def test_params_yaml_gives_every_method_a_config():
+    cfg = load_config(REPO / "params.yaml")
+    assert cfg.loader.views.num_proposals >= 1
+    for name in ("d3ssl", "d3ssl_dc", "soco", "mocov2"):
+        method_config(name, REPO / "params.yaml")
+
+
+def test_killed_and_resumed_run_reaches_the_same_weights(shards, tmp_path):
+    params = write_params(tmp_path / "params.yaml", max_steps=8)
+    common = ["--shards", str(shards), "--method", "d3ssl", "--params", str(params), "--device", "cpu"]
+    run(common + ["--out", str(tmp_path / "whole")])
+
+    # Kill a second run as soon as its first checkpoint is on disk, then resume it.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "train.pretrain", *common, "--out", str(tmp_path / "cut")],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "cut" / "checkpoint.pt"
+    deadline = time.time() + 600
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = torch.load(ckpt, map_location="cpu", weights_only=True)["step"]
+    assert step < 8, "the run finished before it could be killed"
+    run(common + ["--out", str(tmp_path / "cut"), "--resume"])
+
+    a, b = final_model(tmp_path / "whole"), final_model(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k           # bitwise: weights, teacher, queue, BN statistics
+    whole = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    assert whole["steps"] == 8 and (tmp_path / "whole" / "dvclive" / "metrics.json").exists()
+    logged = (tmp_path / "whole" / "dvclive" / "plots" / "metrics" / "train" / "loss_dp.tsv").read_text()
+    assert len(logged.strip().splitlines()) == 1 + 8
+
+
+def test_two_process_gloo_ddp_keeps_ranks_identical(shards, tmp_path):
+    params = write_params(tmp_path / "params.yaml", max_steps=3, deterministic=False)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "train.pretrain"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(torchrun + ["--shards", str(shards), "--out", str(tmp_path / "ddp"), "--method", "d3ssl",
+                                     "--params", str(params), "--device", "cpu"],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+    assert len(summary["student_checksums"]) == 2 and summary["ranks_identical"]
+
+
+def test_export_round_trip_into_torchvision(shards, tmp_path):
+    params = write_params(tmp_path / "params.yaml", max_steps=1)
+    run(["--shards", str(shards), "--out", str(tmp_path / "r"), "--method", "soco", "--params", str(params),
+         "--device", "cpu"])
+    info = export(tmp_path / "r" / "checkpoint.pt", tmp_path / "export")
+    assert info["arch"] == "resnet18" and info["method"] == "soco"
+    sd = torch.load(tmp_path / "export" / "backbone.pth", weights_only=True)
+    net = torchvision.models.resnet18()
+    missing, unexpected = net.load_state_dict(sd, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    student = final_model(tmp_path / "r")
+    assert torch.equal(net.layer1[0].conv1.weight, student["student.c4.4.0.conv1.weight"])
+    assert torch.equal(net.layer4[1].bn2.running_var, student["student.res5.1.bn2.running_var"])
+    d2 = pickle.loads((tmp_path / "export" / "backbone_detectron2.pkl").read_bytes())["model"]
+    assert "stem.conv1.weight" in d2 and "stem.conv1.norm.running_mean" in d2
+    assert "res2.0.conv1.weight" in d2 and "res3.0.shortcut.weight" in d2 and "res5.1.conv2.norm.bias" in d2
+    assert (d2["res5.1.conv2.norm.bias"] == net.layer4[1].bn2.bias.detach().numpy()).all()
+    assert len(d2) == len([k for k in sd if not k.endswith("num_batches_tracked")])
+
+
+def test_resume_refuses_another_method(shards, tmp_path):
+    params = write_params(tmp_path / "params.yaml", max_steps=1)
+    run(["--shards", str(shards), "--out", str(tmp_path / "r"), "--method", "mocov2", "--params", str(params),
+         "--device", "cpu"])
+    out = subprocess.run([sys.executable, "-m", "train.pretrain", "--shards", str(shards), "--out", str(tmp_path / "r"),
+                          "--method", "soco", "--params", str(params), "--device", "cpu", "--resume"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode != 0 and "cannot resume it as soco" in out.stderr

@@ -1,0 +1,93 @@
+"""Export a pre-trained student backbone for the downstream toolboxes.
+
+    python -m train.export --checkpoint runs/d3ssl/checkpoint.pt --out runs/d3ssl/export
+
+Writes in `--out`:
+- `backbone.pth`: a plain torchvision ResNet `state_dict` (every key but `fc.*`), so
+      net = torchvision.models.resnet50(); net.load_state_dict(torch.load(p), strict=False)
+  leaves only `fc.weight` and `fc.bias` missing (all evaluations of `eval/` take this file);
+- `backbone_detectron2.pkl`: the same weights with detectron2's names, renamed as MoCo's
+  `convert-pretrain-to-detectron2.py` does (stem., resN, convN.norm, shortcut), for
+  `MODEL.WEIGHTS` with `MODEL.PIXEL_MEAN/STD` of torchvision and `INPUT.FORMAT RGB`;
+- `export.json`: where the weights come from (method, arch, step) and their checksums.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.files import atomic_path, write_text
+
+C4_NAMES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
+
+
+def backbone_from_checkpoint(state: dict) -> dict[str, torch.Tensor]:
+    """torchvision ResNet keys from a pre-training checkpoint's student (student.c4.*, student.res5.*)."""
+    out = {}
+    for k, v in state["model"].items():
+        if k.startswith("student.c4."):
+            idx, rest = k[len("student.c4."):].split(".", 1)
+            out[f"{C4_NAMES[int(idx)]}.{rest}"] = v
+        elif k.startswith("student.res5."):
+            out["layer4." + k[len("student.res5."):]] = v
+    if not out:
+        raise ValueError("the checkpoint holds no student backbone (keys student.c4.* / student.res5.*)")
+    return out
+
+
+def detectron2_names(backbone: dict[str, torch.Tensor]) -> dict[str, "object"]:
+    """MoCo's renaming of torchvision ResNet keys to detectron2's, values as numpy arrays."""
+    out = {}
+    for k, v in backbone.items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        name = k if "layer" in k else "stem." + k
+        for t in (1, 2, 3, 4):
+            name = name.replace(f"layer{t}", f"res{t + 1}")
+        for t in (1, 2, 3):
+            name = name.replace(f"bn{t}", f"conv{t}.norm")
+        name = name.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+        out[name] = v.detach().cpu().numpy()
+    return out
+
+
+def export(checkpoint: Path, out: Path) -> dict:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    backbone = {k: v.detach().cpu().contiguous() for k, v in backbone_from_checkpoint(state).items()}
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(backbone, buf)
+    with atomic_path(out / "backbone.pth") as tmp:
+        tmp.write_bytes(buf.getvalue())
+    d2 = pickle.dumps({"model": detectron2_names(backbone), "__author__": "D3SSL", "matching_heuristics": True})
+    with atomic_path(out / "backbone_detectron2.pkl") as tmp:
+        tmp.write_bytes(d2)
+    info = {
+        "checkpoint": str(checkpoint), "method": state.get("method"), "arch": state.get("arch"),
+        "step": state.get("step"), "keys": len(backbone),
+        "sha256": {"backbone.pth": hashlib.sha256(buf.getvalue()).hexdigest(),
+                   "backbone_detectron2.pkl": hashlib.sha256(d2).hexdigest()},
+    }
+    write_text(out / "export.json", json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    args = p.parse_args(argv)
+    info = export(args.checkpoint, args.out)
+    print(f"exported {info['keys']} tensors of a {info['arch']} ({info['method']}, step {info['step']}) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

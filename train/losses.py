@@ -1,0 +1,82 @@
+"""Losses as pure functions, and the memory queue of negatives.
+
+- `info_nce` is the paper's eq. 5:
+      L_nce(z, z+, {z-}) = -log( exp(z.z+/T) / sum_{z_j in {z-} U {z+}} exp(z.z_j/T) )
+  with z, z+ and the queue L2-normalised (MoCo); averaged over the rows.
+- `byol_loss` is SoCo's/BYOL's regression loss: 2 - 2 cos(p, z).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from train import dist
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
+    """q: N x D queries, k: N x D positives (no gradient), negatives: M x D. Mean over N."""
+    q = F.normalize(q.float(), dim=1)
+    k = F.normalize(k.float(), dim=1)
+    pos = (q * k).sum(dim=1, keepdim=True)                     # N x 1
+    neg = q @ F.normalize(negatives.float(), dim=1).t()        # N x M
+    logits = torch.cat([pos, neg], dim=1) / temperature        # N x (1 + M)
+    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, labels)
+
+
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """2 - 2 cos(p, z), averaged over rows; z carries no gradient."""
+    return (2 - 2 * F.cosine_similarity(p.float(), z.float().detach(), dim=1)).mean()
+
+
+class Queue(nn.Module):
+    """A FIFO memory of L2-normalised features (MoCo's queue; the paper's memory bank {z-}).
+
+    Keys from every rank are gathered and enqueued in rank order, so every rank holds the same
+    queue. As in MoCo it starts as random unit vectors and all of it serves as negatives from the
+    first step; `filled` counts the slots written so far (the "queue fill" metric).
+    """
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.size = size
+        self.register_buffer("features", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+
+    def negatives(self) -> torch.Tensor:
+        return self.features
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Add N x D keys (gathered over ranks first); the oldest are overwritten."""
+        keys = gather_rows(F.normalize(keys.detach().float(), dim=1))
+        n = keys.shape[0]
+        if n == 0:
+            return
+        if n >= self.size:
+            keys, n = keys[-self.size:], self.size
+        p = int(self.ptr)
+        first = min(n, self.size - p)
+        self.features[p:p + first] = keys[:first].to(self.features.dtype)
+        if first < n:
+            self.features[: n - first] = keys[first:].to(self.features.dtype)
+        self.ptr.fill_((p + n) % self.size)
+        self.filled.fill_(min(self.size, int(self.filled) + n))
+
+    def fill_ratio(self) -> float:
+        return float(self.filled) / self.size
+
+
+@torch.no_grad()
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows of `x` from every rank (counts may differ), concatenated in rank order."""
+    if dist.world_size() == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    counts = dist.all_gather(n)
+    pad = torch.zeros((int(counts.max()), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    pad[: x.shape[0]] = x
+    every = dist.all_gather(pad).view(dist.world_size(), -1, *x.shape[1:])
+    return torch.cat([every[r, : int(counts[r])] for r in range(dist.world_size())])

@@ -1,0 +1,289 @@
+"""Streaming pre-training stage: one method, DDP over any number of processes.
+
+    python -m train.pretrain --shards data/shards --out runs/d3ssl --method d3ssl [--params params.yaml] [--resume]
+    torchrun --nproc_per_node=4 -m train.pretrain --shards data/shards --out runs/d3ssl --method d3ssl
+    torchrun --nnodes=2 --node_rank=R --rdzv_backend=c10d --rdzv_endpoint=HOST:29400 --nproc_per_node=8 \
+        -m train.pretrain ...
+
+Reads the shards' `index.json`, streams batches (`train.stream`, resampled: equal batches per rank),
+and trains the method (`train.methods`). DDP: gloo on CPU, NCCL on CUDA; on CUDA also SyncBN in the
+student, bf16 autocast and channels_last. Logged with dvclive under RUN_DIR/dvclive on rank 0 (loss
+terms, learning rate, teacher momentum, images/s, queue fill) with a progress bar.
+
+Checkpoints (RUN_DIR/checkpoint.pt) are written atomically every `checkpoint_every` steps and at
+each epoch end. They hold everything needed to continue exactly: the method's state (student,
+teacher, predictor, queue), optimiser, step, stream position (epoch and batch in it), RNG states
+(torch, CUDA, numpy, python, the region-augmentation generator) and the settings. `--resume`
+continues from it; on the CPU with `deterministic: true` the result is bitwise that of an
+uninterrupted run. They load with `torch.load(..., weights_only=True)`.
+
+Settings: the `pretrain` section (shared by every method, so they train on the same schedule),
+`loader` (batches, views) and `methods.<name>` of params.yaml.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import yaml
+
+from pipeline.files import atomic_path, write_text
+from pipeline.params import ParamsError, as_dict, from_dict
+from train import dist
+from train.methods import DEFAULTS, METHODS, MethodConfig, build, prepare
+from train.optim import learning_rate, make_optimizer
+from train.stream import LoaderConfig, batches_per_worker, make_loader, read_index
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The `pretrain` section of params.yaml."""
+
+    arch: str = "resnet50"
+    roi_size: int = 14                      # RoIAlign output on C4 (MoCo/SoCo C4: 14; res5 halves it)
+    epochs: int = 800                       # paper: 800 epochs on COCO / OpenImage-MINI
+    optimizer: Literal["sgd", "lars"] = "sgd"
+    base_lr: float = 0.03                   # per 256 images (MoCo v2)
+    weight_decay: float = 1e-4              # MoCo v2
+    sgd_momentum: float = 0.9
+    warmup_epochs: float = 0.0
+    checkpoint_every: int = 500             # steps
+    seed: int = 0
+    deterministic: bool = False             # torch deterministic algorithms (bitwise resume on CPU)
+    max_steps: int = 0                      # stop after this many steps (0: the whole schedule)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+
+
+def method_config(name: str, params: Path | None) -> MethodConfig:
+    """`methods.<name>` of params.yaml, or the method's defaults without a params file."""
+    if params is None:
+        return DEFAULTS[name]
+    doc = yaml.safe_load(Path(params).read_text()) or {}
+    methods = doc.get("methods", {})
+    if name not in methods:
+        raise ParamsError(f"{params}: no block methods.{name} (present: {sorted(methods)})")
+    return from_dict(MethodConfig, methods[name], f"{params}:methods.{name}")
+
+
+def load_config(params: Path | None) -> PretrainConfig:
+    """`pretrain` with the `loader` section of the same file nested in."""
+    if params is None:
+        return PretrainConfig()
+    doc = yaml.safe_load(Path(params).read_text()) or {}
+    section = dict(doc.get("pretrain") or {})
+    if "loader" in doc:
+        section["loader"] = doc["loader"]
+    return from_dict(PretrainConfig, section, f"{params}:pretrain")
+
+
+# ---------------------------------------------------------------------------------- RNG states
+
+
+def rng_state(aug: torch.Generator) -> dict:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "python": [py[0], list(py[1]), py[2]],
+        "augment": aug.get_state(),
+    }
+
+
+def set_rng_state(state: dict, aug: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    aug.set_state(state["augment"])
+
+
+# ---------------------------------------------------------------------------------------- loop
+
+
+def weights_checksum(module: torch.nn.Module) -> int:
+    """A 63-bit digest of a module's parameters and buffers (bitwise: any difference shows)."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest()[:8], "little") >> 1
+
+
+@dataclass
+class Position:
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0          # batches of this rank already consumed in `epoch`
+
+
+def checkpoint(path: Path, method, optimizer, pos: Position, aug: torch.Generator, meta: dict) -> None:
+    """Called on every rank: BN statistics are averaged over ranks, then rank 0 saves."""
+    dist.average_buffers(method.student)
+    dist.average_buffers(method.teacher)
+    if dist.rank() == 0:
+        save_checkpoint(path, method, optimizer, pos, aug, meta)
+
+
+def save_checkpoint(path: Path, method, optimizer, pos: Position, aug: torch.Generator, meta: dict) -> None:
+    state = {
+        "model": method.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": pos.step, "epoch": pos.epoch, "batch": pos.batch,
+        "rng": rng_state(aug),
+        **meta,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def train(shards: Path, out: Path, method_name: str, cfg: PretrainConfig, mcfg: MethodConfig,
+          resume: bool = False, device: str | None = None, progress: bool = True) -> dict:
+    """Pre-train `method_name`; returns the run summary (also written to out/summary.json)."""
+    from tqdm import tqdm
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dist.local_rank())
+        dev = torch.device("cuda", dist.local_rank())
+    dist.init_from_env(dev)
+    rank, world = dist.rank(), dist.world_size()
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    on_cuda = dev.type == "cuda"
+
+    urls, total = read_index(shards)
+    steps_per_epoch = max(cfg.loader.workers, 1) * batches_per_worker(cfg.loader, total, world)
+    total_steps = cfg.epochs * steps_per_epoch
+    batch_global = cfg.loader.batch_size * world
+    peak_lr = cfg.base_lr * batch_global / 256
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+
+    torch.manual_seed(cfg.seed)                      # identical initial weights on every rank
+    method = build(method_name, cfg.arch, mcfg, roi_size=cfg.roi_size).to(dev)
+    if on_cuda and world > 1:
+        method.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method.student)
+    if on_cuda:
+        method = method.to(memory_format=torch.channels_last)
+    model = method
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            method, device_ids=[dev.index] if on_cuda else None, broadcast_buffers=False)
+    optimizer = make_optimizer(method.trainable(), cfg.optimizer, peak_lr, cfg.weight_decay, cfg.sgd_momentum)
+    aug = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + rank)
+
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint.pt"
+    pos = Position()
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location=dev, weights_only=True)
+        if state["method"] != method_name or state["world_size"] != world:
+            raise ValueError(f"{ckpt} is a {state['method']} run on {state['world_size']} processes; "
+                             f"cannot resume it as {method_name} on {world}")
+        method.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        pos = Position(state["step"], state["epoch"], state["batch"])
+        set_rng_state(state["rng"], aug)
+    meta = {"method": method_name, "arch": cfg.arch, "world_size": world,
+            "config": as_dict(cfg), "method_config": as_dict(mcfg)}
+
+    live = None
+    if rank == 0:
+        from dvclive import Live
+
+        live = Live(str(out / "dvclive"), resume=resume and pos.step > 0, save_dvc_exp=False, dvcyaml=None)
+        for k, v in {"method": method_name, "arch": cfg.arch, "world_size": world, "steps": total_steps}.items():
+            live.log_param(k, v)
+
+    stop = cfg.max_steps or total_steps
+    bar = tqdm(total=min(stop, total_steps), initial=pos.step, desc=method_name, unit="step",
+               disable=not (progress and rank == 0))
+    t_last, seen = time.perf_counter(), 0
+    model.train()
+    while pos.epoch < cfg.epochs and pos.step < stop:
+        loader = make_loader(urls, cfg.loader, seed=cfg.seed, epoch=pos.epoch, total_samples=total,
+                             world=world, start_batch=pos.batch)
+        for batch in loader:
+            lr = learning_rate(pos.step, total_steps, warmup, peak_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            b = prepare(batch, dev, channels_last=on_cuda)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_cuda):
+                loss, terms = model(b, aug, pos.step / max(1, total_steps))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            pos.step += 1
+            pos.batch += 1
+            seen += len(batch["key"])
+            bar.update()
+            if live is not None:
+                now = time.perf_counter()
+                live.log_metric("train/loss", loss.item())
+                for k, v in terms.items():
+                    live.log_metric(f"train/{k}", float(v))
+                live.log_metric("train/lr", lr)
+                live.log_metric("train/momentum", method.last_momentum)
+                live.log_metric("train/queue_fill", method.queue_fill())
+                live.log_metric("train/images_per_s", seen * world / max(now - t_last, 1e-9))
+                live.log_metric("train/loader_errors", int(batch["errors"]))
+                live.next_step()
+                t_last, seen = now, 0
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+            if pos.step % cfg.checkpoint_every == 0:
+                checkpoint(ckpt, method, optimizer, pos, aug, meta)
+            if pos.step >= stop:
+                break
+        else:
+            pos.epoch, pos.batch = pos.epoch + 1, 0
+            checkpoint(ckpt, method, optimizer, pos, aug, meta)
+            continue
+        checkpoint(ckpt, method, optimizer, pos, aug, meta)
+        break
+    bar.close()
+    # Every rank must hold the same student; gather a checksum of each rank's weights to show it.
+    sums = dist.all_gather(torch.tensor([weights_checksum(method.student)], dtype=torch.int64, device=dev))
+    summary = {"method": method_name, "arch": cfg.arch, "steps": pos.step, "epochs_done": pos.epoch,
+               "total_steps": total_steps, "world_size": world, "finished": pos.step >= total_steps,
+               "student_checksums": [int(x) for x in sums.tolist()],
+               "ranks_identical": bool((sums == sums[0]).all())}
+    if rank == 0:
+        write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        live.end()
+    dist.barrier()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", required=True, type=Path, help="folder with index.json and the shards")
+    p.add_argument("--out", required=True, type=Path, help="run folder (checkpoint, dvclive, summary)")
+    p.add_argument("--method", default="d3ssl", choices=sorted(METHODS))
+    p.add_argument("--params", type=Path, help="params.yaml (sections pretrain, loader, methods)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt if present")
+    p.add_argument("--device", help="cpu, cuda (default: cuda if available)")
+    args = p.parse_args(argv)
+    cfg = load_config(args.params)
+    train(args.shards, args.out, args.method, cfg, method_config(args.method, args.params), args.resume, args.device)
+    dist.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
