@@ -18,9 +18,9 @@ from benchmarks.bench_augment import fake_batch
 from train.methods import DEFAULTS, METHODS, build
 
 
-def step_time(name: str, arch: str, batch: dict, steps: int, dev: torch.device) -> float:
+def step_time(name: str, arch: str, batch: dict, steps: int, dev: torch.device, roi_size: int = 14) -> float:
     torch.manual_seed(0)
-    method = build(name, arch, DEFAULTS[name]).to(dev)
+    method = build(name, arch, DEFAULTS[name], roi_size=roi_size).to(dev)
     if dev.type == "cuda":
         method = method.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(method.trainable(), lr=0.01, momentum=0.9)
@@ -52,14 +52,15 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--methods", nargs="*", default=sorted(METHODS))
+    p.add_argument("--roi-size", type=int, default=14)
     args = p.parse_args()
     dev = torch.device(args.device)
     batch = fake_batch(args.batch, args.size, 4, dev)
     if dev.type == "cuda":
         batch = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in batch.items()}
-    times = {m: step_time(m, args.arch, batch, args.steps, dev) for m in args.methods}
+    times = {m: step_time(m, args.arch, batch, args.steps, dev, args.roi_size) for m in args.methods}
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    print(f"{args.arch}, batch {args.batch} at {args.size} px, K=4, on {name}")
+    print(f"{args.arch}, batch {args.batch} at {args.size} px, K=4, RoIAlign {args.roi_size}, on {name}")
     for m, t in times.items():
         ratio = f"  {t / times['soco']:.2f}x soco" if "soco" in times else ""
         print(f"{m:>9}: {t:7.3f} s/step  {args.batch / t:8.1f} images/s{ratio}")

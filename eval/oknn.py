@@ -1,0 +1,376 @@
+"""Object-level kNN (O-KNN) and disturbed O-KNN (paper section 5.3, Table 4).
+
+    python -m eval.oknn --backbone runs/d3ssl/export/backbone.pth --arch resnet50 \
+        --coco-root /datasets/coco --out reports/d3ssl/oknn.json [--params params.yaml] [--device auto]
+    python -m eval.oknn --backbone random --arch resnet18 --coco-root data/synth/coco --out /tmp/oknn.json
+
+What is measured (the paper's settings, and whose setting fills each gap it leaves):
+- Object features: "from the C5 block with ground-truth bounding boxes by using RoI Align with a
+  size of 7x7 and average pooling" (paper). Default `feature: c5_roialign7`: RoIAlign 7x7 (aligned,
+  adaptive sampling) of each box on the C5 map (stride 32), averaged to one vector (2048-d for
+  ResNet-50, 512-d for ResNet-18). `c4_roialign14_res5` (RoIAlign 14x14 on C4, then res5 and
+  average pooling, the pre-training region head) is the alternative; see eval/backbone.py.
+- Images: shorter side resized to `min_size` (longer side at most `max_size`), no padding, no crop,
+  same-shape images batched. The paper is silent: the default 320 keeps the embedded 240-320 px
+  images near their own scale and runs on a CPU; for real COCO (about 640x480) min_size 480 /
+  max_size 800 keeps the images at their own resolution.
+- Memory bank: COCO train2017, at most `per_image` objects per image (the paper's N, value not
+  given), picked to keep frequent classes from swamping the bank: round by round, one object per
+  class present in the image, the globally rarest class first, objects at random within a class.
+- Queries: every object of COCO val2017.
+- Both sides skip crowd boxes (`iscrowd`, a group, not one object) and boxes whose shorter side is
+  under `min_box_size` pixels of the original image (a quarter of a C5 cell at the default 8:
+  RoIAlign would only see interpolated context); the JSON counts what was skipped.
+- Vote: the standard weighted kNN protocol (Wu et al. 2018, as in DINO/solo-learn): cosine
+  similarity of L2-normalised features, the k = 20 nearest, each voting exp(sim / T) with
+  T = 0.07 for its class; top-1 and top-5 accuracy in percent.
+- Disturbed O-KNN: the same queries on images whose every pixel outside the image's query boxes is
+  replaced by another val image (seeded random choice, resized to the same size); the pixels of
+  the boxes are unchanged. The bank is not disturbed.
+- The search runs over bank chunks x query chunks with a running top-k, so memory beyond the
+  bank itself is O(bank_chunk x query_chunk), whatever the bank size (COCO train: 860k objects).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from eval.backbone import (
+    ARCHS, ResNetStages, build_resnet, load_rgb, region_feature, resize_rgb, resize_shape,
+    resolve_device, to_input,
+)
+from pipeline.files import write_text
+from pipeline.params import as_dict, load_section
+from pipeline.readers import read_coco
+
+
+@dataclass(frozen=True)
+class OknnConfig:
+    """The `oknn` section of params.yaml."""
+
+    feature: str = "c5_roialign7"   # eval.backbone.REGION_FEATURES: RoIAlign 7x7 on C5 + average pooling
+    min_size: int = 320             # shorter image side fed to the backbone (pixels)
+    max_size: int = 533             # cap on the longer side
+    per_image: int = 5              # N: bank objects per train image, rarest class first
+    min_box_size: float = 8.0       # skip boxes whose shorter side is below this (original pixels)
+    k: int = 20                     # neighbours
+    temperature: float = 0.07       # vote weight exp(sim / T)
+    batch_size: int = 4             # images per forward (same-shape images only, never padded)
+    workers: int = 2                # DataLoader processes decoding images
+    bank_chunk: int = 65536         # bank rows per search step
+    query_chunk: int = 1024         # query rows per search step
+    seed: int = 0                   # bank choice, disturbing images, the random backbone
+
+
+# ------------------------------------------------------------------------------ object selection
+
+
+def eligible(boxes: np.ndarray, is_group: np.ndarray, min_box_size: float) -> dict[str, np.ndarray]:
+    """Masks over boxes (n x 4, x1y1x2y2): 'keep', and why the others are skipped."""
+    side = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    crowd = is_group.astype(bool)
+    tiny = ~crowd & (side < min_box_size)
+    return {"keep": ~crowd & ~tiny, "crowd": crowd, "tiny": tiny}
+
+
+def select_bank(image: np.ndarray, label: np.ndarray, per_image: int, seed: int) -> np.ndarray:
+    """Sorted indices of at most `per_image` objects per image.
+
+    Round r takes the r-th object (random order) of every class present in the image; within a
+    round the classes go rarest first (by count over all `label`). So an image of 12 people and
+    one dog gives the dog and one person before a second person.
+    """
+    if per_image < 1:
+        raise ValueError(f"per_image must be >= 1, got {per_image}")
+    n = len(image)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    rng = np.random.default_rng(seed)
+    # rank of each object within its (image, class) group, in a random order
+    order = np.lexsort((rng.random(n), label, image))
+    new_group = np.ones(n, bool)
+    new_group[1:] = (image[order][1:] != image[order][:-1]) | (label[order][1:] != label[order][:-1])
+    group_start = np.maximum.accumulate(np.where(new_group, np.arange(n), 0))
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n) - group_start
+    # per image: round, then rarest class first (random among equally frequent ones)
+    freq = np.bincount(label)[label]
+    final = np.lexsort((rng.random(n), label, freq, rank, image))
+    new_image = np.ones(n, bool)
+    new_image[1:] = image[final][1:] != image[final][:-1]
+    pos = np.arange(n) - np.maximum.accumulate(np.where(new_image, np.arange(n), 0))
+    return np.sort(final[pos < per_image])
+
+
+# ------------------------------------------------------------------------------ disturbing
+
+
+def box_mask(height: int, width: int, boxes: np.ndarray) -> np.ndarray:
+    """HxW bool, True on every pixel a box touches (floor of the start to ceil of the end)."""
+    mask = np.zeros((height, width), bool)
+    for x1, y1, x2, y2 in np.asarray(boxes, np.float64).reshape(-1, 4):
+        mask[max(int(np.floor(y1)), 0):int(np.ceil(y2)), max(int(np.floor(x1)), 0):int(np.ceil(x2))] = True
+    return mask
+
+
+def disturb(image: np.ndarray, boxes: np.ndarray, donor: np.ndarray) -> np.ndarray:
+    """`image` (HxWx3) with every pixel outside `boxes` taken from `donor` (same size)."""
+    if donor.shape != image.shape:
+        raise ValueError(f"donor shape {donor.shape} differs from the image's {image.shape}")
+    keep = box_mask(image.shape[0], image.shape[1], boxes)
+    return np.where(keep[..., None], image, donor)
+
+
+def pick_donors(n: int, seed: int) -> np.ndarray:
+    """For each of n images, another image index (uniform over the n - 1 others)."""
+    if n < 2:
+        raise ValueError("disturbing needs at least two images")
+    d = np.random.default_rng(seed).integers(0, n - 1, size=n)
+    return d + (d >= np.arange(n))
+
+
+# ------------------------------------------------------------------------------ feature extraction
+
+
+class RegionImages(torch.utils.data.Dataset):
+    """Item i: (3xHxW uint8 image resized to shapes[i], its boxes scaled to it, i).
+
+    `boxes[i]` are in pixels of the annotated size `sizes[i]` (h, w). With `donor_paths`, image i is
+    first disturbed at its own size by the image at donor_paths[i] (see `disturb`)."""
+
+    def __init__(self, paths, sizes, shapes, boxes, donor_paths=None):
+        self.paths, self.sizes, self.shapes, self.boxes, self.donor_paths = paths, sizes, shapes, boxes, donor_paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        im = load_rgb(self.paths[i])
+        (h0, w0), (h, w) = self.sizes[i], self.shapes[i]
+        if im.shape[:2] != (h0, w0):
+            raise ValueError(f"{self.paths[i]}: image is {im.shape[1]}x{im.shape[0]} but annotated {w0}x{h0}")
+        if self.donor_paths is not None:
+            im = disturb(im, self.boxes[i], resize_rgb(load_rgb(self.donor_paths[i]), h0, w0))
+        scale = np.array([w / w0, h / h0, w / w0, h / h0], np.float32)
+        im = resize_rgb(im, h, w)
+        return torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1), torch.from_numpy(self.boxes[i] * scale), i
+
+
+def shape_batches(shapes: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of one input shape each (so nothing is padded)."""
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(shapes):
+        by_shape.setdefault(tuple(s), []).append(i)
+    return [idx[j:j + batch_size] for _, idx in sorted(by_shape.items()) for j in range(0, len(idx), batch_size)]
+
+
+def _collate(items):
+    images, boxes, index = zip(*items)
+    return torch.stack(images), list(boxes), list(index)
+
+
+@torch.inference_mode()
+def extract(stages: torch.nn.Module, feature: str, dataset: RegionImages, rows: list[np.ndarray],
+            n_rows: int, cfg: OknnConfig, device: torch.device) -> np.ndarray:
+    """L2-normalised region features, n_rows x C (float32); image i's boxes fill rows[i]."""
+    fn = region_feature(feature)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=shape_batches(dataset.shapes, cfg.batch_size), collate_fn=_collate,
+        num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    out = None
+    for images, boxes, index in loader:
+        f = F.normalize(fn(stages, to_input(images.to(device, non_blocking=True)), boxes).float(), dim=1)
+        f = f.cpu().numpy()                                   # boxes of the batch x C
+        if out is None:
+            out = np.zeros((n_rows, f.shape[1]), np.float32)
+        out[np.concatenate([rows[i] for i in index])] = f
+    if out is None:
+        raise ValueError("no image with an eligible box to extract features from")
+    return out
+
+
+# ------------------------------------------------------------------------------ kNN
+
+
+@torch.no_grad()
+def knn_search(bank, queries, k: int, bank_chunk: int = 65536, query_chunk: int = 1024,
+               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most cosine-similar bank rows of each query: (Q x k similarities, Q x k bank indices),
+    best first.
+
+    bank: N x D (numpy, a memmap, or a CPU tensor; read one chunk at a time), queries: Q x D.
+    Peak memory beyond the inputs: the queries on `device`, one bank chunk and one
+    query_chunk x bank_chunk similarity block; each bank chunk is read once.
+    """
+    device = torch.device(device)
+    n = len(bank)
+    k = min(k, n)
+    q = F.normalize(torch.as_tensor(np.asarray(queries) if not torch.is_tensor(queries) else queries)
+                    .to(device, torch.float32), dim=1)                        # Q x D
+    best_s = torch.full((len(q), k), -float("inf"), device=device)           # Q x k
+    best_i = torch.full((len(q), k), -1, dtype=torch.long, device=device)    # Q x k
+    for b0 in range(0, n, bank_chunk):
+        chunk = bank[b0:b0 + bank_chunk]
+        b = F.normalize(torch.as_tensor(np.ascontiguousarray(chunk) if not torch.is_tensor(chunk) else chunk)
+                        .to(device, torch.float32), dim=1)                    # B x D
+        kk = min(k, len(b))
+        for q0 in range(0, len(q), query_chunk):
+            sim = q[q0:q0 + query_chunk] @ b.T                                # q x B
+            cs, ci = sim.topk(kk, dim=1)
+            ms = torch.cat([best_s[q0:q0 + query_chunk], cs], dim=1)         # q x (k + kk)
+            mi = torch.cat([best_i[q0:q0 + query_chunk], ci + b0], dim=1)
+            top, pos = ms.topk(k, dim=1)
+            best_s[q0:q0 + query_chunk] = top
+            best_i[q0:q0 + query_chunk] = mi.gather(1, pos)
+    return best_s, best_i
+
+
+def knn_vote(sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, temperature: float) -> torch.Tensor:
+    """Class scores Q x C: each neighbour adds exp(sim / T) to its class."""
+    scores = torch.zeros(len(sims), num_classes, dtype=torch.float64, device=sims.device)
+    return scores.scatter_add_(1, neighbour_labels, (sims.double() / temperature).exp())
+
+
+def topk_accuracy(scores: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, float]:
+    """Percent of rows whose target is among the `k` highest scores, for each k. A class without
+    a vote (score 0) never counts as predicted, whatever order topk gives to the ties at 0."""
+    top_scores, top = scores.topk(min(max(ks), scores.shape[1]), dim=1)
+    hit = (top == targets.to(top.device)[:, None]) & (top_scores > 0)
+    return {k: 100.0 * hit[:, :k].any(dim=1).double().mean().item() for k in ks}
+
+
+def knn_classify(bank, bank_labels: np.ndarray, queries, query_labels: np.ndarray, num_classes: int,
+                 cfg: OknnConfig, device: torch.device | str = "cpu") -> dict[int, float]:
+    """Top-1/top-5 accuracy (percent) of the weighted kNN vote of `queries` over the bank."""
+    sims, idx = knn_search(bank, queries, cfg.k, cfg.bank_chunk, cfg.query_chunk, device)
+    labels = torch.as_tensor(bank_labels, dtype=torch.long, device=idx.device)[idx]
+    scores = knn_vote(sims, labels, num_classes, cfg.temperature)
+    return topk_accuracy(scores, torch.as_tensor(query_labels, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------ the whole evaluation
+
+
+@dataclass
+class Split:
+    """Objects of one COCO split, grouped by image."""
+
+    paths: list[str]
+    sizes: list[tuple[int, int]]        # annotated (h, w)
+    image: np.ndarray                   # per object: index into paths
+    boxes: np.ndarray                   # per object: x1y1x2y2, original pixels (float32)
+    category: np.ndarray                # per object: COCO category id
+    skipped: dict[str, int]
+
+    def by_image(self, select: np.ndarray):
+        """(image indices, per-image boxes, per-image output rows) of the objects `select`."""
+        img = self.image[select]                      # non-decreasing: objects are sorted by image
+        ims, start = np.unique(img, return_index=True)
+        rows = np.split(np.arange(len(select)), start[1:])
+        boxes = self.boxes[select]
+        return ims, [boxes[r] for r in rows], rows
+
+
+def read_split(coco_root: Path, split: str, min_box_size: float) -> Split:
+    """The eligible objects of `split` (e.g. 'val2017') of a COCO-layout folder."""
+    res = read_coco(coco_root / "annotations" / f"instances_{split}.json", coco_root / split)
+    index = {k: i for i, k in enumerate(res.images.column("key").to_pylist())}
+    b = res.boxes
+    image = np.fromiter((index[k] for k in b.column("key").to_pylist()), np.int64, b.num_rows)
+    boxes = np.stack([b.column(c).to_numpy() for c in ("x1", "y1", "x2", "y2")], axis=1).astype(np.float32)
+    m = eligible(boxes, b.column("is_group").to_numpy(zero_copy_only=False), min_box_size)
+    keep = np.flatnonzero(m["keep"])
+    order = keep[np.argsort(image[keep], kind="stable")]
+    return Split(
+        paths=res.images.column("path").to_pylist(),
+        sizes=list(zip(res.images.column("height").to_pylist(), res.images.column("width").to_pylist())),
+        image=image[order], boxes=boxes[order], category=b.column("category_id").to_numpy()[order],
+        skipped={"crowd": int(m["crowd"].sum()), "tiny": int(m["tiny"].sum())},
+    )
+
+
+def split_features(stages: torch.nn.Module, split: Split, select: np.ndarray, cfg: OknnConfig,
+                   device: torch.device, donors: np.ndarray | None = None) -> np.ndarray:
+    """Features of the objects `select` (indices into split's objects, sorted), one row each;
+    with `donors` (an image index per image of the split), on the disturbed images."""
+    ims, boxes, rows = split.by_image(select)
+    sizes = [split.sizes[i] for i in ims]
+    shapes = [resize_shape(h, w, cfg.min_size, cfg.max_size) for h, w in sizes]
+    donor_paths = None if donors is None else [split.paths[d] for d in donors[ims]]
+    dataset = RegionImages([split.paths[i] for i in ims], sizes, shapes, boxes, donor_paths)
+    return extract(stages, cfg.feature, dataset, rows, len(select), cfg, device)
+
+
+def run_oknn(stages: torch.nn.Module, coco_root: Path, cfg: OknnConfig, device: torch.device) -> dict:
+    """O-KNN and disturbed O-KNN of `stages` on a COCO-layout folder; the JSON-ready result."""
+    t0 = time.perf_counter()
+    train = read_split(coco_root, "train2017", cfg.min_box_size)
+    val = read_split(coco_root, "val2017", cfg.min_box_size)
+    classes = np.union1d(np.unique(train.category), np.unique(val.category))
+    bank_y = np.searchsorted(classes, train.category)
+    query_y = np.searchsorted(classes, val.category)
+    bank_sel = select_bank(train.image, bank_y, cfg.per_image, cfg.seed)
+    queries = np.arange(len(val.image))
+    times = {"read_annotations": time.perf_counter() - t0}
+
+    stages = stages.to(device).eval()
+    t = time.perf_counter()
+    bank = split_features(stages, train, bank_sel, cfg, device)
+    times["extract_bank"] = time.perf_counter() - t
+    t = time.perf_counter()
+    q = split_features(stages, val, queries, cfg, device)
+    times["extract_queries"] = time.perf_counter() - t
+    t = time.perf_counter()
+    qd = split_features(stages, val, queries, cfg, device, donors=pick_donors(len(val.paths), cfg.seed))
+    times["extract_disturbed"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    acc = knn_classify(bank, bank_y[bank_sel], q, query_y, len(classes), cfg, device)
+    dacc = knn_classify(bank, bank_y[bank_sel], qd, query_y, len(classes), cfg, device)
+    times["search"] = time.perf_counter() - t
+    share = np.bincount(bank_y[bank_sel], minlength=len(classes)) / max(len(bank_sel), 1)
+    return {
+        "top1": acc[1], "top5": acc[5], "disturbed_top1": dacc[1], "disturbed_top5": dacc[5],
+        "bank_objects": int(len(bank_sel)), "bank_images": int(len(np.unique(train.image[bank_sel]))),
+        "bank_largest_class_share": float(share.max()),
+        "queries": int(len(queries)), "query_images": int(len(np.unique(val.image))),
+        "classes": int(len(classes)), "feature_dim": int(bank.shape[1]),
+        "skipped": {"train": train.skipped, "val": val.skipped},
+        "time_s": {k: round(v, 2) for k, v in times.items()},
+        "settings": as_dict(cfg),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.oknn", description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbone", required=True, help="ResNet state_dict file, or 'random'")
+    p.add_argument("--arch", required=True, choices=sorted(ARCHS))
+    p.add_argument("--coco-root", required=True, type=Path,
+                   help="COCO 2017 layout: annotations/instances_{train,val}2017.json, train2017/, val2017/")
+    p.add_argument("--out", required=True, type=Path, help="result JSON")
+    p.add_argument("--params", type=Path, help="params.yaml to read the 'oknn' section from")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    args = p.parse_args(argv)
+    cfg = load_section(OknnConfig, "oknn", args.params)
+    region_feature(cfg.feature)  # an unknown name fails before any work
+    device = resolve_device(args.device)
+    stages = ResNetStages(build_resnet(args.arch, args.backbone, seed=cfg.seed))
+    result = {"backbone": str(args.backbone), "arch": args.arch, **run_oknn(stages, args.coco_root, cfg, device)}
+    result["device"] = str(device)
+    write_text(args.out, json.dumps(result, indent=2) + "\n")
+    print(f"O-KNN top-1 {result['top1']:.2f} top-5 {result['top5']:.2f}; disturbed top-1 "
+          f"{result['disturbed_top1']:.2f} top-5 {result['disturbed_top5']:.2f} "
+          f"({result['bank_objects']} bank objects, {result['queries']} queries) -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

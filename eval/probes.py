@@ -1,0 +1,286 @@
+"""Object-coupling and positional-bias probes: coupling rate (CR) and mean cosine similarity (MCS)
+per layer C2..C5 (paper sections 3.1 and 3.2, Figures 3 and 4, Table 7).
+
+    python -m eval.probes --backbone runs/d3ssl/export/backbone.pth --arch resnet50 \
+        --coco-root /datasets/coco --out reports/d3ssl/probes.json [--plots reports/d3ssl] \
+        [--name d3ssl] [--params params.yaml] [--device auto]
+    python -m eval.plot_probes reports/*/probes.json --out reports/probes     # several backbones
+
+Objects are ground-truth boxes of COCO val2017 (not crowd, shorter side >= `min_object_size`),
+cropped and resized to `object_size` x `object_size` pixels (stretched: the probes compare a
+crop with itself, so its aspect does not matter). At every layer an object's feature is RoIAlign
+of its box on that layer's map (`pool_size` x `pool_size`, aligned, adaptive sampling) followed by
+average pooling, as for O-KNN; cosine similarities are computed in float64.
+
+- CR (section 3.1): `pairs` pairs of objects A, B of different categories. Image 1: A and B side
+  by side, touching, on a black `canvas` x `canvas` background (A on the left or the right, at
+  random); image 2: A alone at the same place. CR = mean over pairs of cos(A1, B1) divided by the
+  mean over pairs of cos(A2, B1). 1 means B does not leak into A; above 1, it does.
+- MCS (section 3.2): each of `objects` crops repeated in a 3x3 grid (the image is exactly the
+  grid, so the outer cells touch the image border, where zero padding acts); per object the mean
+  cosine similarity between the centre cell's feature and the eight others, averaged over objects.
+  1 means no positional information.
+
+Placement is on the grid of the coarsest stride (32 px) and the default object size, 224 =
+7 x 32, makes every RoIAlign sample fall on a cell centre at every layer, so a box's feature is
+exactly the mean of the cells it covers: nothing of B is interpolated into A's feature and a
+network whose receptive field is one pixel gets CR = MCS = 1 (the tests check this). The paper
+gives neither sizes nor counts (its supplementary material has the details): the sizes follow its
+224-pixel pre-training views; the counts are ours.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eval.backbone import (
+    ARCHS, LAYERS, ResNetStages, build_resnet, load_rgb, pool_boxes, resize_rgb, resolve_device, to_input,
+)
+from pipeline.files import write_text
+from pipeline.params import as_dict, load_section
+from pipeline.readers import read_coco
+
+GRID_CENTRE = 4   # index of the centre cell among the 3x3 cells, row-major
+
+
+@dataclass(frozen=True)
+class ProbesConfig:
+    """The `probes` section of params.yaml."""
+
+    layers: tuple[str, ...] = LAYERS   # feature maps probed (C2..C5)
+    pairs: int = 128                   # CR: object pairs (A, B of different categories)
+    objects: int = 128                 # MCS: objects, each repeated in a 3x3 grid
+    object_size: int = 224             # crops resized to this square; a multiple of 224 keeps pooling exact
+    canvas: int = 512                  # CR: side of the black image holding the pair
+    min_object_size: float = 32.0      # only objects whose shorter side (original pixels) is at least this
+    pool_size: int = 7                 # RoIAlign grid before average pooling
+    batch_size: int = 4                # images per forward
+    seed: int = 0                      # choice of objects and pairs, the random backbone
+
+
+# ------------------------------------------------------------------------------ synthetic images
+
+
+def crop_object(image: np.ndarray, box, size: int) -> np.ndarray:
+    """The pixels a box touches, resized to size x size (uint8 HxWx3)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    c = image[max(int(np.floor(y1)), 0):int(np.ceil(y2)), max(int(np.floor(x1)), 0):int(np.ceil(x2))]
+    return resize_rgb(c, size, size)
+
+
+def _snap(v: float, step: int) -> int:
+    return int(v // step) * step
+
+
+def coupling_images(crop_a: np.ndarray, crop_b: np.ndarray, canvas: int, a_left: bool, step: int = 32):
+    """(image 1 with A and B side by side, image 2 with A alone, box of A, box of B).
+
+    Both crops are s x s; the pair (2s x s) is centred on a black canvas x canvas image, its
+    corner snapped to multiples of `step`."""
+    s = crop_a.shape[0]
+    if crop_b.shape != crop_a.shape or crop_a.shape[:2] != (s, s):
+        raise ValueError("both crops must be the same square size")
+    if canvas < 2 * s:
+        raise ValueError(f"canvas {canvas} cannot hold two {s}-pixel objects side by side")
+    x0, y0 = _snap((canvas - 2 * s) / 2, step), _snap((canvas - s) / 2, step)
+    xa, xb = (x0, x0 + s) if a_left else (x0 + s, x0)
+    one = np.zeros((canvas, canvas, 3), np.uint8)
+    one[y0:y0 + s, xa:xa + s] = crop_a
+    one[y0:y0 + s, xb:xb + s] = crop_b
+    two = np.zeros_like(one)
+    two[y0:y0 + s, xa:xa + s] = crop_a
+    box = lambda x: np.array([x, y0, x + s, y0 + s], np.float32)  # noqa: E731
+    return one, two, box(xa), box(xb)
+
+
+def grid_image(crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the crop tiled 3x3, the 9 cell boxes in row-major order; index 4 is the centre)."""
+    s = crop.shape[0]
+    boxes = np.array([[c * s, r * s, (c + 1) * s, (r + 1) * s] for r in range(3) for c in range(3)], np.float32)
+    return np.tile(crop, (3, 3, 1)), boxes
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+
+
+def coupling_rate(a1: np.ndarray, a2: np.ndarray, b1: np.ndarray) -> float:
+    """mean_pairs cos(A1, B1) / mean_pairs cos(A2, B1); rows are pairs."""
+    return float(_cos(a1, b1).mean() / _cos(a2, b1).mean())
+
+
+def mean_cosine(cells: np.ndarray) -> float:
+    """cells: objects x 9 x C (row-major 3x3). Mean over objects of the mean cos(centre, other)."""
+    others = [i for i in range(9) if i != GRID_CENTRE]
+    return float(_cos(cells[:, GRID_CENTRE:GRID_CENTRE + 1], cells[:, others]).mean())
+
+
+@torch.inference_mode()
+def layer_features(stages: torch.nn.Module, images: list[np.ndarray], boxes: list[np.ndarray],
+                   layers: tuple[str, ...], pool_size: int, batch_size: int,
+                   device: torch.device) -> dict[str, np.ndarray]:
+    """layer -> (sum of boxes) x C: RoIAlign + average pooling of each image's boxes on that layer.
+    All images must have one shape."""
+    out: dict[str, list[np.ndarray]] = {name: [] for name in layers}
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.stack(images[i:i + batch_size])).permute(0, 3, 1, 2).to(device)
+        maps = stages(to_input(x), tuple(layers))
+        b = [torch.from_numpy(bb) for bb in boxes[i:i + batch_size]]
+        for name in layers:
+            out[name].append(pool_boxes(maps[name], b, stages.strides[name], pool_size).float().cpu().numpy())
+    return {name: np.concatenate(v) for name, v in out.items()}
+
+
+def measure_coupling(stages, crops_a, crops_b, a_left, cfg: ProbesConfig, device) -> dict[str, float]:
+    """CR per layer over the pairs (crops_a[i], crops_b[i])."""
+    ones, twos, ba, bb = zip(*(coupling_images(a, b, cfg.canvas, left) for a, b, left in zip(crops_a, crops_b, a_left)))
+    f1 = layer_features(stages, list(ones), [np.stack([x, y]) for x, y in zip(ba, bb)], cfg.layers,
+                        cfg.pool_size, cfg.batch_size, device)      # rows: A1, B1, A1, B1, ...
+    f2 = layer_features(stages, list(twos), [x[None] for x in ba], cfg.layers,
+                        cfg.pool_size, cfg.batch_size, device)      # rows: A2
+    return {name: coupling_rate(f1[name][0::2], f2[name], f1[name][1::2]) for name in cfg.layers}
+
+
+def measure_positional(stages, crops, cfg: ProbesConfig, device) -> dict[str, float]:
+    """MCS per layer over the 3x3 grids of `crops`."""
+    grids, boxes = zip(*(grid_image(c) for c in crops))
+    f = layer_features(stages, list(grids), list(boxes), cfg.layers, cfg.pool_size, cfg.batch_size, device)
+    return {name: mean_cosine(f[name].reshape(len(crops), 9, -1)) for name in cfg.layers}
+
+
+# ------------------------------------------------------------------------------ objects from COCO val
+
+
+def pick_objects(category: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n object indices at random (with replacement only when there are fewer than n)."""
+    return rng.choice(len(category), size=n, replace=len(category) < n)
+
+
+def pick_pairs(category: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """n pairs (a, b) of object indices whose categories differ."""
+    if len(np.unique(category)) < 2:
+        raise ValueError("coupling pairs need objects of at least two categories")
+    a = rng.choice(len(category), size=n)
+    b = np.empty(n, np.int64)
+    for i, ai in enumerate(a):
+        others = np.flatnonzero(category != category[ai])
+        b[i] = others[rng.integers(len(others))]
+    return a, b
+
+
+def validate(cfg: ProbesConfig, strides: dict[str, int]) -> None:
+    unknown = [n for n in cfg.layers if n not in strides]
+    if unknown:
+        raise ValueError(f"unknown layer(s) {unknown}; valid: {list(strides)}")
+    step = max(strides.values())
+    if cfg.object_size % step:
+        raise ValueError(f"object_size {cfg.object_size} must be a multiple of the coarsest stride {step}")
+    if cfg.canvas < 2 * cfg.object_size:
+        raise ValueError(f"canvas {cfg.canvas} must be at least twice object_size {cfg.object_size}")
+
+
+def run_probes(stages: torch.nn.Module, coco_root: Path, cfg: ProbesConfig, device: torch.device) -> dict:
+    """CR and MCS per layer of `stages` on objects of COCO val2017; the JSON-ready result."""
+    validate(cfg, stages.strides)
+    res = read_coco(coco_root / "annotations" / "instances_val2017.json", coco_root / "val2017")
+    paths = dict(zip(res.images.column("key").to_pylist(), res.images.column("path").to_pylist()))
+    b = res.boxes
+    boxes = np.stack([b.column(c).to_numpy() for c in ("x1", "y1", "x2", "y2")], axis=1)
+    side = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    ok = np.flatnonzero(~b.column("is_group").to_numpy(zero_copy_only=False) & (side >= cfg.min_object_size))
+    if len(ok) == 0:
+        raise ValueError(f"no val object with a shorter side of at least {cfg.min_object_size} px")
+    keys = np.array(b.column("key").to_pylist(), dtype=object)[ok]
+    category = b.column("category_id").to_numpy()[ok]
+    boxes = boxes[ok]
+
+    rng = np.random.default_rng(cfg.seed)
+    pa_, pb_ = pick_pairs(category, cfg.pairs, rng)
+    a_left = rng.random(cfg.pairs) < 0.5
+    objs = pick_objects(category, cfg.objects, rng)
+    cache: dict[str, np.ndarray] = {}
+
+    def crop(i: int) -> np.ndarray:
+        if keys[i] not in cache:
+            cache[keys[i]] = load_rgb(paths[keys[i]])
+        return crop_object(cache[keys[i]], boxes[i], cfg.object_size)
+
+    stages = stages.to(device).eval()
+    cr = measure_coupling(stages, [crop(i) for i in pa_], [crop(i) for i in pb_], a_left, cfg, device)
+    mcs = measure_positional(stages, [crop(i) for i in objs], cfg, device)
+    return {"cr": cr, "mcs": mcs, "pairs": int(cfg.pairs), "objects": int(cfg.objects),
+            "eligible_objects": int(len(ok)), "settings": as_dict(cfg)}
+
+
+# ------------------------------------------------------------------------------ plots
+
+
+METRICS = {"cr": "coupling rate (CR; 1 = no coupling)", "mcs": "mean cosine similarity (MCS; 1 = no positional bias)"}
+
+
+def plot_probes(results: list[dict], out_dir: Path) -> list[Path]:
+    """One PNG per metric (cr.png, mcs.png): the metric over layers, a line per result (its
+    'name'), like the paper's Figures 3b and 4b."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.files import atomic_path
+
+    written = []
+    for metric, title in METRICS.items():
+        fig, ax = plt.subplots(figsize=(4.5, 3.4))
+        for r in results:
+            layers = list(r[metric])
+            ax.plot(layers, [r[metric][n] for n in layers], marker="o", label=r.get("name", r.get("backbone", "?")))
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("layer")
+        ax.set_ylabel(metric.upper())
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = Path(out_dir) / f"{metric}.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.probes", description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbone", required=True, help="ResNet state_dict file, or 'random'")
+    p.add_argument("--arch", required=True, choices=sorted(ARCHS))
+    p.add_argument("--coco-root", required=True, type=Path, help="COCO 2017 layout (val2017 is used)")
+    p.add_argument("--out", required=True, type=Path, help="result JSON")
+    p.add_argument("--name", help="label of this backbone in plots (default: the --backbone value)")
+    p.add_argument("--plots", type=Path, help="folder for cr.png and mcs.png of this backbone alone")
+    p.add_argument("--params", type=Path, help="params.yaml to read the 'probes' section from")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    args = p.parse_args(argv)
+    cfg = load_section(ProbesConfig, "probes", args.params)
+    device = resolve_device(args.device)
+    stages = ResNetStages(build_resnet(args.arch, args.backbone, seed=cfg.seed))
+    result = {"name": args.name or str(args.backbone), "backbone": str(args.backbone), "arch": args.arch,
+              **run_probes(stages, args.coco_root, cfg, device), "device": str(device)}
+    write_text(args.out, json.dumps(result, indent=2) + "\n")
+    if args.plots:
+        plot_probes([result], args.plots)
+    print("layer   " + "  ".join(f"{n:>6}" for n in cfg.layers))
+    for m in ("cr", "mcs"):
+        print(f"{m.upper():<7} " + "  ".join(f"{result[m][n]:6.3f}" for n in cfg.layers))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

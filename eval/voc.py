@@ -1,0 +1,116 @@
+"""PASCAL VOC XML annotations converted to one COCO-format JSON (the VOC07+12 detection protocol).
+
+    python -m eval.voc --voc-root VOCdevkit --sets 2007:trainval 2012:trainval --out data/voc/voc0712_trainval.json
+    python -m eval.voc --voc-root VOCdevkit --sets 2007:test --out data/voc/voc07_test.json
+    python -m eval.detect ... --train-ann data/voc/voc0712_trainval.json --train-images VOCdevkit \
+        --val-ann data/voc/voc07_test.json --val-images VOCdevkit --preset voc_24k
+
+`--voc-root` is the folder holding VOC2007/ and VOC2012/ (each with Annotations/,
+ImageSets/Main/<split>.txt, JPEGImages/); `file_name` in the JSON is relative to it
+(`VOC2007/JPEGImages/000005.jpg`), so it is also the image folder of eval.detect.
+
+Conversion (detectron2's pascal_voc reader for the coordinates):
+- VOC boxes are 1-based inclusive pixel indices; the COCO box is
+  [xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1] (x, y, w, h in 0-based pixel edges).
+- The 20 classes get ids 1..20 in the usual VOC order (`VOC_CLASSES`).
+- "difficult" objects become `iscrowd: 1` (and keep `difficult: 1`): COCOeval ignores them as
+  the VOC protocol does, and eval.detect does not train on them (as the original Faster R-CNN's
+  VOC training). Image ids are 1..n in the order of the split files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from pipeline.files import write_text
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+
+
+def read_voc_xml(path: str | Path) -> dict:
+    """One VOC annotation file -> {'filename', 'width', 'height', 'objects': [{'name', 'difficult',
+    'bbox': (xmin, ymin, xmax, ymax) as written}]}; a missing field is an error naming it."""
+    path = Path(path)
+    root = ET.parse(path).getroot()
+
+    def text(node, tag: str) -> str:
+        child = node.find(tag)
+        if child is None or child.text is None:
+            raise ValueError(f"{path}: <{node.tag}> has no <{tag}>")
+        return child.text.strip()
+
+    size = root.find("size")
+    if size is None:
+        raise ValueError(f"{path}: no <size>")
+    objects = []
+    for obj in root.findall("object"):
+        box = obj.find("bndbox")
+        if box is None:
+            raise ValueError(f"{path}: an <object> has no <bndbox>")
+        d = obj.find("difficult")
+        objects.append({
+            "name": text(obj, "name"),
+            "difficult": int(d.text) if d is not None and d.text else 0,
+            "bbox": tuple(float(text(box, t)) for t in ("xmin", "ymin", "xmax", "ymax")),
+        })
+    return {"filename": text(root, "filename"), "width": int(float(text(size, "width"))),
+            "height": int(float(text(size, "height"))), "objects": objects}
+
+
+def voc_to_coco(voc_root: str | Path, sets: list[tuple[str, str]]) -> dict:
+    """The images of `sets` ((year, split) pairs, e.g. ('2007', 'trainval')) as a COCO instances dict."""
+    voc_root = Path(voc_root)
+    categories = [{"id": i + 1, "name": n, "supercategory": "voc"} for i, n in enumerate(VOC_CLASSES)]
+    cat_id = {c["name"]: c["id"] for c in categories}
+    images, annotations = [], []
+    for year, split in sets:
+        base = voc_root / f"VOC{year}"
+        list_file = base / "ImageSets" / "Main" / f"{split}.txt"
+        if not list_file.is_file():
+            raise FileNotFoundError(f"{list_file} does not exist; --voc-root must hold VOC{year}/ImageSets/Main/")
+        for stem in list_file.read_text().split():
+            ann = read_voc_xml(base / "Annotations" / f"{stem}.xml")
+            image_id = len(images) + 1
+            images.append({"id": image_id, "file_name": f"VOC{year}/JPEGImages/{stem}.jpg",
+                           "width": ann["width"], "height": ann["height"]})
+            for obj in ann["objects"]:
+                if obj["name"] not in cat_id:
+                    raise ValueError(f"{base / 'Annotations' / stem}.xml: unknown class {obj['name']!r}")
+                x1, y1, x2, y2 = obj["bbox"]
+                w, h = x2 - x1 + 1, y2 - y1 + 1
+                annotations.append({
+                    "id": len(annotations) + 1, "image_id": image_id, "category_id": cat_id[obj["name"]],
+                    "bbox": [x1 - 1, y1 - 1, w, h], "area": w * h,
+                    "iscrowd": int(obj["difficult"]), "difficult": int(obj["difficult"]),
+                })
+    return {"info": {"description": "PASCAL VOC " + " + ".join(f"{y} {s}" for y, s in sets)},
+            "images": images, "annotations": annotations, "categories": categories}
+
+
+def parse_set(text: str) -> tuple[str, str]:
+    year, sep, split = text.partition(":")
+    if not sep or year not in ("2007", "2012") or not split:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected YEAR:SPLIT, e.g. 2007:trainval, 2012:trainval, 2007:test")
+    return year, split
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.voc", description=__doc__.split("\n\n")[0])
+    p.add_argument("--voc-root", required=True, type=Path, help="folder holding VOC2007/ and VOC2012/")
+    p.add_argument("--sets", required=True, nargs="+", type=parse_set, help="YEAR:SPLIT ...")
+    p.add_argument("--out", required=True, type=Path, help="COCO-format JSON to write")
+    args = p.parse_args(argv)
+    coco = voc_to_coco(args.voc_root, args.sets)
+    write_text(args.out, json.dumps(coco) + "\n")
+    print(f"{len(coco['images'])} images, {len(coco['annotations'])} boxes -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""O-KNN: the search, the vote and the accuracy on features whose neighbours are known; the bank
+choice; disturbed images; the whole stage on a small embedded data set."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eval.oknn import (
+    OknnConfig, RegionImages, box_mask, disturb, eligible, knn_classify, knn_search, knn_vote, main,
+    pick_donors, select_bank, shape_batches, topk_accuracy,
+)
+
+
+def _unit(v):
+    v = np.asarray(v, np.float32)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def test_search_finds_the_known_neighbours_in_any_chunking():
+    angles = np.deg2rad([0, 10, 30, 60, 90, 135, 180, 270])
+    bank = np.stack([np.cos(angles), np.sin(angles)], 1).astype(np.float32) * 3.0   # norms do not matter
+    queries = _unit([[np.cos(np.deg2rad(12)), np.sin(np.deg2rad(12))],
+                     [np.cos(np.deg2rad(265)), np.sin(np.deg2rad(265))]])
+    want_idx = [[1, 0, 2], [7, 6, 0]]       # 12 deg: 10, 0, 30; 265 deg: 270, 180, 0 (= 360)
+    want_sim = np.cos(np.deg2rad([[2, 12, 18], [5, 85, 95]]))
+    for bank_chunk, query_chunk in [(100, 100), (3, 1), (1, 2)]:
+        sims, idx = knn_search(bank, queries, 3, bank_chunk, query_chunk)
+        assert idx.tolist() == want_idx
+        assert np.allclose(sims.numpy(), want_sim, atol=1e-6)
+    sims, idx = knn_search(torch.from_numpy(bank), queries, 20, 3, 1)      # k above the bank size
+    assert idx.shape == (2, 8) and sorted(idx[0].tolist()) == list(range(8))
+
+
+def test_vote_weights_by_similarity_and_temperature():
+    sims = torch.tensor([[0.9, 0.5, 0.5]])
+    labels = torch.tensor([[1, 0, 0]])
+    # T = 0.07: exp(0.9/0.07) = 3.8e5 beats 2 exp(0.5/0.07) = 2.5e3; T = 10: two neighbours beat one.
+    assert knn_vote(sims, labels, 3, 0.07).argmax().item() == 1
+    assert knn_vote(sims, labels, 3, 10.0).argmax().item() == 0
+    scores = knn_vote(sims, labels, 3, 0.5)
+    assert scores[0, 1].item() == pytest.approx(np.exp(1.8))
+    assert scores[0, 0].item() == pytest.approx(2 * np.exp(1.0))
+    assert scores[0, 2].item() == 0.0
+
+
+def test_topk_accuracy_known_answers():
+    scores = torch.tensor([[0.1, 0.5, 0.4], [0.7, 0.2, 0.1], [0.2, 0.3, 0.5], [0.5, 0.3, 0.2]])
+    targets = torch.tensor([1, 1, 0, 0])     # ranks 1, 2, 3, 1
+    assert topk_accuracy(scores, targets, (1, 2, 3)) == {1: 50.0, 2: 75.0, 3: 100.0}
+    # classes without a vote are not predictions, even when topk lists them
+    votes = torch.tensor([[0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    assert topk_accuracy(votes, torch.tensor([0, 2]), (1, 4)) == {1: 0.0, 4: 0.0}
+    assert topk_accuracy(votes, torch.tensor([1, 3]), (1, 4)) == {1: 100.0, 4: 100.0}
+
+
+def test_classify_clusters_top1_and_top5():
+    rng = np.random.default_rng(0)
+    centres = np.eye(8, dtype=np.float32)[:6]                 # 6 classes on orthogonal axes
+    bank_y = np.repeat(np.arange(6), 10)                      # 10 per class: k = 20 reaches two classes
+    bank = centres[bank_y] + 0.05 * rng.standard_normal((60, 8)).astype(np.float32)
+    cfg = OknnConfig(k=20, temperature=0.07, bank_chunk=50, query_chunk=7)
+    q_y = np.tile(np.arange(6), 5)
+    near = centres[q_y] + 0.05 * rng.standard_normal((30, 8)).astype(np.float32)
+    assert knn_classify(bank, bank_y, near, q_y, 6, cfg) == {1: 100.0, 5: 100.0}
+    # Each query sits closer to the next class than to its own: its 20 neighbours are the 10 of
+    # the next class and its own 10, so top-1 is always wrong and top-2 (hence top-5) right.
+    shifted = 0.8 * centres[(q_y + 1) % 6] + 0.5 * centres[q_y]
+    assert knn_classify(bank, bank_y, shifted, q_y, 6, cfg) == {1: 0.0, 5: 100.0}
+    # A class absent from the bank is never predicted.
+    assert knn_classify(bank, bank_y, near[:6], np.full(6, 7), 8, cfg) == {1: 0.0, 5: 0.0}
+
+
+def test_eligible_skips_crowd_and_tiny_boxes():
+    boxes = np.array([[0, 0, 50, 50], [0, 0, 7.9, 50], [0, 0, 50, 50], [10, 10, 18, 18]], np.float32)
+    m = eligible(boxes, np.array([False, False, True, False]), 8.0)
+    assert m["keep"].tolist() == [True, False, False, True]
+    assert m["tiny"].tolist() == [False, True, False, False]
+    assert m["crowd"].tolist() == [False, False, True, False]
+
+
+def test_select_bank_caps_per_image_and_takes_rare_classes_first():
+    # image 0: 12 objects of class 0 and one of class 1; image 1: classes 0, 2, 2, 3
+    image = np.array([0] * 13 + [1] * 4)
+    label = np.array([0] * 12 + [1] + [0, 2, 2, 3])
+    sel = select_bank(image, label, 2, seed=0)
+    assert (np.bincount(image[sel]) <= 2).all()
+    assert 12 in sel and sum(label[sel[image[sel] == 0]] == 0) == 1      # the single class-1 object is kept
+    assert sorted(label[sel[image[sel] == 1]]) == [2, 3]                 # classes 2 and 3 are rarer than 0
+    sel3 = select_bank(image, label, 3, seed=0)
+    assert sorted(label[sel3[image[sel3] == 1]]) == [0, 2, 3]            # one object per class before repeats
+    assert len(select_bank(image, label, 100, seed=0)) == len(image)
+    with pytest.raises(ValueError):
+        select_bank(image, label, 0, seed=0)
+
+
+def test_select_bank_is_seeded():
+    rng = np.random.default_rng(1)
+    image = np.sort(rng.integers(0, 50, 400))
+    label = rng.integers(0, 5, 400)
+    a, b = select_bank(image, label, 3, seed=7), select_bank(image, label, 3, seed=7)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, select_bank(image, label, 3, seed=8))
+
+
+def test_disturb_keeps_box_pixels_and_replaces_all_others():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    donor = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    boxes = np.array([[3.2, 4.7, 10.1, 20.0], [30.0, 30.0, 50.0, 40.0]])
+    out = disturb(image, boxes, donor)
+    inside = np.zeros((40, 50), bool)
+    inside[4:20, 3:11] = True        # floor(start) .. ceil(end)
+    inside[30:40, 30:50] = True
+    assert np.array_equal(box_mask(40, 50, boxes), inside)
+    assert np.array_equal(out[inside], image[inside])
+    assert np.array_equal(out[~inside], donor[~inside])
+    with pytest.raises(ValueError, match="donor"):
+        disturb(image, boxes, donor[:10])
+
+
+def test_pick_donors_never_picks_the_image_itself():
+    d = pick_donors(500, seed=0)
+    assert (d != np.arange(500)).all() and d.min() >= 0 and d.max() < 500
+    assert len(np.unique(d)) > 250
+
+
+def test_disturbed_dataset_keeps_box_pixels_of_the_decoded_image(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(60, 80), (70, 50)]):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    boxes = [np.array([[10.5, 5.0, 30.0, 40.2]], np.float32), np.array([[0.0, 0.0, 20.0, 20.0]], np.float32)]
+    sizes = [(60, 80), (70, 50)]
+    ds = RegionImages(paths, sizes, sizes, boxes, donor_paths=[paths[1], paths[0]])
+    plain = RegionImages(paths, sizes, sizes, boxes)
+    for i in range(2):
+        x, b, _ = ds[i]
+        x0, _, _ = plain[i]
+        m = torch.from_numpy(box_mask(*sizes[i], boxes[i]))
+        assert torch.equal(x[:, m], x0[:, m])
+        assert not torch.equal(x[:, ~m], x0[:, ~m])
+        assert torch.equal(b, torch.from_numpy(boxes[i]))
+    # resized to another shape, boxes follow the image
+    ds2 = RegionImages(paths, sizes, [(120, 160), (35, 25)], boxes)
+    assert ds2[0][0].shape == (3, 120, 160) and torch.allclose(ds2[0][1], torch.tensor([[21.0, 10.0, 60.0, 80.4]]))
+
+
+def test_shape_batches_never_mix_shapes():
+    shapes = [(2, 3), (4, 5), (2, 3), (2, 3), (4, 5)]
+    batches = shape_batches(shapes, 2)
+    assert sorted(i for b in batches for i in b) == list(range(5))
+    assert all(len({shapes[i] for i in b}) == 1 and len(b) <= 2 for b in batches)
+
+
+def test_oknn_stage_on_embedded_data(tiny_synth, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("oknn:\n  min_size: 96\n  max_size: 160\n  per_image: 3\n  workers: 0\n  batch_size: 4\n")
+    out = tmp_path / "oknn.json"
+    assert main(["--backbone", "random", "--arch", "resnet18", "--coco-root", str(tiny_synth / "coco"),
+                 "--out", str(out), "--params", str(params), "--device", "cpu"]) == 0
+    r = json.loads(out.read_text())
+    for key in ("top1", "top5", "disturbed_top1", "disturbed_top5"):
+        assert 0.0 <= r[key] <= 100.0
+    assert r["top5"] >= r["top1"] and r["disturbed_top5"] >= r["disturbed_top1"]
+    assert r["top5"] > 0.0
+    assert r["settings"]["per_image"] == 3 and r["settings"]["k"] == 20 and r["feature_dim"] == 512
+    assert 0 < r["bank_objects"] <= 3 * r["bank_images"]
+    assert r["queries"] > 0
