@@ -37,7 +37,8 @@ pascal_voc_R_50_C4_24k_moco.yaml / coco_R_50_C4_*_moco.yaml files) rebuilt on to
 Presets (`PRESETS`): `coco_1x` (COCO, Mask R-CNN, 90k iterations at 16 images, steps 60k/80k:
 detectron2's 1x, the schedule the paper names; MoCo itself ships 2x), `voc_24k` (VOC07+12, Faster
 R-CNN, 24k iterations, steps 18k/22k, warm-up 100: MoCo's pascal_voc_R_50_C4_24k_moco.yaml),
-`short` and `short_mask` (the embedded data on a CPU in minutes; their settings are ours).
+`short` and `short_mask` (the embedded data on a CPU in minutes), `tiny` (seconds, for the whole
+embedded `dvc repro`); the settings of these three are ours.
 The batch is global: under torchrun each of the N processes takes ims_per_batch / N images.
 
 On VOC, COCOeval's AP averages IoU 0.5:0.95 with 101-point interpolation; detectron2's
@@ -116,7 +117,6 @@ PRESETS: dict[str, Schedule] = {
                         min_size_test=800, max_size=1333, ims_per_batch=16, base_lr=0.02, max_iter=24000,
                         steps=(18000, 22000), warmup_iters=100, masks=False),
     # The embedded data (240-320 px images, objects 34-144 px) on 2 CPU cores in a few minutes:
-    # native scale, a short step schedule, fewer proposals and RoIs.
     # 0.75x scale, anchors from 16 px, 8x8 RoIs (4x4 after res5), fewer proposals and RoIs,
     # 200 iterations of 2 images.
     "short": Schedule(min_size_train=(192, 224, 256), min_size_test=224, max_size=384, ims_per_batch=2,
@@ -126,6 +126,12 @@ PRESETS: dict[str, Schedule] = {
                       pooler_resolution=8),
 }
 PRESETS["short_mask"] = replace(PRESETS["short"], masks=True)
+# The whole embedded `dvc repro` fine-tunes 15 backbones: 0.4x scale and 40 iterations, about
+# 20 s each on 2 CPU cores (with detect.val_images 100). Enough to rank backbones roughly, not to reach a useful detector.
+PRESETS["tiny"] = replace(PRESETS["short"], min_size_train=(112, 128), min_size_test=128, max_size=213,
+                          max_iter=40, steps=(32,), warmup_iters=10, precise_bn_iters=5,
+                          anchor_sizes=(16, 32, 64, 128), rpn_pre_nms_train=500, rpn_post_nms_train=200,
+                          rpn_pre_nms_test=300, rpn_post_nms_test=50)
 
 
 def preset(name: str) -> Schedule:
@@ -143,6 +149,8 @@ class DetectConfig:
     workers: int = 2               # DataLoader processes per training process
     eval_batch_size: int = 4       # images per forward at test time, per process
     log_every: int = 20            # iterations between log lines / train_log.csv rows
+    val_images: int = 0            # evaluate on the first N val images by id (0: all); for quick runs
+    max_iter: int = 0              # stop training after N iterations (0: the preset's); for smoke runs
 
 
 # ------------------------------------------------------------------------------ model
@@ -468,9 +476,9 @@ def predict(model: nn.Module, dataset: CocoDetection, schedule: Schedule, device
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def coco_ap(coco_gt, results: list[dict], iou_type: str) -> dict[str, float]:
-    """COCOeval `iou_type` ('bbox' or 'segm') of `results`: AP, AP50, AP75, APs, APm, APl in
-    percent (0 without a single detection)."""
+def coco_ap(coco_gt, results: list[dict], iou_type: str, image_ids: list[int] | None = None) -> dict[str, float]:
+    """COCOeval `iou_type` ('bbox' or 'segm') of `results` over `image_ids` (default: all): AP,
+    AP50, AP75, APs, APm, APl in percent (0 without a single detection)."""
     from pycocotools.cocoeval import COCOeval
 
     if not results:
@@ -478,6 +486,8 @@ def coco_ap(coco_gt, results: list[dict], iou_type: str) -> dict[str, float]:
     with contextlib.redirect_stdout(io.StringIO()):
         dt = coco_gt.loadRes([dict(r) for r in results])
         ev = COCOeval(coco_gt, dt, iou_type)
+        if image_ids is not None:
+            ev.params.imgIds = sorted(image_ids)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -490,9 +500,9 @@ def evaluate(model: nn.Module, dataset: CocoDetection, schedule: Schedule, devic
     """{'bbox': {...}} (and 'segm' with masks) on `dataset`, gathered over processes; every
     process gets the numbers."""
     results = [r for part in _gather(predict(model, dataset, schedule, device, batch_size)) for r in part]
-    out = {"bbox": coco_ap(dataset.coco, results, "bbox")}
+    out = {"bbox": coco_ap(dataset.coco, results, "bbox", dataset.ids)}
     if schedule.masks:
-        out["segm"] = coco_ap(dataset.coco, results, "segm")
+        out["segm"] = coco_ap(dataset.coco, results, "segm", dataset.ids)
     out["detections"] = len(results)
     return out
 
@@ -502,12 +512,17 @@ def evaluate(model: nn.Module, dataset: CocoDetection, schedule: Schedule, devic
 
 def run_detect(args, cfg: DetectConfig, log=_log) -> dict:
     schedule = preset(cfg.preset)
+    if cfg.max_iter:
+        schedule = replace(schedule, max_iter=cfg.max_iter, steps=tuple(s for s in schedule.steps if s < cfg.max_iter),
+                           warmup_iters=min(schedule.warmup_iters, cfg.max_iter))
     device = init_distributed(args.device)
     rank, world = dist_info()
     torch.manual_seed(cfg.seed)
     train_set = CocoDetection(args.train_ann, args.train_images, train=True, with_masks=schedule.masks)
     val_set = CocoDetection(args.val_ann, args.val_images, train=False, with_masks=False,
                             category_ids=train_set.category_ids)
+    if cfg.val_images:
+        val_set.ids = val_set.ids[: cfg.val_images]
     resnet = build_resnet(args.arch, args.backbone, seed=cfg.seed)
     model = build_detector(resnet, len(train_set.category_ids), schedule).to(device)
     if world > 1:

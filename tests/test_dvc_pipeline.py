@@ -1,7 +1,13 @@
-"""`dvc repro` on a copy of the project with a reduced embedded data set, end to end."""
+"""The whole `dvc repro` on a copy of the project with a reduced embedded data set, end to end.
+
+Every stage runs its real code on tiny settings (80 images, 2 training steps, one seed); the
+report must hold every field, each a number in its range, and DVC must re-run only what a changed
+parameter touches.
+"""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -12,7 +18,8 @@ import pytest
 import yaml
 
 from pipeline import contracts as C
-from pipeline.readers import read_coco, read_openimages
+
+MODELS = ["random", "d3ssl", "d3ssl_dc", "soco", "mocov2"]
 
 
 def project_copy(repo: Path, dest: Path) -> Path:
@@ -33,42 +40,77 @@ def dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                DVC_NO_ANALYTICS="1")
     run = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True, env=env)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     return run
 
 
+def reduce(params: dict) -> dict:
+    """The embedded default shrunk to a smoke run of every stage."""
+    params["seeds"] = [0]
+    params["synth"]["images"] = 80
+    params["proposals"]["max_side"] = 128
+    params["shards"]["samples_per_shard"] = 16
+    params["loader"].update({"batch_size": 8, "workers": 1, "shuffle_buffer": 16})
+    params["loader"]["views"].update({"size": 64, "small_size": 32})
+    params["pretrain"].update({"epochs": 1, "max_steps": 2, "checkpoint_every": 1000})
+    for m in params["methods"].values():
+        m["queue_size"] = min(m["queue_size"], 256)
+    params["oknn"].update({"min_size": 64, "max_size": 107, "per_image": 2, "workers": 0})
+    params["probes"].update({"pairs": 4, "objects": 4, "object_size": 64, "canvas": 128})
+    params["detect"].update({"max_iter": 4, "val_images": 8, "workers": 0})
+    return params
+
+
 @pytest.mark.slow
-def test_dvc_repro_builds_the_embedded_data_and_openimage_mini(repo: Path, tmp_path: Path):
+def test_dvc_repro_runs_every_stage_and_the_report_is_complete(repo: Path, tmp_path: Path):
     proj = project_copy(repo, tmp_path / "proj")
-    params = yaml.safe_load((proj / "params.yaml").read_text())
-    params["synth"]["images"] = 40
+    params = reduce(yaml.safe_load((proj / "params.yaml").read_text()))
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (proj / "dvc.lock").unlink(missing_ok=True)
     subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
 
     dvc(proj, "repro")
-    synth = proj / "data" / "synth"
-    res = read_coco(synth / "coco" / "annotations" / "instances_val2017.json", synth / "coco" / "val2017")
-    assert res.images.num_rows >= 1 and res.rejects.num_rows == 0
-    oi = synth / "openimages"
-    res = read_openimages(oi / "oidv6-train-annotations-bbox.csv", oi / "class-descriptions-boxable.csv", oi / "train")
-    assert res.images.num_rows == 22 and res.rejects.num_rows == 0
+
+    # the data stages
     mini = proj / "data" / "openimage_mini"
     stats = json.loads((mini / "stats.json").read_text())
     assert all(stats["criteria"].values())
     assert C.read_table(mini / "images.parquet", C.IMAGES).num_rows == stats["openimage_mini"]["num_images"] > 0
-    assert len((mini / "image_ids.txt").read_text().splitlines()) == stats["openimage_mini"]["num_images"]
-    lock = yaml.safe_load((proj / "dvc.lock").read_text())
-    assert lock["stages"]["synth"]["params"]["params.yaml"]["synth"]["images"] == 40
+    index = json.loads((proj / "data" / "shards" / "index.json").read_text())
+    assert index["total_samples"] == stats["openimage_mini"]["num_images"]
 
-    # Nothing changed: nothing runs. A parameter changed: the stage runs again.
-    assert "didn't change" in dvc(proj, "repro").stdout
-    params["synth"]["seed"] = 1
+    # every model's backbone was exported and evaluated
+    for m in MODELS:
+        assert (proj / "runs" / m / "seed0" / "export" / "backbone.pth").is_file()
+    for m in MODELS[1:]:
+        assert json.loads((proj / "runs" / m / "seed0" / "summary.json").read_text())["steps"] == 2
+
+    # the report: every field, a number in its range
+    report = json.loads((proj / "reports" / "results.json").read_text())
+    assert report["models"] == MODELS and report["seeds"] == [0]
+    for m in MODELS:
+        r = report["results"][m]
+        for k, v in r.items():
+            assert v["n"] == 1 and math.isfinite(v["mean"]) and v["std"] == 0.0, (m, k)
+        for k in ("oknn_top1", "oknn_top5", "oknn_disturbed_top1", "oknn_disturbed_top5", "det_AP", "det_AP50", "det_AP75"):
+            assert 0.0 <= r[k]["mean"] <= 100.0, (m, k)
+        for layer in ("C2", "C3", "C4", "C5"):
+            assert 0.0 < r[f"cr_{layer}"]["mean"] < 10.0 and -1.0 <= r[f"mcs_{layer}"]["mean"] <= 1.0 + 1e-9
+        assert r["oknn_top1"]["mean"] <= r["oknn_top5"]["mean"]
+    claims = {o["claim"] for o in report["orderings"]}
+    assert "O-KNN top-1: d3ssl > soco > random" in claims and "MCS at C5: d3ssl > d3ssl_dc" in claims
+    assert all(isinstance(o["holds"], bool) and isinstance(o["clear"], bool) for o in report["orderings"])
+    assert report["dataset"]["openimage_mini"]["num_images"] == stats["openimage_mini"]["num_images"]
+    md = (proj / "reports" / "results.md").read_text()
+    for title in ("Object-level kNN", "Table 7", "Table 1", "Table 2", "orderings"):
+        assert title in md
+    for plot in ("results_cr.png", "results_mcs.png"):
+        assert (proj / "reports" / plot).read_bytes()[:4] == b"\x89PNG"
+
+    # Nothing changed: nothing runs. A parameter of one stage re-runs that stage and what follows.
+    assert "Running stage" not in dvc(proj, "repro").stdout
+    params["probes"]["seed"] = 1
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     rerun = dvc(proj, "repro").stdout
-    assert "Running stage 'synth'" in rerun and "Running stage 'sample'" in rerun
-    # A parameter of a later stage re-runs only that stage.
-    params["sample"]["seed"] = 7
-    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    rerun = dvc(proj, "repro").stdout
-    assert "Running stage 'sample'" in rerun and "Running stage 'synth'" not in rerun
+    ran = {line.split("'")[1] for line in rerun.splitlines() if line.startswith("Running stage")}
+    assert ran == {f"probes@{m}-0" for m in MODELS} | {"report"}, ran

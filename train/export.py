@@ -1,6 +1,10 @@
 """Export a pre-trained student backbone for the downstream toolboxes.
 
     python -m train.export --checkpoint runs/d3ssl/checkpoint.pt --out runs/d3ssl/export
+    python -m train.export --random --arch resnet18 --seed 0 --out runs/random/seed0/export
+
+The second form writes a randomly initialised network (torchvision's initialisation, seeded,
+`weights=None`) in the same two formats: the `random` reference of the evaluations.
 
 Writes in `--out`:
 - `backbone.pth`: a plain torchvision ResNet `state_dict` (every key but `fc.*`), so
@@ -58,9 +62,22 @@ def detectron2_names(backbone: dict[str, torch.Tensor]) -> dict[str, "object"]:
     return out
 
 
-def export(checkpoint: Path, out: Path) -> dict:
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    backbone = {k: v.detach().cpu().contiguous() for k, v in backbone_from_checkpoint(state).items()}
+def random_backbone(arch: str, seed: int) -> dict[str, torch.Tensor]:
+    """A seeded, randomly initialised torchvision ResNet state_dict (without fc)."""
+    from train.model import make_resnet
+
+    torch.manual_seed(seed)
+    return {k: v for k, v in make_resnet(arch).state_dict().items() if not k.startswith("fc.")}
+
+
+def export(checkpoint: Path | None, out: Path, arch: str | None = None, seed: int = 0) -> dict:
+    """Export a checkpoint's student backbone, or (checkpoint None) a random `arch` seeded by `seed`."""
+    if checkpoint is None:
+        state = {"method": "random", "arch": arch, "step": 0}
+        backbone = random_backbone(arch, seed)
+    else:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        backbone = {k: v.detach().cpu().contiguous() for k, v in backbone_from_checkpoint(state).items()}
     out.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(backbone, buf)
@@ -70,7 +87,7 @@ def export(checkpoint: Path, out: Path) -> dict:
     with atomic_path(out / "backbone_detectron2.pkl") as tmp:
         tmp.write_bytes(d2)
     info = {
-        "checkpoint": str(checkpoint), "method": state.get("method"), "arch": state.get("arch"),
+        "checkpoint": str(checkpoint) if checkpoint else None, "method": state.get("method"), "arch": state.get("arch"),
         "step": state.get("step"), "keys": len(backbone),
         "sha256": {"backbone.pth": hashlib.sha256(buf.getvalue()).hexdigest(),
                    "backbone_detectron2.pkl": hashlib.sha256(d2).hexdigest()},
@@ -81,10 +98,16 @@ def export(checkpoint: Path, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, type=Path)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="a train.pretrain checkpoint")
+    src.add_argument("--random", action="store_true", help="a randomly initialised network instead")
+    p.add_argument("--arch", help="with --random: resnet18, resnet50, ...")
+    p.add_argument("--seed", type=int, default=0, help="with --random: the initialisation seed")
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
-    info = export(args.checkpoint, args.out)
+    if args.random and not args.arch:
+        p.error("--random needs --arch")
+    info = export(None if args.random else args.checkpoint, args.out, args.arch, args.seed)
     print(f"exported {info['keys']} tensors of a {info['arch']} ({info['method']}, step {info['step']}) to {args.out}")
     return 0
 

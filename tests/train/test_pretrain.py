@@ -126,3 +126,14 @@ def test_resume_refuses_another_method(shards, tmp_path):
                           "--method", "soco", "--params", str(params), "--device", "cpu", "--resume"],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode != 0 and "cannot resume it as soco" in out.stderr
+
+
+def test_random_export_is_seeded_and_loads(tmp_path):
+    a = export(None, tmp_path / "a", arch="resnet18", seed=1)
+    export(None, tmp_path / "b", arch="resnet18", seed=1)
+    export(None, tmp_path / "c", arch="resnet18", seed=2)
+    assert a["method"] == "random"
+    sa, sb, sc = (torch.load(tmp_path / d / "backbone.pth", weights_only=True) for d in "abc")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa) and not torch.equal(sa["conv1.weight"], sc["conv1.weight"])
+    missing, unexpected = torchvision.models.resnet18().load_state_dict(sa, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected

@@ -1,0 +1,198 @@
+"""The report stage: the paper's tables for every model, averaged over seeds.
+
+    python -m eval.report --params params.yaml --reports reports/models \
+        --dataset-stats data/openimage_mini/stats.json --out reports/results
+    python -m eval.report --reports reports/models --models random d3ssl soco --seeds 0 1 2 ...
+
+Reads, for each model and seed, `REPORTS/<model>/seed<s>/oknn.json`, `probes.json` and
+`detect/metrics.json`, and writes `OUT.md` and `OUT.json` with:
+- Table 4: O-KNN and disturbed O-KNN top-1/top-5 per model;
+- Table 7: coupling rate and mean cosine similarity (at C5, the layer the paper's Table 7 reports;
+  all layers in the JSON) and detection AP for d3ssl against d3ssl_dc;
+- Table 1: detection AP, AP50, AP75 per model;
+- Table 2: the OpenImage-MINI statistics against COCO;
+- the paper's orderings, each checked: holds when the means are ordered as in the paper, and
+  "clear" when the gap is larger than the two spreads together;
+- `OUT_cr.png` / `OUT_mcs.png`: the probes over layers, one line per model (mean over seeds).
+Every number is mean and sample standard deviation over the seeds (percent for accuracies and AP).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from pipeline.files import write_text
+
+TABLE4 = ("top1", "top5", "disturbed_top1", "disturbed_top5")
+TABLE1 = ("AP", "AP50", "AP75")
+LAYERS = ("C2", "C3", "C4", "C5")
+
+
+def mean_std(values: list[float]) -> dict:
+    n = len(values)
+    m = sum(values) / n
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": m, "std": sd, "n": n, "values": values}
+
+
+def load(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing result {path}: run its stage first (dvc repro)")
+    return json.loads(path.read_text())
+
+
+def collect(reports: Path, models: list[str], seeds: list[int]) -> dict:
+    """model -> metric -> mean/std over seeds."""
+    out = {}
+    for model in models:
+        rows: dict[str, list[float]] = {}
+        for s in seeds:
+            d = reports / model / f"seed{s}"
+            oknn = load(d / "oknn.json")
+            probes = load(d / "probes.json")
+            det = load(d / "detect" / "metrics.json")
+            for k in TABLE4:
+                rows.setdefault(f"oknn_{k}", []).append(float(oknn[k]))
+            for layer in LAYERS:
+                rows.setdefault(f"cr_{layer}", []).append(float(probes["cr"][layer]))
+                rows.setdefault(f"mcs_{layer}", []).append(float(probes["mcs"][layer]))
+            for k in TABLE1:
+                rows.setdefault(f"det_{k}", []).append(float(det["bbox"][k]))
+        out[model] = {k: mean_std(v) for k, v in rows.items()}
+    return out
+
+
+def ordering(results: dict, metric: str, chain: list[str], higher_is_better: bool, what: str) -> dict:
+    """Does `chain[0]` beat `chain[1]` beat ... on `metric`? Clear = gaps above both spreads."""
+    present = [m for m in chain if m in results]
+    means = [results[m][metric]["mean"] for m in present]
+    sds = [results[m][metric]["std"] for m in present]
+    pairs = list(zip(range(len(present) - 1), range(1, len(present))))
+    better = [(means[i] > means[j]) if higher_is_better else (means[i] < means[j]) for i, j in pairs]
+    clear = [abs(means[i] - means[j]) > sds[i] + sds[j] for i, j in pairs]
+    return {"claim": what, "metric": metric, "models": present, "means": means, "stds": sds,
+            "holds": bool(all(better)) and len(present) == len(chain), "clear": bool(all(better) and all(clear))}
+
+
+def fmt(ms: dict, digits: int = 2) -> str:
+    return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
+
+
+def render(results: dict, orderings: list[dict], stats: dict | None, seeds: list[int], plots: list[str]) -> str:
+    models = list(results)
+    lines = [f"# Results on the embedded data ({len(seeds)} seeds: {', '.join(map(str, seeds))}; mean ± std)", ""]
+    lines += ["## Object-level kNN (like Table 4)", "",
+              "| model | O-KNN top-1 | O-KNN top-5 | disturbed top-1 | disturbed top-5 |", "|---|---|---|---|---|"]
+    for m in models:
+        lines.append(f"| {m} | " + " | ".join(fmt(results[m][f"oknn_{k}"]) for k in TABLE4) + " |")
+    lines += ["", "## De-positioning ablation (like Table 7; probes at C5)", "",
+              "| model | CR ↓ | MCS ↑ | AP ↑ |", "|---|---|---|---|"]
+    for m in ("d3ssl_dc", "d3ssl"):
+        if m in results:
+            r = results[m]
+            lines.append(f"| {m} | {fmt(r['cr_C5'], 3)} | {fmt(r['mcs_C5'], 3)} | {fmt(r['det_AP'])} |")
+    lines += ["", "## Detection fine-tuning (like Table 1; COCOeval bbox)", "",
+              "| model | AP | AP50 | AP75 |", "|---|---|---|---|"]
+    for m in models:
+        lines.append(f"| {m} | " + " | ".join(fmt(results[m][f"det_{k}"]) for k in TABLE1) + " |")
+    lines += ["", "## Probes per layer (Figures 3b, 4b)", "",
+              "| model | " + " | ".join(f"CR {x}" for x in LAYERS) + " | " + " | ".join(f"MCS {x}" for x in LAYERS) + " |",
+              "|---|" + "---|" * 8]
+    for m in models:
+        r = results[m]
+        lines.append(f"| {m} | " + " | ".join(fmt(r[f'cr_{x}'], 3) for x in LAYERS) + " | "
+                     + " | ".join(fmt(r[f'mcs_{x}'], 3) for x in LAYERS) + " |")
+    for p in plots:
+        lines += ["", f"![{Path(p).stem}]({Path(p).name})"]
+    if stats:
+        lines += ["", "## OpenImage-MINI (like Table 2)", "", "| | #Imgs | #Obj/Img | #Cat/Img | #Cat |", "|---|---|---|---|---|"]
+        for name, key in (("OpenImage-MINI", "openimage_mini"), ("COCO", "coco")):
+            s = stats[key]
+            lines.append(f"| {name} | {s['num_images']} | {s['objects_per_image']:.2f} | "
+                         f"{s['categories_per_image']:.2f} | {s['num_categories']} |")
+    lines += ["", "## The paper's orderings", "", "| claim | holds | clear (gap > spreads) | means |", "|---|---|---|---|"]
+    for o in orderings:
+        means = ", ".join(f"{m} {v:.3f}" for m, v in zip(o["models"], o["means"]))
+        lines.append(f"| {o['claim']} | {'yes' if o['holds'] else 'no'} | {'yes' if o['clear'] else 'no'} | {means} |")
+    return "\n".join(lines) + "\n"
+
+
+def make_report(reports: Path, models: list[str], seeds: list[int], out: Path, dataset_stats: Path | None) -> dict:
+    results = collect(reports, models, seeds)
+    orderings = [
+        ordering(results, "oknn_top1", ["d3ssl", "soco", "random"], True, "O-KNN top-1: d3ssl > soco > random"),
+        ordering(results, "oknn_disturbed_top1", ["d3ssl", "soco", "random"], True,
+                 "disturbed O-KNN top-1: d3ssl > soco > random"),
+        ordering(results, "cr_C5", ["d3ssl", "d3ssl_dc"], False, "CR at C5: d3ssl < d3ssl_dc"),
+        ordering(results, "mcs_C5", ["d3ssl", "d3ssl_dc"], True, "MCS at C5: d3ssl > d3ssl_dc"),
+    ]
+    for m in models:
+        if m != "random":
+            orderings.append(ordering(results, "det_AP", [m, "random"], True, f"detection AP: {m} > random"))
+    stats = json.loads(dataset_stats.read_text()) if dataset_stats and dataset_stats.is_file() else None
+    plots = plot_means(results, out)
+    doc = {"seeds": seeds, "models": models, "results": results, "orderings": orderings,
+           "dataset": {k: stats[k] for k in ("openimage_mini", "coco")} if stats else None}
+    write_text(out.with_suffix(".json"), json.dumps(doc, indent=2) + "\n")
+    write_text(out.with_suffix(".md"), render(results, orderings, stats, seeds, [str(p) for p in plots]))
+    return doc
+
+
+def plot_means(results: dict, out: Path) -> list[Path]:
+    """CR and MCS over layers, a line per model (mean over seeds, std as error bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.files import atomic_path
+
+    paths = []
+    for metric, label in (("cr", "coupling rate (1 = no coupling)"), ("mcs", "mean cosine similarity (1 = no positional bias)")):
+        fig, ax = plt.subplots(figsize=(4.8, 3.5))
+        for m, r in results.items():
+            ax.errorbar(LAYERS, [r[f"{metric}_{x}"]["mean"] for x in LAYERS],
+                        yerr=[r[f"{metric}_{x}"]["std"] for x in LAYERS], marker="o", capsize=3, label=m)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("layer")
+        ax.set_ylabel(metric.upper())
+        ax.set_title(label, fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out.parent / f"{out.name}_{metric}.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--reports", type=Path, default=Path("reports/models"), help="folder of <model>/seed<s>/ results")
+    p.add_argument("--params", type=Path, help="params.yaml: its top-level `models` and `seeds` lists")
+    p.add_argument("--models", nargs="+", help="instead of params: the models to tabulate")
+    p.add_argument("--seeds", nargs="+", type=int, help="instead of params: the seeds to average over")
+    p.add_argument("--dataset-stats", type=Path, help="stats.json of the sample stage (Table 2)")
+    p.add_argument("--out", type=Path, default=Path("reports/results"), help="writes OUT.md, OUT.json, OUT_*.png")
+    args = p.parse_args(argv)
+    models, seeds = args.models, args.seeds
+    if args.params:
+        import yaml
+
+        doc = yaml.safe_load(args.params.read_text()) or {}
+        models, seeds = models or doc.get("models"), seeds or doc.get("seeds")
+    if not models or not seeds:
+        p.error("give --models and --seeds, or --params with top-level `models` and `seeds` lists")
+    doc = make_report(args.reports, list(models), [int(s) for s in seeds], args.out, args.dataset_stats)
+    for o in doc["orderings"]:
+        print(f"{'holds' if o['holds'] else 'fails'}{' (clear)' if o['clear'] else ''}: {o['claim']}")
+    print(f"wrote {args.out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
