@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import random
 import sys
@@ -43,6 +44,8 @@ from train import dist
 from train.methods import DEFAULTS, METHODS, MethodConfig, build, prepare
 from train.optim import learning_rate, make_optimizer
 from train.stream import LoaderConfig, batches_per_worker, make_loader, read_index
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -204,11 +207,8 @@ def train(shards: Path, out: Path, method_name: str, cfg: PretrainConfig, mcfg: 
     meta = {"method": method_name, "arch": cfg.arch, "world_size": world,
             "config": as_dict(cfg), "method_config": as_dict(mcfg)}
 
-    live = None
-    if rank == 0:
-        from dvclive import Live
-
-        live = Live(str(out / "dvclive"), resume=resume and pos.step > 0, save_dvc_exp=False, dvcyaml=None)
+    live = open_live(out / "dvclive", resume=resume and pos.step > 0) if rank == 0 else None
+    if live is not None:
         for k, v in {"method": method_name, "arch": cfg.arch, "world_size": world, "steps": total_steps}.items():
             live.log_param(k, v)
 
@@ -246,7 +246,7 @@ def train(shards: Path, out: Path, method_name: str, cfg: PretrainConfig, mcfg: 
                 live.log_metric("train/loader_errors", int(batch["errors"]))
                 live.next_step()
                 t_last, seen = now, 0
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}")
             if pos.step % cfg.checkpoint_every == 0:
                 checkpoint(ckpt, method, optimizer, pos, aug, meta)
             if pos.step >= stop:
@@ -269,6 +269,26 @@ def train(shards: Path, out: Path, method_name: str, cfg: PretrainConfig, mcfg: 
         live.end()
     dist.barrier()
     return summary
+
+
+def open_live(path: Path, resume: bool):
+    """A dvclive logger at `path`, also inside a git repository that has no commit yet.
+
+    dvclive 3.49 asks git for the current revision when it starts and raises on a repository with
+    no commit (a fresh `git init`, or a copy of the project). The metrics do not need a revision,
+    so there it logs without one (no experiment reference), and says so.
+    """
+    from dvclive import Live
+    from scmrepo.exceptions import SCMError
+
+    try:
+        return Live(str(path), resume=resume, save_dvc_exp=False, dvcyaml=None)
+    except SCMError as e:
+        log.warning("dvclive: %s; logging %s without a git revision", e, path)
+        from unittest import mock
+
+        with mock.patch("dvclive.live.get_dvc_repo", return_value=None):
+            return Live(str(path), resume=resume, save_dvc_exp=False, dvcyaml=None)
 
 
 def main(argv: list[str] | None = None) -> int:
