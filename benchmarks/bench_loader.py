@@ -5,7 +5,8 @@
 - baseline: read the shards, decode each JPEG with PIL and resize it to 224x224 (one process);
 - full pipeline in one process (`make_stream`, no loader workers): decode with draft, the three
   views, box mapping and K-selection, colour augmentation, batching;
-- the same through a DataLoader with 1 and 2 worker processes.
+- the same through a DataLoader with 1 and 2 worker processes;
+- the time to the first batch (worker start-up, once per epoch) with each worker start method.
 Reported as samples/s and samples/s per core (one busy process = one core); target: the full
 pipeline at least 0.5x the baseline per core.
 """
@@ -58,6 +59,19 @@ def pipeline_rate(urls: list[str], total: int, samples: int, workers: int) -> fl
     return n / (time.perf_counter() - t0)
 
 
+def first_batch_seconds(urls: list[str], total: int, start_method: str, repeats: int = 3) -> float:
+    """Median time from creating the loader's iterator to its first batch (2 workers)."""
+    cfg = LoaderConfig(batch_size=32, workers=2, epoch_samples=128, start_method=start_method)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        it = iter(make_loader(urls, cfg, seed=0, total_samples=total))
+        next(it)
+        times.append(time.perf_counter() - t0)
+        del it
+    return sorted(times)[len(times) // 2]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shards", default="data/shards")
@@ -72,6 +86,10 @@ def main() -> None:
     print(f"full pipeline, in process (1 core):       {one:7.1f} samples/s  ratio {one / base:.2f}x (target >= 0.5x)")
     print(f"full pipeline, 1 loader worker:           {w1:7.1f} samples/s  ({w1:.1f} per core)")
     print(f"full pipeline, 2 loader workers:          {w2:7.1f} samples/s  ({w2 / 2:.1f} per core, {w2 / w1:.2f}x of 1 worker)")
+    starts = {m: first_batch_seconds(urls, total, m) for m in ("fork", "forkserver", "spawn")}
+    print("first batch with 2 workers (start-up, once per epoch): "
+          + ", ".join(f"{m} {t:.2f} s" for m, t in starts.items())
+          + f"; forkserver {starts['forkserver'] / starts['fork']:.2f}x fork")
 
 
 if __name__ == "__main__":

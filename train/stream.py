@@ -5,8 +5,9 @@
     for batch in loader: ...
 
 One function, `make_stream`, builds the whole chain; each stage says what the stream holds after
-it. Splitting is explicit: in the exact mode shards are dealt to ranks (`split_by_node`) and then
-to loader workers (`split_by_worker`); in the resampled mode (the default for training) every
+it. Splitting is explicit: in the exact mode shards are dealt to ranks and then to loader workers
+(as webdataset's `split_by_node` and `split_by_worker` do, with the rank read in the training
+process: a forkserver worker inherits the server's environment, not the trainer's); in the resampled mode (the default for training) every
 (rank, worker) draws shards with replacement from its own seeded generator and stops after a fixed
 number of batches, so every rank gets the same number of batches per epoch, which DDP needs.
 
@@ -15,6 +16,9 @@ worker[, sample index]); the same seed, rank and worker give the same batches. `
 resumes an epoch in the middle (resampled mode): each worker skips, before decoding, the samples of
 the batches that were already consumed, and the workers are rotated so that the DataLoader's
 round-robin continues where it stopped.
+
+Workers start with `forkserver` by default (`loader.start_method`): a worker forked from a trainer
+that has run OpenCV's thread pool before (selective search in the same process, say) hangs.
 
 Bad data: a truncated or corrupt shard is reported (logged) with its name and the position of the
 sample where reading failed, counted (`errors` in every batch: this worker's running count), and the
@@ -26,10 +30,12 @@ import io
 import json
 import logging
 import math
+import os
 import random
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +43,6 @@ import pyarrow.parquet as pq
 import torch
 import webdataset as wds
 from PIL import Image
-from webdataset.utils import pytorch_worker_info
 
 from train.views import ViewConfig, make_views
 
@@ -55,7 +60,16 @@ class LoaderConfig:
     shuffle_buffer: int = 256              # samples held for shuffling, per worker
     resampled: bool = True                 # draw shards with replacement, fixed epoch length (DDP)
     epoch_samples: int = 0                 # samples per epoch over all ranks (resampled); 0 = all samples once
+    # How loader workers start. "fork" copies the training process, and a worker hangs where that
+    # process has run OpenCV's thread pool (selective search, say) before; "forkserver" forks
+    # them from a clean server process, at about a second per worker and epoch; "spawn" starts
+    # fresh interpreters. Scripts that build a loader need an `if __name__ == "__main__":` guard.
+    start_method: str = "forkserver"
     views: ViewConfig = field(default_factory=ViewConfig)
+
+    def __post_init__(self) -> None:
+        if self.start_method not in ("fork", "forkserver", "spawn"):
+            raise ValueError(f"loader.start_method is {self.start_method!r}; use fork, forkserver or spawn")
 
 
 def _seed(*parts: int) -> int:
@@ -72,7 +86,8 @@ def _seed(*parts: int) -> int:
 
 @dataclass
 class _Position:
-    """Who this iterator is, resolved inside the loader worker at iteration time."""
+    """Who this iterator is: the rank, resolved in the training process, and the loader worker,
+    resolved inside the worker at iteration time."""
 
     rank: int
     world: int
@@ -81,8 +96,18 @@ class _Position:
     skip_batches: int
 
 
-def _position(start_batch: int) -> _Position:
-    rank, world, worker, workers = pytorch_worker_info()
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this training process: torch.distributed if it is initialised, else
+    torchrun's RANK and WORLD_SIZE, else (0, 1). Read in the training process, not in a loader
+    worker: a forkserver worker inherits the environment of the server, not of the trainer."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _position(rank: int, world: int, start_batch: int) -> _Position:
+    info = torch.utils.data.get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
     virtual = (worker + start_batch) % workers
     skip = max(0, (start_batch - virtual + workers - 1) // workers)
     return _Position(rank, world, virtual, workers, skip)
@@ -96,9 +121,10 @@ class ShardSource(torch.utils.data.IterableDataset):
         if not urls:
             raise ValueError("no shards given: build them with `python -m pipeline.shards`")
         self.urls, self.resampled, self.seed, self.epoch, self.start_batch = list(urls), resampled, seed, epoch, start_batch
+        self.rank, self.world = process_rank()
 
     def __iter__(self) -> Iterator[dict]:
-        pos = _position(self.start_batch)
+        pos = _position(self.rank, self.world, self.start_batch)
         if self.resampled:
             rng = random.Random(_seed(self.seed, self.epoch, pos.rank, pos.worker, 1))
             while True:
@@ -106,7 +132,7 @@ class ShardSource(torch.utils.data.IterableDataset):
         else:
             order = list(self.urls)
             random.Random(_seed(self.seed, self.epoch, 2)).shuffle(order)   # the same on every rank
-            for url in wds.split_by_worker(wds.split_by_node(order)):
+            for url in order[pos.rank::pos.world][pos.worker::pos.workers]:   # ranks, then workers
                 yield {"url": url, "_pos": pos}
 
 
@@ -234,12 +260,12 @@ def make_stream(urls: list[str], cfg: LoaderConfig, *, seed: int, epoch: int = 0
     stats = {"errors": 0}
     stages = [
         ShardSource(urls, cfg.resampled, seed, epoch, start_batch),   # {"url"}
-        lambda src: read_shards(src, stats),                           # raw samples {jpg, json}
-        join_proposals,                                                # + proposals (n, 4)
-        lambda src: shuffle(src, cfg.shuffle_buffer, seed, epoch),     # shuffled raw samples
-        lambda src: decode_views(src, cfg, seed, epoch, stats),        # views + boxes, one image
-        wds.batched(cfg.batch_size, collation_fn=lambda s: collate(s, stats), partial=not cfg.resampled),
-    ]
+        partial(read_shards, stats=stats),                                     # raw samples {jpg, json}
+        join_proposals,                                                        # + proposals (n, 4)
+        partial(shuffle, bufsize=cfg.shuffle_buffer, seed=seed, epoch=epoch),  # shuffled raw samples
+        partial(decode_views, cfg=cfg, seed=seed, epoch=epoch, stats=stats),   # views + boxes, one image
+        wds.batched(cfg.batch_size, collation_fn=partial(collate, stats=stats), partial=not cfg.resampled),
+    ]   # partials, not lambdas: the pipeline is pickled to forkserver and spawn workers
     pipeline = wds.DataPipeline(*stages)
     if cfg.resampled:
         pipeline = _EpochLimit(pipeline, batches_per_worker(cfg, total_samples, world), start_batch)
@@ -254,7 +280,7 @@ class _EpochLimit(torch.utils.data.IterableDataset):
         self.pipeline, self.batches, self.start_batch = pipeline, batches, start_batch
 
     def __iter__(self):
-        pos = _position(self.start_batch)
+        pos = _position(0, 1, self.start_batch)      # only the worker's skip count is used here
         remaining = self.batches - pos.skip_batches
         if remaining <= 0:
             return
@@ -272,7 +298,18 @@ def make_loader(urls: list[str], cfg: LoaderConfig, *, seed: int, epoch: int = 0
     return torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=cfg.workers, worker_init_fn=_worker_init,
         persistent_workers=False, prefetch_factor=2 if cfg.workers else None,
+        multiprocessing_context=_context(cfg.start_method) if cfg.workers else None,
     )
+
+
+def _context(start_method: str):
+    """The multiprocessing context for loader workers. The forkserver imports this module (and
+    so torch, cv2, webdataset) once, when it starts, so a worker forked from it starts in about
+    0.2 s, as with fork, instead of importing everything again each epoch."""
+    ctx = torch.multiprocessing.get_context(start_method)
+    if start_method == "forkserver":
+        ctx.set_forkserver_preload([__name__])
+    return ctx
 
 
 def _worker_init(_: int) -> None:

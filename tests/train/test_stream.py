@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +14,8 @@ from pipeline.shards import SHARD_PATTERN
 from train.stream import LoaderConfig, batches_per_worker, make_loader, make_stream, read_index
 from train.views import ViewConfig
 
-from tests.train.conftest import PER_SHARD
+from tests.conftest import REPO
+from tests.train.conftest import N_SHARDS, PER_SHARD
 
 
 def small(**kw) -> LoaderConfig:
@@ -106,3 +110,39 @@ def test_resuming_needs_the_resampled_mode(shards):
     urls, _ = read_index(shards)
     with pytest.raises(ValueError, match="resampled"):
         make_stream(urls, small(resampled=False), seed=0, start_batch=2)
+
+
+def test_unknown_start_method_is_an_error():
+    with pytest.raises(ValueError, match="loader.start_method"):
+        small(start_method="threads")
+
+
+def test_workers_start_in_a_process_that_has_used_opencv_and_ray(shards, tmp_path):
+    """Forked loader workers hung in a process that had run OpenCV's thread pool (selective search,
+    in the same pytest process, in CI): the default start method must deliver every sample in a
+    process that has used OpenCV and Ray, within a time limit."""
+    script = tmp_path / "after_cv2.py"
+    script.write_text(
+        "import sys\n"
+        "import cv2, numpy as np, ray\n"
+        "from train.stream import LoaderConfig, make_loader, read_index\n"
+        "from train.views import ViewConfig\n"
+        "if __name__ == '__main__':\n"      # forkserver and spawn import the main module again
+        "    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()\n"
+        "    ss.setBaseImage(np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8))\n"
+        "    ss.switchToSelectiveSearchFast()\n"
+        "    assert len(ss.process())\n"
+        "    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
+        "    ray.get(ray.remote(lambda: 1).remote())\n"
+        "    ray.shutdown()\n"
+        "    urls, total = read_index(sys.argv[1])\n"
+        "    cfg = LoaderConfig(batch_size=4, workers=2, shuffle_buffer=8, resampled=False,\n"
+        "                       views=ViewConfig(size=64, small_size=32))\n"
+        "    keys = [k for b in make_loader(urls, cfg, seed=0) for k in b['key']]\n"
+        "    assert sorted(keys) == sorted(set(keys)) and len(keys) == total, keys\n"
+        "    print('ok', len(keys))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    run = subprocess.run([sys.executable, str(script), str(shards)], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert run.returncode == 0 and f"ok {N_SHARDS * PER_SHARD}" in run.stdout, run.stderr[-3000:]
