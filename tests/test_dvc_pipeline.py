@@ -1,8 +1,8 @@
 """The whole `dvc repro` on a copy of the project with a reduced embedded data set, end to end.
 
 Every stage runs its real code on tiny settings (80 images, 2 training steps, one seed); the
-report must hold every field, each a number in its range, and DVC must re-run only what a changed
-parameter touches.
+report must hold every field, each a number in its range, DVC must re-run only what a changed
+parameter touches, and one parameter switches pre-training from OpenImage-MINI to COCO train2017.
 """
 from __future__ import annotations
 
@@ -114,3 +114,13 @@ def test_dvc_repro_runs_every_stage_and_the_report_is_complete(repo: Path, tmp_p
     rerun = dvc(proj, "repro").stdout
     ran = {line.split("'")[1] for line in rerun.splitlines() if line.startswith("Running stage")}
     assert ran == {f"probes@{m}-0" for m in MODELS} | {"report"}, ran
+
+    # Pre-training on COCO train2017 instead of OpenImage-MINI is one parameter.
+    params["data"]["pretrain_images"] = "coco_train2017"
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    rerun = dvc(proj, "repro", "shards").stdout
+    assert "Running stage 'proposals'" in rerun and "Running stage 'sample'" not in rerun
+    coco = C.read_table(proj / "data" / "coco_train2017" / "images.parquet", C.IMAGES)
+    index = json.loads((proj / "data" / "shards" / "index.json").read_text())
+    assert index["total_samples"] == coco.num_rows > 0
+    assert "pretrain@d3ssl-0" in dvc(proj, "status").stdout        # what trains on them is now stale
