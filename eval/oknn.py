@@ -337,8 +337,13 @@ def run_oknn(stages: torch.nn.Module, coco_root: Path, cfg: OknnConfig, device: 
     dacc = knn_classify(bank, bank_y[bank_sel], qd, query_y, len(classes), cfg, device)
     times["search"] = time.perf_counter() - t
     share = np.bincount(bank_y[bank_sel], minlength=len(classes)) / max(len(bank_sel), 1)
+    query_share = np.bincount(query_y, minlength=len(classes)) / max(len(query_y), 1)
     return {
         "top1": acc[1], "top5": acc[5], "disturbed_top1": dacc[1], "disturbed_top5": dacc[5],
+        # top-1 of a predictor that ignores the image and answers the label of a random bank
+        # object: the floor features must beat. Below 100/classes where the class-balanced bank
+        # holds the queries' frequent classes less often than the queries do.
+        "prior_top1": float(100.0 * (share * query_share).sum()),
         "bank_objects": int(len(bank_sel)), "bank_images": int(len(np.unique(train.image[bank_sel]))),
         "bank_largest_class_share": float(share.max()),
         "queries": int(len(queries)), "query_images": int(len(np.unique(val.image))),

@@ -56,6 +56,8 @@ def collect(reports: Path, models: list[str], seeds: list[int]) -> dict:
             det = load(d / "detect" / "metrics.json")
             for k in TABLE4:
                 rows.setdefault(f"oknn_{k}", []).append(float(oknn[k]))
+            rows.setdefault("oknn_prior_top1", []).append(float(oknn["prior_top1"]))
+            rows.setdefault("oknn_classes", []).append(float(oknn["classes"]))
             for layer in LAYERS:
                 rows.setdefault(f"cr_{layer}", []).append(float(probes["cr"][layer]))
                 rows.setdefault(f"mcs_{layer}", []).append(float(probes["mcs"][layer]))
@@ -88,6 +90,10 @@ def render(results: dict, orderings: list[dict], stats: dict | None, seeds: list
               "| model | O-KNN top-1 | O-KNN top-5 | disturbed top-1 | disturbed top-5 |", "|---|---|---|---|---|"]
     for m in models:
         lines.append(f"| {m} | " + " | ".join(fmt(results[m][f"oknn_{k}"]) for k in TABLE4) + " |")
+    first = results[models[0]]
+    lines += ["", f"The floor: answering the label of a random bank object, without looking at the image, "
+              f"gives {first['oknn_prior_top1']['mean']:.2f} top-1 ({first['oknn_classes']['mean']:.0f} classes; "
+              "the bank is class-balanced, so it holds the queries' frequent classes less often than they occur)."]
     lines += ["", "## De-positioning ablation (like Table 7; probes at C5)", "",
               "| model | CR ↓ | MCS ↑ | AP ↑ |", "|---|---|---|---|"]
     for m in ("d3ssl_dc", "d3ssl"):

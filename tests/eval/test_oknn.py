@@ -172,3 +172,11 @@ def test_oknn_stage_on_embedded_data(tiny_synth, tmp_path):
     assert r["settings"]["per_image"] == 3 and r["settings"]["k"] == 20 and r["feature_dim"] == 512
     assert 0 < r["bank_objects"] <= 3 * r["bank_images"]
     assert r["queries"] > 0
+    # the label-prior floor: a random bank object's label against the query labels, by hand
+    from eval.oknn import read_split
+
+    train, val = (read_split(tiny_synth / "coco", s, r["settings"]["min_box_size"]) for s in ("train2017", "val2017"))
+    bank_labels = train.category[select_bank(train.image, np.searchsorted(np.unique(train.category), train.category),
+                                             3, r["settings"]["seed"])]
+    expected = 100.0 * np.mean([np.mean(bank_labels == c) for c in val.category])
+    assert r["prior_top1"] == pytest.approx(expected)
