@@ -86,3 +86,13 @@ def average_buffers(module: torch.nn.Module) -> None:
 def destroy() -> None:
     if is_initialized():
         torch_dist.destroy_process_group()
+
+
+@torch.no_grad()
+def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """`x` of rank `src` on every rank (a copy); `x` itself on one process."""
+    if not is_initialized() or world_size() == 1:
+        return x
+    y = x.detach().clone().contiguous()
+    torch_dist.broadcast(y, src=src)
+    return y

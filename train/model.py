@@ -9,15 +9,28 @@
   hidden = the C5 width, 128 out. For the BYOL-style soco, SoCo's: Linear-BN-ReLU-Linear, 4096
   hidden, 256 out (and a predictor of the same shape). The paper says "an MLP projector" only.
 
+Batch norm: every BN layer is a `SplitBatchNorm*` (a subclass with the same parameters and
+buffers, so the state_dict is torchvision's). Given `groups` > 1, a forward normalises contiguous
+groups of its batch separately (MoCo's SplitBatchNorm, its single-GPU stand-in for per-GPU BN):
+the image batch in `groups` chunks, the regions by the chunk their image is in. This is what
+shuffle-BN (train.methods) needs on one process.
+
+RoI coordinates stay float32 under autocast (bf16 would round coordinates of 128-256 to 1 px and
+an image index past 256): RoIAlign runs in float32 and its output is cast to the feature dtype.
+
 ResNet-50 for real runs; the embedded CPU default uses a smaller ResNet through the same code
 (`arch`). `backbone_state_dict()` returns the weights as a plain torchvision ResNet state_dict.
 """
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 from torchvision.ops import roi_align
 
@@ -32,6 +45,84 @@ def make_resnet(arch: str) -> torchvision.models.ResNet:
 
 def c5_channels(arch: str) -> int:
     return 512 if arch in ("resnet18", "resnet34") else 2048
+
+
+# ------------------------------------------------------------------------------ split batch norm
+
+_BN_SEGMENTS: ContextVar[list[int] | None] = ContextVar("bn_segments", default=None)
+
+
+@contextmanager
+def bn_segments(sizes: list[int] | None) -> Iterator[None]:
+    """Within the block, every SplitBatchNorm in training mode normalises the batch in contiguous
+    segments of these sizes, each with its own statistics (None or one segment: the whole batch)."""
+    token = _BN_SEGMENTS.set(sizes)
+    try:
+        yield
+    finally:
+        _BN_SEGMENTS.reset(token)
+
+
+class _SplitBatchNorm:
+    """Batch norm over segments of the batch; running statistics move by the segments' mean."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sizes = _BN_SEGMENTS.get()
+        if not self.training or not sizes or len(sizes) == 1:
+            return super().forward(x)
+        if sum(sizes) != x.shape[0]:
+            raise ValueError(f"batch-norm segments {sizes} do not add up to the batch {x.shape[0]}")
+        dims = [0] + list(range(2, x.dim()))
+        parts, means, variances = [], [], []
+        for chunk in x.split(list(sizes)):
+            if chunk.shape[0] == 0:
+                continue
+            parts.append(F.batch_norm(chunk, None, None, self.weight, self.bias, True, 0.0, self.eps))
+            with torch.no_grad():
+                c = chunk.detach().float()
+                means.append(c.mean(dims))
+                n = c.numel() // c.shape[1]
+                variances.append(c.var(dims, unbiased=n > 1))
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 0.1
+                self.running_mean.mul_(1 - m).add_(torch.stack(means).mean(0), alpha=m)
+                self.running_var.mul_(1 - m).add_(torch.stack(variances).mean(0), alpha=m)
+                self.num_batches_tracked.add_(1)
+        return torch.cat(parts)
+
+
+class SplitBatchNorm2d(_SplitBatchNorm, nn.BatchNorm2d):
+    pass
+
+
+class SplitBatchNorm1d(_SplitBatchNorm, nn.BatchNorm1d):
+    pass
+
+
+def use_split_batch_norm(module: nn.Module) -> nn.Module:
+    """Swap every BatchNorm1d/2d of `module` for its split version in place (same state)."""
+    for name, child in module.named_children():
+        kind = {nn.BatchNorm2d: SplitBatchNorm2d, nn.BatchNorm1d: SplitBatchNorm1d}.get(type(child))
+        if kind is not None:
+            new = kind(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
+        else:
+            use_split_batch_norm(child)
+    return module
+
+
+def chunk_sizes(n: int, groups: int) -> list[int]:
+    """Sizes of `groups` contiguous chunks of n items (as torch.tensor_split: the first n % groups
+    chunks one larger)."""
+    return [n // groups + (i < n % groups) for i in range(groups)]
+
+
+def region_segments(valid: torch.Tensor, groups: int) -> list[int]:
+    """Region counts per chunk of images: the regions (image-major) of each image chunk."""
+    per_image = valid.sum(1)
+    return [int(c.sum()) for c in per_image.split(chunk_sizes(valid.shape[0], groups))]
 
 
 class MLP(nn.Module):
@@ -62,22 +153,28 @@ class RegionEncoder(nn.Module):
         width = c5_channels(arch)
         self.projector = MLP(width, proj_hidden or width, proj_dim, proj_bn)
         self.arch = arch
+        use_split_batch_norm(self)
 
-    def regions(self, images: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def regions(self, images: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor, groups: int = 1) -> torch.Tensor:
         """Projected features of the valid boxes: images (B, 3, H, W), boxes (B, K, 4) in pixels,
-        valid (B, K) -> (N, D) with N = valid.sum(), in (image, box) order."""
-        c4 = self.c4(images)                                            # B x C4 x H/16 x W/16
-        index = torch.arange(images.shape[0], device=images.device, dtype=boxes.dtype)[:, None].expand_as(valid)
-        rois = torch.cat([index[valid][:, None], boxes[valid]], dim=1)  # N x 5: (image, x1, y1, x2, y2)
-        r = roi_align(c4, rois.to(c4.dtype), output_size=self.roi_size, spatial_scale=1 / 16,
-                      sampling_ratio=0, aligned=True)                   # N x C4 x 14 x 14
-        h = self.res5(r).mean(dim=(2, 3))                              # N x C5
-        return self.projector(h)
+        valid (B, K) -> (N, D) with N = valid.sum(), in (image, box) order. `groups` > 1: batch
+        norm per contiguous chunk of images (and of their regions)."""
+        with bn_segments(chunk_sizes(images.shape[0], groups) if groups > 1 else None):
+            c4 = self.c4(images)                                        # B x C4 x H/16 x W/16
+        index = torch.arange(images.shape[0], device=images.device, dtype=torch.float32)[:, None].expand_as(valid)
+        rois = torch.cat([index[valid][:, None], boxes[valid].float()], dim=1)   # N x 5, float32
+        with torch.autocast(c4.device.type, enabled=False):
+            r = roi_align(c4.float(), rois, output_size=self.roi_size, spatial_scale=1 / 16,
+                          sampling_ratio=0, aligned=True).to(c4.dtype)  # N x C4 x 14 x 14
+        with bn_segments(region_segments(valid, groups) if groups > 1 else None):
+            h = self.res5(r).mean(dim=(2, 3))                          # N x C5
+            return self.projector(h)
 
-    def images(self, images: torch.Tensor) -> torch.Tensor:
+    def images(self, images: torch.Tensor, groups: int = 1) -> torch.Tensor:
         """Projected global features (image-level methods): (B, 3, H, W) -> (B, D)."""
-        h = self.res5(self.c4(images)).mean(dim=(2, 3))
-        return self.projector(h)
+        with bn_segments(chunk_sizes(images.shape[0], groups) if groups > 1 else None):
+            h = self.res5(self.c4(images)).mean(dim=(2, 3))
+            return self.projector(h)
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """The backbone as a torchvision ResNet state_dict (every key but `fc.*`)."""

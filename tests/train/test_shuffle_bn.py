@@ -1,0 +1,101 @@
+"""Shuffle-BN: the teacher's batch-norm groups differ from the student's, and un-shuffling
+restores the order; split batch norm normalises each group with its own statistics."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from train.model import RegionEncoder, SplitBatchNorm2d, bn_segments, chunk_sizes, region_segments
+from train.shuffle_bn import key_groups, key_order, query_groups, shuffled_forward
+
+
+def group_members(groups: torch.Tensor) -> list[set[int]]:
+    """For every sample, the samples that share its batch-norm group."""
+    return [set(torch.nonzero(groups == groups[i]).flatten().tolist()) for i in range(len(groups))]
+
+
+@pytest.mark.parametrize("world,batch,splits", [(1, 8, 4), (1, 32, 4), (1, 10, 3), (2, 8, 2), (4, 6, 1)])
+def test_key_groups_never_equal_query_groups(world, batch, splits):
+    q = group_members(query_groups(world, batch, splits))
+    for seed in range(20):
+        order = key_order(world, batch, splits, torch.Generator().manual_seed(seed))
+        assert sorted(order.tolist()) == list(range(world * batch))           # a permutation
+        k = group_members(key_groups(order, world, batch, splits))
+        for i in range(world * batch):
+            assert i in k[i] and k[i] != q[i], (seed, i, q[i], k[i])
+            assert len(k[i] & q[i]) < len(q[i])
+
+
+def onehot_bn(splits: int):
+    """Images whose channel j is 1 only for sample j; after batch norm in training mode, sample i
+    has a non-zero channel j exactly when j shares i's statistics."""
+    bn = SplitBatchNorm2d(8, affine=False)
+
+    def encode(x):
+        with bn_segments(chunk_sizes(x.shape[0], splits)):
+            return bn(x).flatten(1)
+    return encode
+
+
+def test_the_teacher_normalises_each_sample_with_other_samples_than_the_student():
+    B, splits = 8, 4
+    x = torch.eye(B).view(B, B, 1, 1).expand(B, B, 2, 2).contiguous()
+    encode = onehot_bn(splits)
+    student = encode(x)
+    teacher = shuffled_forward(encode, [x], torch.ones(B, dtype=torch.long), splits, torch.Generator().manual_seed(0))
+    for i in range(B):
+        s_peers = set(torch.nonzero(student[i].abs().reshape(B, 4).sum(1) > 1e-6).flatten().tolist())
+        t_peers = set(torch.nonzero(teacher[i].abs().reshape(B, 4).sum(1) > 1e-6).flatten().tolist())
+        assert i in s_peers and i in t_peers            # row i is sample i's output: order restored
+        assert len(s_peers) == B // splits and s_peers != t_peers
+
+
+def test_unshuffling_restores_the_order_of_regions():
+    B, K = 6, 3
+    g = torch.Generator().manual_seed(1)
+    valid = torch.rand(B, K, generator=g) < 0.6
+    valid[:, 0] = True
+    tags = torch.arange(B * K, dtype=torch.float32).view(B, K)
+
+    def encode(t, v):        # one row per valid box, image-major: the box's tag
+        return t[v][:, None]
+    out = shuffled_forward(encode, [tags, valid], valid.sum(1), 3, torch.Generator().manual_seed(2))
+    assert torch.equal(out[:, 0], tags[valid])
+
+
+def test_split_batch_norm_uses_each_groups_statistics_and_keeps_the_state_dict():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4)
+    x[4:] = x[4:] * 5 + 3
+    split = SplitBatchNorm2d(3)
+    plain = nn.BatchNorm2d(3)
+    with bn_segments([4, 4]):
+        y = split(x)
+    assert torch.allclose(y[:4], nn.functional.batch_norm(x[:4], None, None, training=True), atol=1e-5)
+    assert torch.allclose(y[4:], nn.functional.batch_norm(x[4:], None, None, training=True), atol=1e-5)
+    assert not torch.allclose(y, plain(x), atol=1e-3)
+    assert torch.allclose(split(x), plain(x), atol=1e-5)                # no segments: plain BN
+    enc = RegionEncoder("resnet18", proj_dim=16)
+    import torchvision
+    torchvision.models.resnet18(weights=None).load_state_dict({**enc.backbone_state_dict(), **{
+        k: v for k, v in torchvision.models.resnet18(weights=None).state_dict().items() if k.startswith("fc.")}})
+    assert region_segments(torch.tensor([[1, 1], [1, 0], [0, 1], [1, 1]]).bool(), 2) == [3, 3]
+
+
+def test_rois_stay_float32_under_bf16_autocast(monkeypatch):
+    """Box coordinates must not be rounded to bf16 (1 px steps at 128-256, inexact image indices)."""
+    import train.model as model
+    seen = {}
+    real = model.roi_align
+
+    def spy(inp, rois, **kw):
+        seen["dtype"], seen["rois"] = rois.dtype, rois.clone()
+        return real(inp, rois, **kw)
+    monkeypatch.setattr(model, "roi_align", spy)
+    enc = RegionEncoder("resnet18", proj_dim=8, roi_size=2).eval()
+    boxes = torch.tensor([[[1.3, 2.7, 200.9, 255.1]]]).expand(300, 1, 4).contiguous()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        enc.regions(torch.zeros(300, 3, 32, 32), boxes, torch.ones(300, 1, dtype=torch.bool))
+    assert seen["dtype"] == torch.float32
+    assert torch.equal(seen["rois"][:, 1:], boxes[:, 0]) and torch.equal(seen["rois"][:, 0], torch.arange(300.0))
