@@ -19,7 +19,10 @@ split makes the batched result checkable against a per-sample loop, and a run re
 - RBJ, restricted box jitter (section 4.1, 3): width and height scaled by U(1 - rbj_shrink, 1) and
   the centre moved so that the box stays inside the original: never larger, never outside. The
   paper gives no range; 0.2 is the width of SoCo's +-0.1 jitter range, kept below 1.
-- C, the de-positioning composition (section 4.2, eq. 6-8), see `compose`.
+- C, the de-positioning composition (section 4.2, eq. 6-8), see `sample_shift` and `compose`.
+- Backgrounds: every use of a foreign image (PRM in x1-hat, PRM in x2s-hat, the background of x3)
+  takes its own donor from the batch (`background_donors`), so no positive pair shares foreign
+  content that the queue's negatives lack.
 - SoCo's own region augmentations (random cutout in a box, box jitter) for the `soco` baseline and
   the Table 5 rows.
 """
@@ -49,6 +52,8 @@ class AugmentConfig:
     rbj_shrink: float = 0.2
     compose: bool = True                            # de-positioning composition (L_dp)
     compose_prc: bool = True                        # eq. 7: cut the shifted mask with PRC
+    shift: Literal["anchor", "within"] = "anchor"   # how t is drawn, see `sample_shift`
+    shift_min_visible: float = 0.5                  # anchor: a shifted box keeps this share on the canvas, or leaves L_dp
     # SoCo (C4 recipe): cutout of U(0.1, 0.3) of a box's area with p=0.5; box jitter +-0.1.
     cutout: bool = False
     cutout_p: float = 0.5
@@ -56,6 +61,12 @@ class AugmentConfig:
     box_jitter: bool = False
     box_jitter_p: float = 0.5
     box_jitter_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.shift not in ("anchor", "within"):
+            raise ValueError(f"augment.shift is {self.shift!r}; use anchor or within")
+        if not 0.0 < self.shift_min_visible <= 1.0:
+            raise ValueError(f"augment.shift_min_visible is {self.shift_min_visible}; it must lie in (0, 1]")
 
 
 def _uniform(shape, lo: float, hi: float, g: torch.Generator, device) -> torch.Tensor:
@@ -230,21 +241,89 @@ def apply_box_jitter(boxes: torch.Tensor, params: dict, height: int, width: int)
     return torch.where(params["use"][..., None], new, boxes)
 
 
+# ------------------------------------------------------------------------------ backgrounds
+
+
+def background_donors(batch_size: int, uses: int, g: torch.Generator) -> torch.Tensor:
+    """(uses, B) indices: donor[u, i] is the sample of the batch whose image fills use u of sample i.
+
+    donor[u, i] = (i + o_u) mod B with `uses` distinct offsets o_u drawn from 1..B-1 for the batch,
+    so a sample's donors differ from each other and from the sample itself. D3SSL has three uses
+    (PRM in x1-hat, PRM in x2s-hat, the background of x3): the positive pairs (s2, t1) and
+    (s3, t1) then never share a foreign patch, and (s1, t2), (s3, t2) have a clean teacher side.
+    (The paper says "a randomly sampled background image" and is silent on PRM's source.)
+    """
+    if batch_size <= uses:
+        raise ValueError(f"a batch of {batch_size} images cannot give each image {uses} distinct backgrounds "
+                         f"from the others; set loader.batch_size to at least {uses + 1}")
+    offsets = 1 + torch.randperm(batch_size - 1, generator=g, device=g.device)[:uses]
+    i = torch.arange(batch_size, device=g.device)
+    return (i[None, :] + offsets[:, None]) % batch_size
+
+
+def backgrounds(images: torch.Tensor, uses: int, g: torch.Generator) -> list[torch.Tensor]:
+    """`uses` background batches, each a permutation of `images` by `background_donors`."""
+    donors = background_donors(images.shape[0], uses, g).to(images.device)
+    return [images[d] for d in donors]
+
+
+def resize_to(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Area-average `images` to size x size (a background for the small view x2-s)."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return torch.nn.functional.adaptive_avg_pool2d(images, size)
+
+
 # -------------------------------------------------------------------------- the composition C
 
 
-def sample_shift(boxes: torch.Tensor, valid: torch.Tensor, height: int, width: int, g: torch.Generator) -> torch.Tensor:
-    """Integer shift t (B, 2) = (tx, ty), one per image, keeping every valid box inside the image."""
-    big = torch.finfo(boxes.dtype).max
-    lo_x = -torch.where(valid, boxes[..., 0], big).amin(1)
-    hi_x = width - torch.where(valid, boxes[..., 2], -big).amax(1)
-    lo_y = -torch.where(valid, boxes[..., 1], big).amin(1)
-    hi_y = height - torch.where(valid, boxes[..., 3], -big).amax(1)
-    lo = torch.stack([torch.ceil(lo_x), torch.ceil(lo_y)], -1)
-    hi = torch.stack([torch.floor(hi_x), torch.floor(hi_y)], -1)
+def _room(lo_box: torch.Tensor, hi_box: torch.Tensor, height: int, width: int, g: torch.Generator) -> torch.Tensor:
+    """Integer t (B, 2) uniform over the shifts that keep [lo_box, hi_box] (B, 2 each) on the canvas."""
+    size = lo_box.new_tensor([width, height])
+    lo, hi = torch.ceil(-lo_box), torch.floor(size - hi_box)
     hi = torch.maximum(hi, lo)
-    u = torch.rand(lo.shape, generator=g, device=boxes.device)
+    u = torch.rand(lo.shape, generator=g, device=lo.device)
     return torch.floor(lo + u * (hi - lo + 1)).clamp(max=hi).to(torch.long)
+
+
+def sample_shift(boxes: torch.Tensor, valid: torch.Tensor, height: int, width: int, g: torch.Generator,
+                 mode: str = "anchor") -> torch.Tensor:
+    """Integer shift t (B, 2) = (tx, ty), one per image, for the boxes of x2.
+
+    - `within`, the letter of eq. 6: t keeps every valid box inside the image. With the proposals
+      cut to the x2 crop their union spans most of the view, so t is mostly about zero.
+    - `anchor` (default), our reading of "blend the proposal regions in another image and at
+      another location": one valid box per image, the anchor, is drawn at random and t is uniform
+      over the shifts that keep the anchor inside the image; the other boxes move with it (the same
+      t for all, as eq. 6) and are cut to the image, and a box left with less than
+      `shift_min_visible` of its area takes no part in L_dp (`depositioning_boxes`).
+    """
+    if mode == "within":
+        big = torch.finfo(boxes.dtype).max
+        lo_box = torch.stack([torch.where(valid, boxes[..., i], big).amin(1) for i in (0, 1)], -1)
+        hi_box = torch.stack([torch.where(valid, boxes[..., i], -big).amax(1) for i in (2, 3)], -1)
+    elif mode == "anchor":
+        score = torch.rand(valid.shape, generator=g, device=boxes.device).masked_fill(~valid, -1.0)
+        anchor = boxes.gather(1, score.argmax(1)[:, None, None].expand(-1, 1, 4))[:, 0]
+        lo_box, hi_box = anchor[:, :2], anchor[:, 2:]
+    else:
+        raise ValueError(f"unknown shift mode {mode!r}; use anchor or within")
+    return _room(lo_box, hi_box, height, width, g)
+
+
+def depositioning_boxes(boxes: torch.Tensor, valid: torch.Tensor, t: torch.Tensor, height: int, width: int,
+                        min_visible: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b-hat = b + t cut to the image (B, K, 4), valid3 (B, K)): which boxes take part in L_dp."""
+    moved = boxes + t[:, None, :].to(boxes.dtype).repeat(1, 1, 2)
+    lim = boxes.new_tensor([width, height, width, height])
+    cut = torch.minimum(moved.clamp(min=0), lim)
+    kept = box_area(cut) >= min_visible * box_area(boxes).clamp(min=1e-6)
+    return cut, valid & kept & (box_area(cut) > 0)
+
+
+def shift_px(t: torch.Tensor) -> torch.Tensor:
+    """Mean |t| (Euclidean, pixels of the x2 view) over the batch: the logged `shift_px`."""
+    return t.float().norm(dim=1).mean()
 
 
 def shift_images(images: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -256,61 +335,90 @@ def shift_images(images: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return images.reshape(B, C, H * W).gather(2, index).reshape(B, C, H, W)
 
 
-def compose(x2: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor, xb: torch.Tensor, t: torch.Tensor,
-            prc_params: dict | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The composition C of eq. 6-8: (x3, shifted boxes, pasted mask m-hat).
+def compose(x2: torch.Tensor, boxes3: torch.Tensor, valid3: torch.Tensor, xb: torch.Tensor, t: torch.Tensor,
+            prc_params: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The composition C of eq. 6-8: (x3, pasted mask m-hat).
 
-    m (eq. 6) is the union of the valid boxes of x2; b-hat = b + t; m-hat is m moved by t (the
-    union of the shifted boxes), cut again with PRC when `prc_params` (drawn for the shifted boxes)
-    is given (eq. 7); x3 takes x2's pixels under m, moved by t, wherever m-hat is set, and the
-    background image xb everywhere else (eq. 8).
+    `boxes3`/`valid3` are the shifted boxes b-hat = b + t that take part (`depositioning_boxes`);
+    m-hat is their union (eq. 6, moved by t), cut again with PRC when `prc_params` (drawn for the
+    shifted boxes) is given (eq. 7); x3 takes x2's pixels moved by t wherever m-hat is set, and the
+    background image xb everywhere else (eq. 8). Every pixel under m-hat comes from inside a box
+    of x2, never from beyond the view's edge.
     """
     H, W = x2.shape[-2:]
-    shifted_boxes = boxes + t[:, None, :].to(boxes.dtype).repeat(1, 1, 2)
-    m_hat = (rect_masks(shifted_boxes, H, W) & valid[..., None, None]).any(1)          # (B, H, W)
+    m_hat = (rect_masks(boxes3, H, W) & valid3[..., None, None]).any(1)          # (B, H, W)
     if prc_params is not None:
-        m_hat = m_hat & ~prc_mask(shifted_boxes, prc_params, H, W)
+        m_hat = m_hat & ~prc_mask(boxes3, prc_params, H, W)
     x3 = torch.where(m_hat[:, None], shift_images(x2, t), xb)
-    return x3, shifted_boxes, m_hat
+    return x3, m_hat
 
 
-# ------------------------------------------------------------------------ the D3SSL recipe
+# ------------------------------------------------------------------------ the recipes
+
+
+def augment_view(x: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor, cfg: AugmentConfig,
+                 g: torch.Generator, fill: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+    """The image-side region augmentations of one view, each when switched on: PRC, then PRM
+    (filled from `fill`, or zeros with `prm_fill: zero`), then SoCo's cutout. Returns the image and
+    the drawn parameters (for pictures)."""
+    drawn: dict = {}
+    if cfg.prc:
+        drawn["prc"] = sample_prc(boxes, valid, cfg, g)
+        x = apply_prc(x, boxes, drawn["prc"])
+    if cfg.prm:
+        drawn["prm"] = sample_prm(boxes, valid, cfg, g)
+        x = apply_prm(x, drawn["prm"], fill if cfg.prm_fill == "background" else None)
+    if cfg.cutout:
+        drawn["cutout"] = sample_cutout(boxes, valid, cfg, g)
+        x = apply_cutout(x, drawn["cutout"])
+    return x, drawn
+
+
+def jitter_boxes(boxes: torch.Tensor, valid: torch.Tensor, cfg: AugmentConfig, g: torch.Generator,
+                 height: int, width: int) -> torch.Tensor:
+    """The box-side augmentations of one feature extraction, each when switched on: RBJ, then
+    SoCo's box jitter."""
+    if cfg.rbj:
+        boxes = apply_rbj(boxes, sample_rbj(boxes, cfg, g))
+    if cfg.box_jitter:
+        boxes = apply_box_jitter(boxes, sample_box_jitter(boxes, valid, cfg, g), height, width)
+    return boxes
+
+
+def needs_backgrounds(cfg: AugmentConfig) -> bool:
+    return (cfg.prm and cfg.prm_fill == "background") or cfg.compose
 
 
 def region_views(batch: dict, cfg: AugmentConfig, g: torch.Generator) -> dict:
     """The region-augmented inputs of D3SSL for a normalised batch (section 4.2).
 
-    eq. 2: x1-hat = PRM(PRC(x1)), x2s-hat = PRM(PRC(x2s)), each with its own draws;
-    eq. 6-8: x3 = C(x2, m, xb, m-hat) with the shift t and the shifted boxes;
-    RBJ: every feature extraction gets its own restricted jitter of the view's boxes, so the two
-    boxes of a positive pair are two independent jitters of the same proposal.
-    Returns images x1h, x2sh, x3 and boxes for the student (s1, s2s, s3) and teacher (t1, t2).
+    eq. 2: x1-hat = PRM(PRC(x1)), x2s-hat = PRM(PRC(x2s)), each with its own draws and its own
+    background donor; eq. 6-8: x3 = C(x2, m, xb, m-hat) with the shift t (`cfg.shift`), the
+    shifted boxes and a third donor as xb. SoCo's cutout and box jitter apply too when switched on
+    (the paper's Table 5 rows). Every feature extraction gets its own box jitter, so the two boxes
+    of a positive pair are two independent jitters of the same proposal.
+    Returns images x1h, x2sh, x3, boxes for the student (s1, s2s, s3) and teacher (t1, t2), `valid3`
+    (which boxes take part in L_dp), `mask3` (m-hat) and `shift_px`.
     """
-    x1, x2, x2s, xb = batch["x1"], batch["x2"], batch["x2s"], batch["xb"]
+    x1, x2, x2s = batch["x1"], batch["x2"], batch["x2s"]
     b1, b2, b2s, valid = batch["boxes1"], batch["boxes2"], batch["boxes2s"], batch["valid"]
-    xb_small = torch.nn.functional.avg_pool2d(xb, xb.shape[-1] // x2s.shape[-1]) if xb.shape[-1] != x2s.shape[-1] else xb
+    bg = backgrounds(x1, 3, g) if needs_backgrounds(cfg) else [None, None, None]
 
-    def prc_prm(x, boxes, fill):
-        if cfg.prc:
-            x = apply_prc(x, boxes, sample_prc(boxes, valid, cfg, g))
-        if cfg.prm:
-            x = apply_prm(x, sample_prm(boxes, valid, cfg, g), fill if cfg.prm_fill == "background" else None)
-        return x
-
-    out = {"x1h": prc_prm(x1, b1, xb), "x2sh": prc_prm(x2s, b2s, xb_small)}
+    out = {"x1h": augment_view(x1, b1, valid, cfg, g, bg[0])[0],
+           "x2sh": augment_view(x2s, b2s, valid, cfg, g,
+                                None if bg[1] is None else resize_to(bg[1], x2s.shape[-1]))[0]}
+    H, W = x2.shape[-2:]
     if cfg.compose:
-        H, W = x2.shape[-2:]
-        t = sample_shift(b2, valid, H, W, g)
-        shifted = b2 + t[:, None, :].to(b2.dtype).repeat(1, 1, 2)
-        prc3 = sample_prc(shifted, valid, cfg, g) if (cfg.compose_prc and cfg.prc) else None
-        out["x3"], b3, out["mask3"] = compose(x2, b2, valid, xb, t, prc3)
-    else:
-        b3 = None
+        t = sample_shift(b2, valid, H, W, g, cfg.shift)
+        b3, valid3 = depositioning_boxes(b2, valid, t, H, W, cfg.shift_min_visible)
+        prc3 = sample_prc(b3, valid3, cfg, g) if (cfg.compose_prc and cfg.prc) else None
+        out["x3"], out["mask3"] = compose(x2, b3, valid3, bg[2], t, prc3)
+        out["valid3"], out["shift_px"] = valid3, shift_px(t)
 
-    def jitter(boxes):
-        return apply_rbj(boxes, sample_rbj(boxes, cfg, g)) if cfg.rbj else boxes
+    def jitter(boxes, size):
+        return jitter_boxes(boxes, valid, cfg, g, size, size)
 
-    out.update({"s1": jitter(b1), "s2s": jitter(b2s), "t1": jitter(b1), "t2": jitter(b2)})
-    if b3 is not None:
-        out["s3"] = jitter(b3)
+    out.update({"s1": jitter(b1, H), "s2s": jitter(b2s, x2s.shape[-1]), "t1": jitter(b1, H), "t2": jitter(b2, H)})
+    if cfg.compose:
+        out["s3"] = jitter(b3, H)
     return out

@@ -11,6 +11,9 @@ order (update the teacher, compute keys, loss, enqueue).
   teacher on x1-hat and x2; InfoNCE against a queue of teacher region features (eq. 5).
       L_dc = nce(z_s1, z_t2) + nce(z_s2, z_t1)          L_dp = nce(z_s3, z_t2) + nce(z_s3, z_t1)
       L = mean over proposals of (L_dc + L_dp)
+  (L_dp over the proposals that stay in x3 after the shift, see train.augment.sample_shift.)
+  Each of x1-hat, x2s-hat and x3 takes its foreign content (PRM patches, x3's background) from its
+  own donor image of the batch, so no positive pair shares foreign content.
   The paper leaves queue size, temperature, momentum, projector and optimiser unsaid; they follow
   MoCo v2, whose InfoNCE-with-queue formalism eq. 3-5 use: queue 65536, T = 0.2, momentum 0.999,
   2-layer MLP projector (C5 width hidden, 128 out). K = 4 proposals per image follows SoCo.
@@ -20,6 +23,11 @@ order (update the teacher, compute keys, loss, enqueue).
   2 - 2 cos, symmetric, target momentum 0.99 rising to 1 on a cosine schedule.
 - mocov2: image-level MoCo v2 on the same views x1 and x2 (global pooling of C5), queue, T = 0.2,
   MLP head; the loss is symmetrised over the two views.
+
+The InfoNCE-with-queue methods (d3ssl, d3ssl_dc, mocov2) use MoCo's shuffle-BN for the teacher
+(`shuffle_bn`, train.shuffle_bn; `pretrain.bn_splits` groups per process). Every augmentation
+switch is honoured by every region method; a switch a method cannot use (`Method.UNUSABLE`) is
+an error that names it.
 """
 from __future__ import annotations
 
@@ -31,10 +39,11 @@ import torch
 import torch.nn as nn
 
 from train.augment import (
-    AugmentConfig, apply_box_jitter, apply_cutout, region_views, sample_box_jitter, sample_cutout,
+    AugmentConfig, augment_view, backgrounds, jitter_boxes, needs_backgrounds, region_views,
 )
 from train.losses import Queue, byol_loss, info_nce
 from train.model import MLP, RegionEncoder, momentum_copy, momentum_update
+from train.shuffle_bn import shuffled_forward
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -55,6 +64,7 @@ class MethodConfig:
     momentum: float = 0.999                   # teacher EMA
     momentum_schedule: Literal["constant", "cosine"] = "constant"   # cosine: BYOL/SoCo, rises to 1
     depositioning: bool = True                # L_dp (d3ssl); off for d3ssl_dc
+    shuffle_bn: bool = True                   # MoCo's shuffle-BN for the teacher (train.shuffle_bn)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -62,10 +72,10 @@ DEFAULTS = {
     "d3ssl": MethodConfig(),
     "d3ssl_dc": MethodConfig(depositioning=False, augment=AugmentConfig(compose=False)),
     "soco": MethodConfig(proj_hidden=4096, proj_dim=256, proj_bn=True, pred_hidden=4096, momentum=0.99,
-                         momentum_schedule="cosine",
+                         momentum_schedule="cosine", shuffle_bn=False, depositioning=False,
                          augment=AugmentConfig(prc=False, prm=False, rbj=False, compose=False,
                                                cutout=True, box_jitter=True)),
-    "mocov2": MethodConfig(augment=NO_REGION_AUGMENT),
+    "mocov2": MethodConfig(depositioning=False, augment=NO_REGION_AUGMENT),
 }
 
 
@@ -77,7 +87,7 @@ def prepare(batch: dict, device: torch.device, channels_last: bool = False) -> d
     for k, v in batch.items():
         if not torch.is_tensor(v):
             out[k] = v
-        elif k in ("x1", "x2", "x2s", "xb"):
+        elif k in ("x1", "x2", "x2s"):
             x = (v.to(device, non_blocking=True).float() - mean) / std
             out[k] = x.contiguous(memory_format=torch.channels_last) if channels_last else x
         else:
@@ -92,15 +102,53 @@ def ema_momentum(cfg: MethodConfig, progress: float) -> float:
     return cfg.momentum
 
 
-class Method(nn.Module):
-    """Student, teacher (momentum copy) and what a method adds; subclasses define `forward`."""
+SWITCHES = ("prc", "prm", "rbj", "compose", "cutout", "box_jitter")
 
-    def __init__(self, arch: str, cfg: MethodConfig, roi_size: int = 14):
+
+class Method(nn.Module):
+    """Student, teacher (momentum copy) and what a method adds; subclasses define `forward`.
+
+    `bn_splits`: batch-norm groups per process for both networks (train.model); with
+    `cfg.shuffle_bn` the teacher sees the batch shuffled across them (train.shuffle_bn).
+    `UNUSABLE`: the settings a method cannot honour; `build` rejects them when switched on.
+    """
+
+    UNUSABLE: dict[str, str] = {}
+
+    def __init__(self, arch: str, cfg: MethodConfig, roi_size: int = 14, bn_splits: int = 1):
         super().__init__()
         self.cfg = cfg
+        self.bn_splits = bn_splits
         self.student = RegionEncoder(arch, cfg.proj_hidden, cfg.proj_dim, cfg.proj_bn, roi_size)
         self.teacher = momentum_copy(self.student)
         self.last_momentum = cfg.momentum
+
+    @classmethod
+    def check(cls, name: str, cfg: MethodConfig) -> None:
+        """Raise on a setting switched on that this method cannot use, naming it."""
+        on = [f"augment.{k}" for k in SWITCHES if getattr(cfg.augment, k)]
+        on += ["depositioning"] * cfg.depositioning
+        for key in on:
+            if key in cls.UNUSABLE:
+                raise ValueError(f"methods.{name}.{key} is true, but {name} cannot use it ({cls.UNUSABLE[key]}); "
+                                 "set it to false")
+
+    def student_regions(self, x, boxes, valid):
+        return self.student.regions(x, boxes, valid, self.bn_splits)
+
+    @torch.no_grad()
+    def teacher_regions(self, x, boxes, valid, g):
+        if not self.cfg.shuffle_bn:
+            return self.teacher.regions(x, boxes, valid, self.bn_splits)
+        return shuffled_forward(lambda *t: self.teacher.regions(*t, self.bn_splits), [x, boxes, valid],
+                                valid.sum(1), self.bn_splits, g)
+
+    @torch.no_grad()
+    def teacher_images(self, x, g):
+        if not self.cfg.shuffle_bn:
+            return self.teacher.images(x, self.bn_splits)
+        ones = torch.ones(x.shape[0], dtype=torch.long, device=x.device)
+        return shuffled_forward(lambda t: self.teacher.images(t, self.bn_splits), [x], ones, self.bn_splits, g)
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -117,77 +165,96 @@ class Method(nn.Module):
 class D3SSL(Method):
     """De-coupling (L_dc) and, unless `depositioning` is off, de-positioning (L_dp)."""
 
-    def __init__(self, arch: str, cfg: MethodConfig, roi_size: int = 14):
-        super().__init__(arch, cfg, roi_size)
+    def __init__(self, arch: str, cfg: MethodConfig, roi_size: int = 14, bn_splits: int = 1):
+        super().__init__(arch, cfg, roi_size, bn_splits)
         if cfg.depositioning and not cfg.augment.compose:
             raise ValueError("L_dp needs the composition x3: set augment.compose: true or depositioning: false")
+        if cfg.augment.compose and not cfg.depositioning:
+            raise ValueError("augment.compose: true builds x3 for L_dp, which depositioning: false switches off; "
+                             "set compose: false (d3ssl_dc) or depositioning: true")
         self.queue = Queue(cfg.queue_size, cfg.proj_dim)
 
     def forward(self, batch: dict, g: torch.Generator, progress: float) -> tuple[torch.Tensor, dict]:
         valid = batch["valid"]
         v = region_views(batch, self.cfg.augment, g)
-        z_s1 = self.student.regions(v["x1h"], v["s1"], valid)          # N x D, eq. 3
-        z_s2 = self.student.regions(v["x2sh"], v["s2s"], valid)
+        z_s1 = self.student_regions(v["x1h"], v["s1"], valid)          # N x D, eq. 3
+        z_s2 = self.student_regions(v["x2sh"], v["s2s"], valid)
         with torch.no_grad():
             self._momentum_update_teacher(progress)
-            z_t1 = self.teacher.regions(v["x1h"], v["t1"], valid)
-            z_t2 = self.teacher.regions(batch["x2"], v["t2"], valid)
+            z_t1 = self.teacher_regions(v["x1h"], v["t1"], valid, g)
+            z_t2 = self.teacher_regions(batch["x2"], v["t2"], valid, g)
         neg, T = self.queue.negatives(), self.cfg.temperature
         l_dc = info_nce(z_s1, z_t2, neg, T) + info_nce(z_s2, z_t1, neg, T)      # eq. 4
         terms = {"loss_dc": l_dc.detach()}
         loss = l_dc
         if self.cfg.depositioning:
-            z_s3 = self.student.regions(v["x3"], v["s3"], valid)                 # eq. 8
-            l_dp = info_nce(z_s3, z_t2, neg, T) + info_nce(z_s3, z_t1, neg, T)  # eq. 9
+            # x3 holds the boxes that stay on the canvas after the shift (valid3, a subset of valid)
+            keep = v["valid3"][valid]                                            # rows of z_t1/z_t2
+            if bool(keep.any()):
+                z_s3 = self.student_regions(v["x3"], v["s3"], v["valid3"])        # eq. 8
+                l_dp = info_nce(z_s3, z_t2[keep], neg, T) + info_nce(z_s3, z_t1[keep], neg, T)  # eq. 9
+                # eq. 10 averages over all proposals: L_dp counts for the share of them in x3
+                l_dp = l_dp * keep.float().mean()
+            else:
+                l_dp = z_s1.new_zeros(())
             terms["loss_dp"] = l_dp.detach()
+            terms["shift_px"] = v["shift_px"].detach()
             loss = loss + l_dp                                                   # eq. 10
         self.queue.enqueue(torch.cat([z_t1, z_t2]))
         return loss, terms
 
 
 class SoCo(Method):
-    """SoCo, C4: BYOL-style region regression between x1 and x2."""
+    """SoCo, C4: BYOL-style region regression between x1 and x2.
 
-    def __init__(self, arch: str, cfg: MethodConfig, roi_size: int = 14):
-        super().__init__(arch, cfg, roi_size)
+    Its own region augmentations are `cutout` and `box_jitter`; D3SSL's PRC, PRM and RBJ apply
+    too when switched on (the paper's Table 6: SoCo with D3SSL's augmentations), each view with
+    its own PRM background. There is no L_dp, so `compose`/`depositioning` are rejected.
+    """
+
+    UNUSABLE = {"augment.compose": "SoCo has no de-positioning loss", "depositioning": "SoCo has no L_dp"}
+
+    def __init__(self, arch: str, cfg: MethodConfig, roi_size: int = 14, bn_splits: int = 1):
+        super().__init__(arch, cfg, roi_size, bn_splits)
         if not cfg.pred_hidden:
             raise ValueError("soco needs a predictor: set pred_hidden > 0")
         self.predictor = MLP(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim, batch_norm=True)
 
-    def _view(self, x: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor, g: torch.Generator):
-        a = self.cfg.augment
-        if a.cutout:
-            x = apply_cutout(x, sample_cutout(boxes, valid, a, g))
-        if a.box_jitter:
-            boxes = apply_box_jitter(boxes, sample_box_jitter(boxes, valid, a, g), x.shape[-2], x.shape[-1])
-        return x, boxes
-
     def forward(self, batch: dict, g: torch.Generator, progress: float) -> tuple[torch.Tensor, dict]:
-        valid = batch["valid"]
-        x1, b1 = self._view(batch["x1"], batch["boxes1"], valid, g)
-        x2, b2 = self._view(batch["x2"], batch["boxes2"], valid, g)
-        p1 = self.predictor(self.student.regions(x1, b1, valid))
-        p2 = self.predictor(self.student.regions(x2, b2, valid))
+        a, valid = self.cfg.augment, batch["valid"]
+        bg = backgrounds(batch["x1"], 2, g) if needs_backgrounds(a) else [None, None]
+        x1 = augment_view(batch["x1"], batch["boxes1"], valid, a, g, bg[0])[0]
+        x2 = augment_view(batch["x2"], batch["boxes2"], valid, a, g, bg[1])[0]
+        H, W = x1.shape[-2:]
+        b1 = jitter_boxes(batch["boxes1"], valid, a, g, H, W)
+        b2 = jitter_boxes(batch["boxes2"], valid, a, g, H, W)
+        p1 = self.predictor(self.student_regions(x1, b1, valid))
+        p2 = self.predictor(self.student_regions(x2, b2, valid))
         with torch.no_grad():
             self._momentum_update_teacher(progress)
-            z1 = self.teacher.regions(x1, b1, valid)
-            z2 = self.teacher.regions(x2, b2, valid)
+            z1 = self.teacher_regions(x1, b1, valid, g)
+            z2 = self.teacher_regions(x2, b2, valid, g)
         loss = byol_loss(p1, z2) + byol_loss(p2, z1)
         return loss, {"loss_byol": loss.detach()}
 
 
 class MoCoV2(Method):
-    """Image-level MoCo v2 on x1 and x2, symmetric."""
+    """Image-level MoCo v2 on x1 and x2, symmetric. It sees no boxes, so every region
+    augmentation is rejected."""
 
-    def __init__(self, arch: str, cfg: MethodConfig, roi_size: int = 14):
-        super().__init__(arch, cfg, roi_size)
+    UNUSABLE = {**{f"augment.{k}": "MoCo v2 is image-level and sees no boxes" for k in SWITCHES},
+                "depositioning": "MoCo v2 has no L_dp"}
+
+    def __init__(self, arch: str, cfg: MethodConfig, roi_size: int = 14, bn_splits: int = 1):
+        super().__init__(arch, cfg, roi_size, bn_splits)
         self.queue = Queue(cfg.queue_size, cfg.proj_dim)
 
     def forward(self, batch: dict, g: torch.Generator, progress: float) -> tuple[torch.Tensor, dict]:
-        q1, q2 = self.student.images(batch["x1"]), self.student.images(batch["x2"])
+        n = self.bn_splits
+        q1, q2 = self.student.images(batch["x1"], n), self.student.images(batch["x2"], n)
         with torch.no_grad():
             self._momentum_update_teacher(progress)
-            k1, k2 = self.teacher.images(batch["x1"]), self.teacher.images(batch["x2"])
+            k1, k2 = self.teacher_images(batch["x1"], g), self.teacher_images(batch["x2"], g)
         neg, T = self.queue.negatives(), self.cfg.temperature
         loss = info_nce(q1, k2, neg, T) + info_nce(q2, k1, neg, T)
         self.queue.enqueue(torch.cat([k1, k2]))
@@ -197,7 +264,9 @@ class MoCoV2(Method):
 METHODS: dict[str, type[Method]] = {"d3ssl": D3SSL, "d3ssl_dc": D3SSL, "soco": SoCo, "mocov2": MoCoV2}
 
 
-def build(name: str, arch: str, cfg: MethodConfig | None = None, roi_size: int = 14) -> Method:
+def build(name: str, arch: str, cfg: MethodConfig | None = None, roi_size: int = 14, bn_splits: int = 1) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid: {sorted(METHODS)}")
-    return METHODS[name](arch, cfg if cfg is not None else DEFAULTS[name], roi_size)
+    cfg = cfg if cfg is not None else DEFAULTS[name]
+    METHODS[name].check(name, cfg)
+    return METHODS[name](arch, cfg, roi_size, bn_splits)

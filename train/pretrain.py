@@ -6,7 +6,8 @@
         -m train.pretrain ...
 
 Reads the shards' `index.json`, streams batches (`train.stream`, resampled: equal batches per rank),
-and trains the method (`train.methods`). DDP: gloo on CPU, NCCL on CUDA; on CUDA also SyncBN in the
+and trains the method (`train.methods`). Besides the loss terms, d3ssl logs `shift_px`, the mean
+|t| of the de-positioning shift in pixels of the x2 view. DDP: gloo on CPU, NCCL on CUDA; on CUDA also SyncBN in the
 student, bf16 autocast and channels_last. Logged with dvclive under RUN_DIR/dvclive on rank 0 (loss
 terms, learning rate, teacher momentum, images/s, queue fill) with a progress bar.
 
@@ -65,7 +66,13 @@ class PretrainConfig:
     deterministic: bool = False             # torch deterministic algorithms (bitwise resume on CPU)
     bf16_cpu: bool = False                  # bf16 autocast on the CPU too (always on CUDA); ~1.4x on AVX512-BF16
     max_steps: int = 0                      # stop after this many steps (0: the whole schedule)
+    bn_splits: int = 1                      # batch-norm groups per process (MoCo's SplitBatchNorm; shuffle-BN)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+
+    def __post_init__(self) -> None:
+        if self.bn_splits < 1 or self.loader.batch_size < 2 * self.bn_splits:
+            raise ParamsError(f"pretrain.bn_splits is {self.bn_splits} with loader.batch_size {self.loader.batch_size}: "
+                              "batch norm needs at least 2 images per group; lower bn_splits or raise batch_size")
 
 
 def method_config(name: str, params: Path | None) -> MethodConfig:
@@ -180,7 +187,11 @@ def train(shards: Path, out: Path, method_name: str, cfg: PretrainConfig, mcfg: 
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
 
     torch.manual_seed(cfg.seed)                      # identical initial weights on every rank
-    method = build(method_name, cfg.arch, mcfg, roi_size=cfg.roi_size).to(dev)
+    method = build(method_name, cfg.arch, mcfg, roi_size=cfg.roi_size, bn_splits=cfg.bn_splits).to(dev)
+    if mcfg.shuffle_bn and world * cfg.bn_splits < 2:
+        log.warning("methods.%s.shuffle_bn has no effect with one batch-norm group (one process, "
+                    "pretrain.bn_splits: 1): the key shares its query's statistics; set bn_splits >= 2",
+                    method_name)
     if on_cuda and world > 1:
         method.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method.student)
     if on_cuda:

@@ -4,7 +4,10 @@
 
 One row per sample, columns: x1 with the K proposals; x2 with the same proposals; x2-s; PRC on
 x1; PRM after PRC (eq. 2, x1-hat); RBJ (the jittered boxes, dashed, inside the proposals); the
-foreground mask m-hat of the composition; x3 with the shifted boxes (eq. 8).
+foreground mask m-hat of the composition; x3 with the shifted boxes that take part in L_dp
+(eq. 8), its |t| written on it. The x3 column's title gives the batch's `shift_px` (mean |t| in
+pixels), the figure logged during training. PRM and x3 take their backgrounds from different
+donor images of the batch, as in training.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ from PIL import Image, ImageDraw
 
 from pipeline.files import atomic_path
 from train.augment import (
-    AugmentConfig, apply_prc, apply_prm, apply_rbj, compose, sample_prc, sample_prm, sample_rbj, sample_shift,
+    AugmentConfig, apply_prc, apply_prm, apply_rbj, backgrounds, compose, depositioning_boxes, sample_prc, sample_prm,
+    sample_rbj, sample_shift, shift_px,
 )
 from train.methods import MEAN, STD, DEFAULTS, prepare
 from train.pretrain import load_config, method_config
@@ -61,13 +65,15 @@ def preview(shards: Path, out: Path, loader: LoaderConfig, augment: AugmentConfi
     g = torch.Generator().manual_seed(seed)
     aug = AugmentConfig(**{**augment.__dict__, "prc_p": 1.0, "prm_p": 1.0})   # show every augmentation
     x1, x2, valid, b1, b2 = batch["x1"], batch["x2"], batch["valid"], batch["boxes1"], batch["boxes2"]
+    bg = backgrounds(x1, 3, g)
     prc1 = apply_prc(x1, b1, sample_prc(b1, valid, aug, g))
-    prm1 = apply_prm(prc1, sample_prm(b1, valid, aug, g), batch["xb"] if aug.prm_fill == "background" else None)
+    prm1 = apply_prm(prc1, sample_prm(b1, valid, aug, g), bg[0] if aug.prm_fill == "background" else None)
     rbj1 = apply_rbj(b1, sample_rbj(b1, aug, g))
     H, W = x2.shape[-2:]
-    t = sample_shift(b2, valid, H, W, g)
-    shifted = b2 + t[:, None, :].float().repeat(1, 1, 2)
-    x3, b3, mask = compose(x2, b2, valid, batch["xb"], t, sample_prc(shifted, valid, aug, g))
+    t = sample_shift(b2, valid, H, W, g, aug.shift)
+    b3, valid3 = depositioning_boxes(b2, valid, t, H, W, aug.shift_min_visible)
+    x3, mask = compose(x2, b3, valid3, bg[2], t, sample_prc(b3, valid3, aug, g))
+    titles = TITLES[:-1] + [f"x3, shift_px {float(shift_px(t)):.1f}"]
 
     size = x1.shape[-1]
     tiles = []
@@ -81,13 +87,17 @@ def preview(shards: Path, out: Path, loader: LoaderConfig, augment: AugmentConfi
             to_image(prm1[i]),
             draw_boxes(draw_boxes(to_image(x1[i]), b1[i], v), rbj1[i], v, dashed=True),
             Image.fromarray((mask[i].numpy() * 255).astype(np.uint8)).convert("RGB"),
-            draw_boxes(to_image(x3[i]), b3[i], v),
+            draw_boxes(to_image(x3[i]), b3[i], valid3[i]),
         ]
+        ImageDraw.Draw(row[-1]).text((3, size - 12), f"|t| {float(t[i].float().norm()):.0f}px", fill=(255, 255, 255))
         tiles.append(row)
+    zoom = max(1, 128 // size)          # small embedded views are drawn at least 128 px wide
+    tiles = [[im.resize((size * zoom, size * zoom), Image.NEAREST) for im in row] for row in tiles]
+    size *= zoom
     pad, head = 4, 18
-    grid = Image.new("RGB", (len(TITLES) * (size + pad), head + len(tiles) * (size + pad)), (255, 255, 255))
+    grid = Image.new("RGB", (len(titles) * (size + pad), head + len(tiles) * (size + pad)), (255, 255, 255))
     d = ImageDraw.Draw(grid)
-    for c, title in enumerate(TITLES):
+    for c, title in enumerate(titles):
         d.text((c * (size + pad) + 4, 3), title, fill=(0, 0, 0))
     for r, row in enumerate(tiles):
         for c, im in enumerate(row):

@@ -236,13 +236,12 @@ def decode_views(src: Iterator[dict], cfg: LoaderConfig, seed: int, epoch: int, 
 
 
 def collate(samples: list[dict], stats: dict) -> dict:
-    """Stack a batch into tensors (images uint8 Bx3xHxW); `xb`, the de-positioning background of
-    each sample, is x1 of the next sample in the batch. Stacked with numpy: torch.stack would use
-    the intra-op thread pool, which only contends with the loader workers here."""
+    """Stack a batch into tensors (images uint8 Bx3xHxW). (The backgrounds of PRM and of x3 are
+    other samples' x1, drawn on the device: train.augment.background_donors.) Stacked with numpy:
+    torch.stack would use the intra-op thread pool, which only contends with the loader workers."""
     batch = {"key": [s["key"] for s in samples]}
     for k in ("x1", "x2", "x2s"):
         batch[k] = np.ascontiguousarray(np.stack([s[k] for s in samples]).transpose(0, 3, 1, 2))
-    batch["xb"] = np.roll(batch["x1"], -1, axis=0)
     for k in ("boxes1", "boxes2", "boxes2s", "valid"):
         batch[k] = np.stack([s[k] for s in samples])
     batch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from train.augment import (
-    AugmentConfig, apply_box_jitter, apply_cutout, apply_prc, apply_prm, apply_rbj, compose,
-    intersection_area, prc_mask, rect_masks, region_views, sample_box_jitter, sample_cutout,
-    sample_prc, sample_prm, sample_rbj, sample_shift, shift_images,
+    AugmentConfig, apply_box_jitter, apply_cutout, apply_prc, apply_prm, apply_rbj, background_donors, compose,
+    depositioning_boxes, intersection_area, prc_mask, rect_masks, region_views, sample_box_jitter, sample_cutout,
+    sample_prc, sample_prm, sample_rbj, sample_shift, shift_images, shift_px,
 )
 
 
@@ -112,7 +112,9 @@ def test_composition_pixel_for_pixel():
     boxes = torch.tensor([[[1.0, 2.0, 4.0, 5.0], [6.0, 1.0, 8.0, 3.0], [0.0, 0.0, 0.0, 0.0]]])
     valid = torch.tensor([[True, True, False]])
     t = torch.tensor([[3, 4]])
-    x3, shifted, m_hat = compose(x2, boxes, valid, xb, t, None)
+    shifted, valid3 = depositioning_boxes(boxes, valid, t, H, W, 0.5)
+    assert torch.equal(valid3, valid)
+    x3, m_hat = compose(x2, shifted, valid3, xb, t, None)
     assert torch.equal(shifted[0, :2], torch.tensor([[4.0, 6.0, 7.0, 9.0], [9.0, 5.0, 11.0, 7.0]]))
     expect = xb.clone()
     for (x0, y0, x1, y1) in [(1, 2, 4, 5), (6, 1, 8, 3)]:
@@ -122,14 +124,14 @@ def test_composition_pixel_for_pixel():
     # with PRC on the shifted mask (eq. 7) the cut pixels show the background
     prc = {"cuts": torch.tensor([[[4.0, 6.0, 5.0, 7.0], [0.0] * 4, [0.0] * 4]]), "use": torch.tensor([[True, False, False]]),
            "restore": torch.zeros((1, 3, 3), dtype=torch.bool)}
-    x3c, _, m_c = compose(x2, boxes, valid, xb, t, prc)
+    x3c, m_c = compose(x2, shifted, valid3, xb, t, prc)
     assert not m_c[0, 6, 4] and torch.equal(x3c[0, :, 6, 4], xb[0, :, 6, 4]) and int(m_c.sum()) == 12
 
 
 def test_shifts_keep_every_box_inside_the_image(batch):
     _, boxes, valid = batch
     for seed in range(50):
-        t = sample_shift(boxes, valid, 64, 64, torch.Generator().manual_seed(seed))
+        t = sample_shift(boxes, valid, 64, 64, torch.Generator().manual_seed(seed), "within")
         moved = boxes + t[:, None, :].float().repeat(1, 1, 2)
         v = valid
         assert (moved[..., :2][v] >= -1e-5).all() and (moved[..., 2:][v] <= 64 + 1e-5).all()
@@ -145,10 +147,11 @@ def test_batched_equals_a_per_sample_loop(batch):
     prc, prm = sample_prc(boxes, valid, cfg, g), sample_prm(boxes, valid, cfg, g)
     rbj, cut, jit = sample_rbj(boxes, cfg, g), sample_cutout(boxes, valid, cfg, g), sample_box_jitter(boxes, valid, cfg, g)
     t = sample_shift(boxes, valid, 64, 64, g)
+    b3, v3 = depositioning_boxes(boxes, valid, t, 64, 64, 0.5)
     whole = {
         "prc": apply_prc(images, boxes, prc), "prm": apply_prm(images, prm, fill), "rbj": apply_rbj(boxes, rbj),
         "cut": apply_cutout(images, cut), "jit": apply_box_jitter(boxes, jit, 64, 64),
-        "x3": compose(images, boxes, valid, fill, t, prc)[0],
+        "x3": compose(images, b3, v3, fill, t, prc)[0],
     }
     for b in range(images.shape[0]):
         one = lambda p: {k: v[b:b + 1] for k, v in p.items()}   # noqa: E731
@@ -158,21 +161,80 @@ def test_batched_equals_a_per_sample_loop(batch):
         assert torch.equal(apply_rbj(boxes[s], one(rbj)), whole["rbj"][s])
         assert torch.equal(apply_cutout(images[s], one(cut)), whole["cut"][s])
         assert torch.equal(apply_box_jitter(boxes[s], one(jit), 64, 64), whole["jit"][s])
-        assert torch.equal(compose(images[s], boxes[s], valid[s], fill[s], t[s], one(prc))[0], whole["x3"][s])
+        assert torch.equal(compose(images[s], b3[s], v3[s], fill[s], t[s], one(prc))[0], whole["x3"][s])
 
 
 def test_region_views_are_deterministic_for_a_generator_seed(batch):
     images, boxes, valid = batch
-    b = {"x1": images, "x2": images.flip(-1), "x2s": images[..., ::2, ::2], "xb": images.roll(1, 0),
+    b = {"x1": images, "x2": images.flip(-1), "x2s": images[..., ::2, ::2],
          "boxes1": boxes, "boxes2": boxes, "boxes2s": boxes / 2, "valid": valid}
     a = region_views(b, AugmentConfig(), torch.Generator().manual_seed(5))
     c = region_views(b, AugmentConfig(), torch.Generator().manual_seed(5))
     d = region_views(b, AugmentConfig(), torch.Generator().manual_seed(6))
     assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
     assert not torch.equal(a["x1h"], d["x1h"])
-    assert set(a) == {"x1h", "x2sh", "x3", "mask3", "s1", "s2s", "s3", "t1", "t2"}
+    assert set(a) == {"x1h", "x2sh", "x3", "mask3", "valid3", "shift_px", "s1", "s2s", "s3", "t1", "t2"}
     off = region_views(b, AugmentConfig(prc=False, prm=False, rbj=False, compose=False), torch.Generator().manual_seed(5))
     assert torch.equal(off["x1h"], images) and torch.equal(off["s1"], boxes) and "x3" not in off
+
+
+def test_anchor_shift_moves_boxes_that_fill_the_view():
+    """Eq. 6's letter cannot move boxes whose union spans the view; the anchor reading can, keeps
+    the anchor inside, and drops from L_dp what leaves the canvas."""
+    g = torch.Generator().manual_seed(0)
+    B = 64
+    boxes = torch.tensor([[0.0, 0.0, 30.0, 30.0], [34.0, 34.0, 64.0, 64.0], [10.0, 40.0, 26.0, 60.0]]).expand(B, 3, 4)
+    valid = torch.ones(B, 3, dtype=torch.bool)
+    within = sample_shift(boxes, valid, 64, 64, g, "within")
+    assert int(within.abs().max()) == 0 and float(shift_px(within)) == 0.0
+    t = sample_shift(boxes, valid, 64, 64, g, "anchor")
+    assert float(shift_px(t)) > 8.0                                   # most shifts leave a C4 cell (16 px) behind
+    b3, v3 = depositioning_boxes(boxes, valid, t, 64, 64, 0.5)
+    moved = boxes + t[:, None, :].float().repeat(1, 1, 2)
+    inside = (moved[..., :2] >= 0).all(-1) & (moved[..., 2:] <= 64).all(-1)
+    assert inside.any(1).all()                                        # the anchor stays whole
+    assert ((b3 >= 0) & (b3 <= 64)).all()                             # every box is cut to the canvas
+    from train.augment import box_area
+    visible = box_area(b3) / box_area(boxes)
+    assert torch.equal(v3, valid & (visible >= 0.5)) and not v3.all()   # some boxes leave L_dp
+    # x3's pasted pixels all come from inside x2's boxes (never the edge repeated by the shift)
+    x2 = torch.rand(B, 1, 64, 64, generator=g)
+    x3, m = compose(x2, b3, v3, torch.full_like(x2, -5.0), t, None)
+    src = torch.zeros(B, 64, 64, dtype=torch.bool)
+    for i in range(B):
+        for k in range(3):
+            if v3[i, k]:
+                x0, y0, x1, y1 = (int(c) for c in b3[i, k])
+                tx, ty = int(t[i, 0]), int(t[i, 1])
+                assert torch.equal(x3[i, 0, y0:y1, x0:x1], x2[i, 0, y0 - ty:y1 - ty, x0 - tx:x1 - tx])
+                src[i, y0:y1, x0:x1] = True
+    assert torch.equal(m, src)
+
+
+def test_each_view_takes_its_own_background():
+    """A batch of constant-colour images: which images each view holds. x1-hat, x2s-hat and x3 each
+    take foreign pixels from one other image, a different one for each, so the positive pairs
+    (s1, t2), (s2, t1), (s3, t2), (s3, t1) never share a foreign image."""
+    B, S = 6, 32
+    colours = torch.arange(1, B + 1, dtype=torch.float32)                # image i is all (i + 1)
+    x = colours.view(B, 1, 1, 1).expand(B, 3, S, S).clone()
+    box = torch.tensor([4.0, 4.0, 28.0, 28.0])
+    boxes = torch.stack([box, torch.tensor([8.0, 2.0, 20.0, 30.0])]).expand(B, 2, 4).clone()
+    valid = torch.ones(B, 2, dtype=torch.bool)
+    batch = {"x1": x, "x2": x.clone(), "x2s": x[..., ::2, ::2].clone(), "boxes1": boxes, "boxes2": boxes,
+             "boxes2s": boxes / 2, "valid": valid}
+    cfg = AugmentConfig(prc=False, prm_p=1.0, prm_scale=(0.5, 0.6))
+    for seed in range(10):
+        v = region_views(batch, cfg, torch.Generator().manual_seed(seed))
+        for i in range(B):
+            own = float(colours[i])
+            foreign = {k: set(v[k][i].unique().tolist()) - {own} for k in ("x1h", "x2sh", "x3")}
+            assert all(len(f) == 1 for f in foreign.values()), (seed, i, foreign)   # exactly one donor each
+            assert foreign["x1h"].isdisjoint(foreign["x2sh"])          # (s2, t1)
+            assert foreign["x3"].isdisjoint(foreign["x1h"])            # (s3, t1)
+            assert foreign["x3"].isdisjoint(foreign["x2sh"])
+    with pytest.raises(ValueError, match="batch_size to at least 4"):
+        background_donors(3, 3, torch.Generator())
 
 
 def test_soco_box_jitter_and_cutout(batch):

@@ -22,7 +22,7 @@ def fixed_batch(shards):
 def test_loss_falls_on_a_fixed_batch(name, fixed_batch, monkeypatch):
     torch.manual_seed(0)
     cfg = replace(DEFAULTS[name], queue_size=256, proj_hidden=64, pred_hidden=64 if DEFAULTS[name].pred_hidden else 0)
-    method = build(name, "resnet18", cfg, roi_size=7)   # 14 in real runs; 7 keeps the test quick
+    method = build(name, "resnet18", cfg, roi_size=7, bn_splits=2)   # roi 14 in real runs; 7 keeps the test quick
     if hasattr(method, "queue"):
         # On one repeated batch the queue would fill with copies of the positives themselves (a
         # queue assumes fresh batches); keep its random negatives so the loss measures learning.
@@ -39,7 +39,7 @@ def test_loss_falls_on_a_fixed_batch(name, fixed_batch, monkeypatch):
         assert torch.isfinite(loss)
     assert sum(losses[-4:]) / 4 < 0.9 * sum(losses[:4]) / 4, losses
     if name == "d3ssl":
-        assert set(terms) == {"loss_dc", "loss_dp"}
+        assert set(terms) == {"loss_dc", "loss_dp", "shift_px"}
     if name == "d3ssl_dc":
         assert set(terms) == {"loss_dc"}
     assert method.teacher is not method.student
@@ -54,3 +54,50 @@ def test_d3ssl_without_composition_cannot_have_l_dp():
     from train.augment import AugmentConfig
     with pytest.raises(ValueError, match="L_dp needs the composition"):
         build("d3ssl", "resnet18", replace(DEFAULTS["d3ssl"], augment=AugmentConfig(compose=False)))
+
+
+@pytest.mark.parametrize("name,switch", [("soco", "compose"), ("mocov2", "prc"), ("mocov2", "box_jitter"),
+                                         ("mocov2", "rbj")])
+def test_a_switch_a_method_cannot_use_is_an_error_that_names_it(name, switch):
+    from train.augment import AugmentConfig
+    cfg = replace(DEFAULTS[name], augment=replace(DEFAULTS[name].augment, **{switch: True}))
+    with pytest.raises(ValueError, match=f"methods.{name}.augment.{switch} is true"):
+        build(name, "resnet18", cfg)
+    assert AugmentConfig   # imported for the replace above
+
+
+def _views_seen(method, batch, monkeypatch) -> dict:
+    """Run one step and record the images and boxes every student region extraction received."""
+    seen = []
+    real = method.student.regions
+
+    def spy(x, boxes, valid, groups=1):
+        seen.append((x.detach().clone(), boxes.detach().clone()))
+        return real(x, boxes, valid, groups)
+    monkeypatch.setattr(method.student, "regions", spy)
+    method(batch, torch.Generator().manual_seed(0), 0.0)
+    return seen
+
+
+@pytest.mark.parametrize("name,switch", [("d3ssl", "cutout"), ("d3ssl", "box_jitter"), ("soco", "prc"),
+                                         ("soco", "prm"), ("soco", "rbj")])
+def test_every_augmentation_switch_changes_what_the_method_sees(name, switch, fixed_batch, monkeypatch):
+    """Table 5 (D3SSL with SoCo's cutout / box jitter) and Table 6 (SoCo with PRC, PRM, RBJ)."""
+    base = replace(DEFAULTS[name], queue_size=64, proj_hidden=32, pred_hidden=32 if DEFAULTS[name].pred_hidden else 0)
+    off = replace(base.augment, **{switch: False, f"{switch}_p": 1.0} if switch in ("cutout", "box_jitter", "prc", "prm")
+                  else {switch: False})
+    on = replace(off, **{switch: True})
+    torch.manual_seed(0)
+    a = _views_seen(build(name, "resnet18", replace(base, augment=off), roi_size=2), fixed_batch, monkeypatch)
+    torch.manual_seed(0)
+    b = _views_seen(build(name, "resnet18", replace(base, augment=on), roi_size=2), fixed_batch, monkeypatch)
+    images_differ = any(not torch.equal(x, y) for (x, _), (y, _) in zip(a, b))
+    boxes_differ = any(not torch.equal(p, q) for (_, p), (_, q) in zip(a, b))
+    assert (boxes_differ if switch in ("box_jitter", "rbj") else images_differ), switch
+
+
+def test_d3ssl_logs_the_shift_and_counts_l_dp_over_the_boxes_left_in_x3(fixed_batch):
+    torch.manual_seed(0)
+    cfg = replace(DEFAULTS["d3ssl"], queue_size=64, proj_hidden=32)
+    _, terms = build("d3ssl", "resnet18", cfg, roi_size=2, bn_splits=2)(fixed_batch, torch.Generator().manual_seed(0), 0.0)
+    assert float(terms["shift_px"]) >= 0 and set(terms) == {"loss_dc", "loss_dp", "shift_px"}

@@ -25,7 +25,7 @@ def write_params(path: Path, **pretrain) -> Path:
     """A params file for a tiny run: ResNet-18, RoIAlign 7x7, 64 px views, 2 proposals, small queue."""
     doc = yaml.safe_load((REPO / "params.yaml").read_text())
     doc["pretrain"].update({"arch": "resnet18", "roi_size": 7, "epochs": 2, "checkpoint_every": 2, "warmup_epochs": 0.5,
-                            "deterministic": True, **pretrain})
+                            "deterministic": True, "bn_splits": 2, **pretrain})
     doc["loader"].update({"batch_size": 4, "workers": 2, "shuffle_buffer": 8, "epoch_samples": 24})
     doc["loader"]["views"].update({"size": 64, "small_size": 32, "num_proposals": 2})
     for m in doc["methods"].values():
