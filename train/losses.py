@@ -80,3 +80,38 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     pad[: x.shape[0]] = x
     every = dist.all_gather(pad).view(dist.world_size(), -1, *x.shape[1:])
     return torch.cat([every[r, : int(counts[r])] for r in range(dist.world_size())])
+
+
+# ------------------------------------------------------------------------------ health
+
+
+@torch.no_grad()
+def queue_top1(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """Share of queries whose positive scores above every queued negative (chance: 1 / (M + 1))."""
+    q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+    pos = (q * k).sum(dim=1)
+    neg = (q @ F.normalize(negatives.float(), dim=1).t()).amax(dim=1)
+    return (pos > neg).float().mean()
+
+
+@torch.no_grad()
+def batch_top1(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Share of rows i whose nearest row of z (cosine) is z_i: a BYOL-style method's retrieval
+    accuracy within the batch (chance: 1 / N)."""
+    sim = F.normalize(p.float(), dim=1) @ F.normalize(z.float(), dim=1).t()
+    return (sim.argmax(dim=1) == torch.arange(p.shape[0], device=p.device)).float().mean()
+
+
+@torch.no_grad()
+def key_spread(keys: torch.Tensor) -> torch.Tensor:
+    """Per-dimension standard deviation of the L2-normalised keys, times sqrt(dim): about 1 for
+    keys spread over the sphere, 0 when they collapse to one point (SimSiam's collapse check)."""
+    z = F.normalize(keys.float(), dim=1)
+    return z.std(dim=0).mean() * z.shape[1] ** 0.5
+
+
+def chance_loss(queue_size: int) -> float:
+    """InfoNCE of a query that cannot tell its positive from the queue's negatives: ln(M + 1)."""
+    import math
+
+    return math.log(queue_size + 1)

@@ -41,7 +41,7 @@ import torch.nn as nn
 from train.augment import (
     AugmentConfig, augment_view, backgrounds, jitter_boxes, needs_backgrounds, region_views,
 )
-from train.losses import Queue, byol_loss, info_nce
+from train.losses import Queue, batch_top1, byol_loss, chance_loss, info_nce, key_spread, queue_top1
 from train.model import MLP, RegionEncoder, momentum_copy, momentum_update
 from train.shuffle_bn import shuffled_forward
 
@@ -185,7 +185,9 @@ class D3SSL(Method):
             z_t2 = self.teacher_regions(batch["x2"], v["t2"], valid, g)
         neg, T = self.queue.negatives(), self.cfg.temperature
         l_dc = info_nce(z_s1, z_t2, neg, T) + info_nce(z_s2, z_t1, neg, T)      # eq. 4
-        terms = {"loss_dc": l_dc.detach()}
+        chance = chance_loss(self.cfg.queue_size)
+        terms = {"loss_dc": l_dc.detach(), "loss_dc_chance": 2 * chance,
+                 "top1": queue_top1(z_s1, z_t2, neg), "key_std": key_spread(torch.cat([z_t1, z_t2]))}
         loss = l_dc
         if self.cfg.depositioning:
             # x3 holds the boxes that stay on the canvas after the shift (valid3, a subset of valid)
@@ -198,6 +200,7 @@ class D3SSL(Method):
             else:
                 l_dp = z_s1.new_zeros(())
             terms["loss_dp"] = l_dp.detach()
+            terms["loss_dp_chance"] = 2 * chance * float(keep.float().mean())
             terms["shift_px"] = v["shift_px"].detach()
             loss = loss + l_dp                                                   # eq. 10
         self.queue.enqueue(torch.cat([z_t1, z_t2]))
@@ -235,7 +238,9 @@ class SoCo(Method):
             z1 = self.teacher_regions(x1, b1, valid, g)
             z2 = self.teacher_regions(x2, b2, valid, g)
         loss = byol_loss(p1, z2) + byol_loss(p2, z1)
-        return loss, {"loss_byol": loss.detach()}
+        # BYOL has no chance level: a collapsed target gives a falling loss; the in-batch
+        # retrieval accuracy and the key spread tell
+        return loss, {"loss_byol": loss.detach(), "top1": batch_top1(p1, z2), "key_std": key_spread(torch.cat([z1, z2]))}
 
 
 class MoCoV2(Method):
@@ -257,8 +262,10 @@ class MoCoV2(Method):
             k1, k2 = self.teacher_images(batch["x1"], g), self.teacher_images(batch["x2"], g)
         neg, T = self.queue.negatives(), self.cfg.temperature
         loss = info_nce(q1, k2, neg, T) + info_nce(q2, k1, neg, T)
+        terms = {"loss_nce": loss.detach(), "loss_nce_chance": 2 * chance_loss(self.cfg.queue_size),
+                 "top1": queue_top1(q1, k2, neg), "key_std": key_spread(torch.cat([k1, k2]))}
         self.queue.enqueue(torch.cat([k1, k2]))
-        return loss, {"loss_nce": loss.detach()}
+        return loss, terms
 
 
 METHODS: dict[str, type[Method]] = {"d3ssl": D3SSL, "d3ssl_dc": D3SSL, "soco": SoCo, "mocov2": MoCoV2}

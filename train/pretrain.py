@@ -6,8 +6,13 @@
         -m train.pretrain ...
 
 Reads the shards' `index.json`, streams batches (`train.stream`, resampled: equal batches per rank),
-and trains the method (`train.methods`). Besides the loss terms, d3ssl logs `shift_px`, the mean
-|t| of the de-positioning shift in pixels of the x2 view. DDP: gloo on CPU, NCCL on CUDA; on CUDA also SyncBN in the
+and trains the method (`train.methods`). Besides the loss terms, every step logs the health of the
+run: the chance level ln(queue + 1) of each InfoNCE term (`*_chance`, `loss_chance`), the
+positive's rank-1 accuracy among the negatives (`top1`; in-batch retrieval for soco) and the spread
+of the normalised keys (`key_std`: 1 spread over the sphere, 0 collapsed); d3ssl also logs
+`shift_px`, the mean |t| of the de-positioning shift in pixels of the x2 view. At the end,
+`summary.json` holds `health` over the last steps, and a run that ends at chance or collapsed is
+warned about (log and report). DDP: gloo on CPU, NCCL on CUDA; on CUDA also SyncBN in the
 student, bf16 autocast and channels_last. Logged with dvclive under RUN_DIR/dvclive on rank 0 (loss
 terms, learning rate, teacher momentum, images/s, queue fill) with a progress bar.
 
@@ -31,6 +36,7 @@ import os
 import random
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -227,6 +233,7 @@ def train(shards: Path, out: Path, method_name: str, cfg: PretrainConfig, mcfg: 
     bar = tqdm(total=min(stop, total_steps), initial=pos.step, desc=method_name, unit="step",
                disable=not (progress and rank == 0))
     t_last, seen = time.perf_counter(), 0
+    recent: deque[dict] = deque(maxlen=HEALTH_WINDOW)
     model.train()
     while pos.epoch < cfg.epochs and pos.step < stop:
         loader = make_loader(urls, cfg.loader, seed=cfg.seed, epoch=pos.epoch, total_samples=total,
@@ -244,10 +251,15 @@ def train(shards: Path, out: Path, method_name: str, cfg: PretrainConfig, mcfg: 
             pos.step += 1
             pos.batch += 1
             seen += len(batch["key"])
+            chance = sum(float(v) for k, v in terms.items() if k.endswith("_chance"))
+            recent.append({"loss": loss.item(), "chance": chance, "top1": float(terms.get("top1", float("nan"))),
+                           "key_std": float(terms.get("key_std", float("nan")))})
             bar.update()
             if live is not None:
                 now = time.perf_counter()
                 live.log_metric("train/loss", loss.item())
+                if recent[-1]["chance"]:
+                    live.log_metric("train/loss_chance", recent[-1]["chance"])
                 for k, v in terms.items():
                     live.log_metric(f"train/{k}", float(v))
                 live.log_metric("train/lr", lr)
@@ -274,12 +286,38 @@ def train(shards: Path, out: Path, method_name: str, cfg: PretrainConfig, mcfg: 
     summary = {"method": method_name, "arch": cfg.arch, "steps": pos.step, "epochs_done": pos.epoch,
                "total_steps": total_steps, "world_size": world, "finished": pos.step >= total_steps,
                "student_checksums": [int(x) for x in sums.tolist()],
-               "ranks_identical": bool((sums == sums[0]).all())}
+               "ranks_identical": bool((sums == sums[0]).all()), "health": health(list(recent))}
     if rank == 0:
+        for problem in summary["health"]["problems"]:
+            log.warning("UNHEALTHY RUN %s: %s", out, problem)
         write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         live.end()
     dist.barrier()
     return summary
+
+
+HEALTH_WINDOW = 20        # steps averaged for the end-of-run health check
+AT_CHANCE = 0.95          # loss / chance level at or above this: the queue method learned nothing
+COLLAPSED = 0.1           # key spread (1: spread over the sphere, 0: one point) below this: collapse
+
+
+def health(recent: list[dict]) -> dict:
+    """The end-of-run check over the last steps: loss against its chance level ln(queue + 1) per
+    InfoNCE term, the positive's rank-1 accuracy, the key spread; `problems` says what is wrong."""
+    if not recent:
+        return {"steps": 0, "problems": []}
+    mean = {k: float(np.nanmean([r[k] for r in recent])) if not all(np.isnan(r[k]) for r in recent) else None
+            for k in ("loss", "chance", "top1", "key_std")}
+    out = {"steps": len(recent), **mean, "loss_over_chance": None, "problems": []}
+    if mean["chance"]:
+        out["loss_over_chance"] = mean["loss"] / mean["chance"]
+        if out["loss_over_chance"] >= AT_CHANCE:
+            out["problems"].append(f"ends at chance: loss {mean['loss']:.3f} against the chance level "
+                                   f"{mean['chance']:.3f} (ln(queue + 1) per InfoNCE term), rank-1 accuracy "
+                                   f"{mean['top1']:.3f}")
+    if mean["key_std"] is not None and mean["key_std"] < COLLAPSED:
+        out["problems"].append(f"collapsed keys: spread {mean['key_std']:.3f} (1 = spread over the sphere, 0 = one point)")
+    return out
 
 
 def open_live(path: Path, resume: bool):

@@ -68,3 +68,28 @@ def test_cosine_momentum_rises_to_one():
     assert ema_momentum(cfg, 0.0) == pytest.approx(0.99)
     assert ema_momentum(cfg, 1.0) == pytest.approx(1.0)
     assert ema_momentum(MethodConfig(momentum=0.999), 0.7) == 0.999
+
+
+def test_health_detectors_tell_chance_and_collapse():
+    import math
+
+    from train.losses import batch_top1, chance_loss, key_spread, queue_top1
+    from train.pretrain import health
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(64, 16, generator=g)
+    negatives = torch.randn(256, 16, generator=g)
+    assert float(queue_top1(q, q, negatives)) == 1.0                  # the positive is itself
+    assert float(queue_top1(q, torch.randn(64, 16, generator=g), negatives)) < 0.1
+    assert float(batch_top1(q, q)) == 1.0
+    assert float(key_spread(torch.randn(512, 16, generator=g))) > 0.9
+    assert float(key_spread(torch.ones(512, 16) + 1e-4 * torch.randn(512, 16, generator=g))) < 0.01
+    assert chance_loss(1024) == math.log(1025)
+    # a random query against a queue scores the chance level: what `health` flags
+    from train.losses import info_nce
+    loss = float(info_nce(q, torch.randn(64, 16, generator=g), torch.randn(1024, 16, generator=g), 1e3))
+    assert abs(loss - chance_loss(1024)) < 0.01
+    bad = health([{"loss": 27.6, "chance": 4 * math.log(1025), "top1": 0.001, "key_std": 0.02}] * 5)
+    assert len(bad["problems"]) == 2 and "chance" in bad["problems"][0] and "collapsed" in bad["problems"][1]
+    good = health([{"loss": 8.0, "chance": 4 * math.log(1025), "top1": 0.4, "key_std": 0.7}] * 5)
+    assert good["problems"] == [] and good["loss_over_chance"] < 0.5
+    assert health([{"loss": 0.3, "chance": 0.0, "top1": 0.5, "key_std": float("nan")}])["problems"] == []
