@@ -1,0 +1,156 @@
+"""Experiment harness: train one method for N steps on the shards and measure O-KNN on
+checkpoints along the way, so that a setting is judged in minutes, not by a whole `dvc repro`.
+
+    python -m benchmarks.harness --name d3ssl_base --method d3ssl --steps 240 --eval-at 60 120 240 \
+        [--params params.yaml] [--set pretrain.base_lr=0.3 --set loader.views.size=96 ...] \
+        [--shards data/shards] [--coco-root data/synth/coco] [--seed 0] [--out reports/experiments]
+    python -m benchmarks.harness --plot reports/experiments/d3ssl_base reports/experiments/soco_base \
+        --out reports/experiments/compare.png
+
+Each run writes `OUT/NAME/`: `params.yaml` (the params file with the `--set` overrides, what ran),
+`curve.json` (settings, per evaluated step: O-KNN top-1/top-5 and disturbed, the training health
+of `summary.json`, wall seconds of training and of evaluation; step 0 is the initial network) and
+`curve.png`. The schedule is that of `--steps` (warm-up and cosine decay end there); evaluations
+resume the same run, so the curve is one training run seen at several steps. The run folder
+(`OUT/NAME/run`, checkpoints) is left out of git by `.gitignore`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import yaml
+
+from pipeline.files import atomic_path, write_text
+
+log = logging.getLogger("benchmarks.harness")
+
+
+def set_key(doc: dict, dotted: str, value) -> None:
+    """doc[a][b][c] = value for 'a.b.c'; every key but the last must exist (a typo is an error)."""
+    *path, last = dotted.split(".")
+    node = doc
+    for i, k in enumerate(path):
+        if not isinstance(node, dict) or k not in node:
+            raise KeyError(f"--set {dotted}: no key {'.'.join(path[:i + 1])!r} in the params file")
+        node = node[k]
+    if not isinstance(node, dict) or last not in node:
+        raise KeyError(f"--set {dotted}: no key {dotted!r} in the params file")
+    node[last] = value
+
+
+def write_params(base: Path, overrides: list[str], path: Path) -> dict:
+    doc = yaml.safe_load(base.read_text())
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: write KEY=VALUE, e.g. pretrain.base_lr=0.3")
+        set_key(doc, key, yaml.safe_load(raw))
+    write_text(path, yaml.safe_dump(doc, sort_keys=False))
+    return doc
+
+
+def evaluate(backbone: str, arch: str, params: Path, coco_root: Path, out: Path) -> dict:
+    from eval.oknn import main as oknn_main
+
+    oknn_main(["--backbone", backbone, "--arch", arch, "--coco-root", str(coco_root), "--out", str(out),
+               "--params", str(params), "--device", "cpu"])
+    r = json.loads(out.read_text())
+    return {k: r[k] for k in ("top1", "top5", "disturbed_top1", "disturbed_top5", "prior_top1")}
+
+
+def run(args) -> dict:
+    from dataclasses import replace
+
+    from train.export import export
+    from train.pretrain import load_config, method_config, train
+    from train.stream import batches_per_worker, read_index
+
+    out = args.out / args.name
+    params = out / "params.yaml"
+    write_params(args.params, args.set, params)
+    cfg = load_config(params)
+    _, total = read_index(args.shards)
+    steps_per_epoch = max(cfg.loader.workers, 1) * batches_per_worker(cfg.loader, total, 1)
+    epochs = math.ceil(args.steps / steps_per_epoch)
+    cfg = replace(cfg, seed=args.seed, epochs=epochs, checkpoint_every=10 ** 9)
+    mcfg = method_config(args.method, params)
+    run_dir = out / "run"
+    points = []
+    t = time.perf_counter()
+    points.append({"step": 0, **evaluate("random", cfg.arch, params, args.coco_root, out / "oknn_step0.json"),
+                   "eval_s": time.perf_counter() - t, "train_s": 0.0})
+    log.info("step 0: O-KNN top-1 %.2f", points[-1]["top1"])
+    for step in sorted(set(args.eval_at) | {args.steps}):
+        if step > epochs * steps_per_epoch:
+            break
+        t = time.perf_counter()
+        summary = train(args.shards, run_dir, args.method, replace(cfg, max_steps=step), mcfg,
+                        resume=(run_dir / "checkpoint.pt").is_file(), device="cpu", progress=False)
+        train_s = time.perf_counter() - t
+        export(run_dir / "checkpoint.pt", run_dir / "export")
+        t = time.perf_counter()
+        res = evaluate(str(run_dir / "export" / "backbone.pth"), cfg.arch, params, args.coco_root,
+                       out / f"oknn_step{step}.json")
+        points.append({"step": summary["steps"], **res, "health": summary["health"], "train_s": train_s,
+                       "eval_s": time.perf_counter() - t})
+        log.info("step %d: O-KNN top-1 %.2f (train %.0f s); health %s", summary["steps"], res["top1"], train_s,
+                 {k: summary["health"].get(k) for k in ("loss_over_chance", "top1", "key_std")})
+    result = {"name": args.name, "method": args.method, "steps": args.steps, "seed": args.seed,
+              "overrides": args.set, "steps_per_epoch": steps_per_epoch, "epochs": epochs, "points": points}
+    write_text(out / "curve.json", json.dumps(result, indent=2) + "\n")
+    plot([result], out / "curve.png")
+    return result
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for r in results:
+        steps = [p["step"] for p in r["points"]]
+        ax.plot(steps, [p["top1"] for p in r["points"]], marker="o", label=r["name"])
+    if results:
+        ax.axhline(results[0]["points"][0]["prior_top1"], color="grey", ls=":", lw=0.8, label="label prior")
+    ax.set_xlabel("pre-training step")
+    ax.set_ylabel("O-KNN top-1 (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.harness", description=__doc__.split("\n\n")[0])
+    p.add_argument("--name", help="experiment name (a folder under --out)")
+    p.add_argument("--method", default="d3ssl", help="d3ssl, d3ssl_dc, soco, mocov2 (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=240, help="schedule length in steps (default: %(default)s)")
+    p.add_argument("--eval-at", type=int, nargs="*", default=[], help="also evaluate after these steps")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="base params (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a params key, e.g. pretrain.base_lr=0.3 (repeatable)")
+    p.add_argument("--shards", type=Path, default=Path("data/shards"), help="default: %(default)s")
+    p.add_argument("--coco-root", type=Path, default=Path("data/synth/coco"), help="default: %(default)s")
+    p.add_argument("--seed", type=int, default=0, help="pre-training seed (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("reports/experiments"), help="default: %(default)s")
+    p.add_argument("--plot", type=Path, nargs="*", help="instead of a run: overlay the curves of these folders into --out (a .png)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.plot:
+        plot([json.loads((d / "curve.json").read_text()) for d in args.plot], args.out)
+        return 0
+    if not args.name:
+        p.error("--name is required for a run")
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
