@@ -78,6 +78,13 @@ def export(checkpoint: Path | None, out: Path, arch: str | None = None, seed: in
     else:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         backbone = {k: v.detach().cpu().contiguous() for k, v in backbone_from_checkpoint(state).items()}
+    return write_export(backbone, out, {"checkpoint": str(checkpoint) if checkpoint else None, "method": state.get("method"),
+                                        "arch": state.get("arch"), "step": state.get("step")})
+
+
+def write_export(backbone: dict[str, torch.Tensor], out: Path, info: dict) -> dict:
+    """Write `backbone` (torchvision names) as backbone.pth, backbone_detectron2.pkl and export.json."""
+    backbone = {k: v.detach().cpu().contiguous() for k, v in backbone.items()}
     out.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(backbone, buf)
@@ -87,8 +94,7 @@ def export(checkpoint: Path | None, out: Path, arch: str | None = None, seed: in
     with atomic_path(out / "backbone_detectron2.pkl") as tmp:
         tmp.write_bytes(d2)
     info = {
-        "checkpoint": str(checkpoint) if checkpoint else None, "method": state.get("method"), "arch": state.get("arch"),
-        "step": state.get("step"), "keys": len(backbone),
+        "checkpoint": None, **info, "keys": len(backbone),
         "sha256": {"backbone.pth": hashlib.sha256(buf.getvalue()).hexdigest(),
                    "backbone_detectron2.pkl": hashlib.sha256(d2).hexdigest()},
     }
