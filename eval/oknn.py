@@ -4,22 +4,34 @@
         --coco-root /datasets/coco --out reports/d3ssl/oknn.json [--params params.yaml] [--device auto]
     python -m eval.oknn --backbone random --arch resnet18 --coco-root data/synth/coco --out /tmp/oknn.json
 
-What is measured (the paper's settings, and whose setting fills each gap it leaves):
+What runs (the paper's settings, and whose setting fills each gap it leaves):
 - Object features: "from the C5 block with ground-truth bounding boxes by using RoI Align with a
-  size of 7x7 and average pooling" (paper). Default `feature: c5_roialign7`: RoIAlign 7x7 (aligned,
-  adaptive sampling) of each box on the C5 map (stride 32), averaged to one vector (2048-d for
-  ResNet-50, 512-d for ResNet-18). `c4_roialign14_res5` (RoIAlign 14x14 on C4, then res5 and
-  average pooling, the pre-training region head) is the alternative; see eval/backbone.py.
+  size of 7x7 and average pooling" (paper). `feature: c5_roialign7` (the default, and the
+  embedded params): the whole image goes through the backbone to C5 (stride 32); each box is
+  RoIAlign 7x7 (aligned, adaptive sampling) on that map, averaged to one vector (2048-d for
+  ResNet-50, 512-d for ResNet-18). A C5 cell sees far beyond the box, so what surrounds an object
+  reaches its feature: that is what disturbed O-KNN measures. `c4_roialign14_res5` (RoIAlign
+  14x14 on C4, then res5 on the crop and average pooling: the pre-training region head) is kept
+  as a named alternative; its res5 sees only the box, so it hides most of the disturbance. See
+  eval/backbone.py.
 - Images: shorter side resized to `min_size` (longer side at most `max_size`), no padding, no crop,
-  same-shape images batched. The paper is silent: the default 320 keeps the embedded 240-320 px
-  images near their own scale and runs on a CPU; for real COCO (about 640x480) min_size 480 /
-  max_size 800 keeps the images at their own resolution.
+  same-shape images batched. The paper does not give the input size. The embedded params use 256
+  / 427: the synthetic images are 240-320 px with objects of 0.14-0.45 of the image side, and at
+  256 the objects' shorter side is 0.9 / 1.4 / 2.4 C5 cells (10th percentile / median / 90th;
+  about 16% under one cell), where at 128 (the earlier setting) it was 0.45 / 0.7 / 1.2 (79%
+  under one cell: RoIAlign read mostly interpolated neighbours). 320 (the images' own scale:
+  1.1 / 1.8 / 3.0, 5% under one cell) costs 2.5 times the extraction time of 128 and 1.6 times
+  that of 256, too much for the 15 embedded runs on 2 CPU cores. For real COCO (about 640x480)
+  min_size 480 / max_size 800 keeps the images at their own resolution.
+  The JSON records `feature`, `image_size` (the settings and the shorter sides actually fed),
+  `k`, and `object_c5_cells`: percentiles of the objects' shorter side at the fed size divided by
+  the C5 stride, for the bank and the queries.
 - Memory bank: COCO train2017, at most `per_image` objects per image (the paper's N, value not
   given), picked to keep frequent classes from swamping the bank: round by round, one object per
   class present in the image, the globally rarest class first, objects at random within a class.
 - Queries: every object of COCO val2017.
 - Both sides skip crowd boxes (`iscrowd`, a group, not one object) and boxes whose shorter side is
-  under `min_box_size` pixels of the original image (a quarter of a C5 cell at the default 8:
+  under `min_box_size` pixels of the original image (about a quarter of a C5 cell at the default 8:
   RoIAlign would only see interpolated context); the JSON counts what was skipped.
 - Vote: the standard weighted kNN protocol (Wu et al. 2018, as in DINO/solo-learn): cosine
   similarity of L2-normalised features, the k = 20 nearest, each voting exp(sim / T) with
@@ -27,6 +39,8 @@ What is measured (the paper's settings, and whose setting fills each gap it leav
 - Disturbed O-KNN: the same queries on images whose every pixel outside the image's query boxes is
   replaced by another val image (seeded random choice, resized to the same size); the pixels of
   the boxes are unchanged. The bank is not disturbed.
+- Positive control (tests/eval/test_oknn.py): a small CNN trained with the labels beats the same
+  network untrained through this code, at an input size where the objects cover C5 cells.
 - The search runs over bank chunks x query chunks with a running top-k, so memory beyond the
   bank itself is O(bank_chunk x query_chunk), whatever the bank size (COCO train: 860k objects).
 """
@@ -57,7 +71,7 @@ class OknnConfig:
     """The `oknn` section of params.yaml."""
 
     feature: str = "c5_roialign7"   # eval.backbone.REGION_FEATURES: RoIAlign 7x7 on C5 + average pooling
-    min_size: int = 320             # shorter image side fed to the backbone (pixels)
+    min_size: int = 320             # shorter image side fed to the backbone (pixels); the paper gives none
     max_size: int = 533             # cap on the longer side
     per_image: int = 5              # N: bank objects per train image, rarest class first
     min_box_size: float = 8.0       # skip boxes whose shorter side is below this (original pixels)
@@ -297,13 +311,32 @@ def read_split(coco_root: Path, split: str, min_box_size: float) -> Split:
     )
 
 
+def fed_shapes(split: Split, cfg: OknnConfig) -> list[tuple[int, int]]:
+    """(h, w) each image of the split is fed to the backbone at."""
+    return [resize_shape(h, w, cfg.min_size, cfg.max_size) for h, w in split.sizes]
+
+
+def object_cells(split: Split, select: np.ndarray, cfg: OknnConfig, stride: int) -> dict[str, float]:
+    """The shorter side of the objects `select` at the fed size, in cells of a `stride`-pixel map:
+    10th, 50th and 90th percentiles, and the share of objects under one cell."""
+    shapes = np.array(fed_shapes(split, cfg), np.float64)[split.image[select]]          # n x (h, w)
+    sizes = np.array(split.sizes, np.float64)[split.image[select]]
+    b = split.boxes[select].astype(np.float64)
+    side = np.minimum((b[:, 2] - b[:, 0]) * shapes[:, 1] / sizes[:, 1], (b[:, 3] - b[:, 1]) * shapes[:, 0] / sizes[:, 0])
+    cells = side / stride
+    p10, p50, p90 = np.percentile(cells, [10, 50, 90]) if len(cells) else (np.nan,) * 3
+    return {"p10": round(float(p10), 3), "median": round(float(p50), 3), "p90": round(float(p90), 3),
+            "under_one_cell": round(float((cells < 1).mean()), 4) if len(cells) else float("nan")}
+
+
 def split_features(stages: torch.nn.Module, split: Split, select: np.ndarray, cfg: OknnConfig,
                    device: torch.device, donors: np.ndarray | None = None) -> np.ndarray:
     """Features of the objects `select` (indices into split's objects, sorted), one row each;
     with `donors` (an image index per image of the split), on the disturbed images."""
     ims, boxes, rows = split.by_image(select)
     sizes = [split.sizes[i] for i in ims]
-    shapes = [resize_shape(h, w, cfg.min_size, cfg.max_size) for h, w in sizes]
+    all_shapes = fed_shapes(split, cfg)
+    shapes = [all_shapes[i] for i in ims]
     donor_paths = None if donors is None else [split.paths[d] for d in donors[ims]]
     dataset = RegionImages([split.paths[i] for i in ims], sizes, shapes, boxes, donor_paths)
     return extract(stages, cfg.feature, dataset, rows, len(select), cfg, device)
@@ -338,8 +371,17 @@ def run_oknn(stages: torch.nn.Module, coco_root: Path, cfg: OknnConfig, device: 
     times["search"] = time.perf_counter() - t
     share = np.bincount(bank_y[bank_sel], minlength=len(classes)) / max(len(bank_sel), 1)
     query_share = np.bincount(query_y, minlength=len(classes)) / max(len(query_y), 1)
+    fed = [min(hw) for hw in fed_shapes(train, cfg) + fed_shapes(val, cfg)]
+    c5 = stages.strides["C5"]
     return {
         "top1": acc[1], "top5": acc[5], "disturbed_top1": dacc[1], "disturbed_top5": dacc[5],
+        # the protocol, beside the numbers it produced
+        "feature": cfg.feature, "k": int(cfg.k),
+        "image_size": {"min_size": int(cfg.min_size), "max_size": int(cfg.max_size),
+                       "shorter_side_min": int(min(fed)), "shorter_side_max": int(max(fed))},
+        # objects' shorter side at the fed size in C5 cells: under one, RoIAlign reads mostly neighbours
+        "object_c5_cells": {"stride": int(c5), "bank": object_cells(train, bank_sel, cfg, c5),
+                            "queries": object_cells(val, queries, cfg, c5)},
         # top-1 of a predictor that ignores the image and answers the label of a random bank
         # object: the floor features must beat. Below 100/classes where the class-balanced bank
         # holds the queries' frequent classes less often than the queries do.
