@@ -56,7 +56,7 @@ def reduce(params: dict) -> dict:
     for m in params["methods"].values():
         m["queue_size"] = min(m["queue_size"], 256)
     params["oknn"].update({"min_size": 64, "max_size": 107, "per_image": 2, "workers": 0})
-    params["probes"].update({"pairs": 4, "objects": 4, "object_size": 64, "canvas": 128})
+    params["probes"].update({"pairs": 4, "objects": 4, "object_size": 64, "pool_size": 2, "canvas": 128})  # 64 = 2 x 32
     params["detect"].update({"max_iter": 4, "val_images": 8, "workers": 0})
     return params
 
