@@ -6,9 +6,13 @@
 
 Reads, for each model and seed, `REPORTS/<model>/seed<s>/oknn.json`, `probes.json` and
 `detect/metrics.json`, and writes `OUT.md` and `OUT.json` with:
-- Table 4: O-KNN and disturbed O-KNN top-1/top-5 per model;
+- Table 4: O-KNN and disturbed O-KNN top-1/top-5 per model, and the protocol the runs used
+  (region feature, input size, k, the objects' size in C5 cells: `oknn_protocol` in the JSON);
 - Table 7: coupling rate and mean cosine similarity (at C5, the layer the paper's Table 7 reports;
-  all layers in the JSON) and detection AP for d3ssl against d3ssl_dc;
+  all layers in the JSON) and detection AP for d3ssl against d3ssl_dc, beside the one-pixel
+  control each probe run measured at its own settings (1 when the probe measures the network and
+  not its RoIAlign sampling; `control_cr_<layer>`, `control_mcs_<layer>` in the JSON, and
+  `probe_control_max_deviation` over every run and layer);
 - Table 1: detection AP, AP50, AP75 per model;
 - Table 2: the OpenImage-MINI statistics against COCO;
 - the paper's orderings, each checked: holds when the means are ordered as in the paper, and
@@ -58,13 +62,31 @@ def collect(reports: Path, models: list[str], seeds: list[int]) -> dict:
                 rows.setdefault(f"oknn_{k}", []).append(float(oknn[k]))
             rows.setdefault("oknn_prior_top1", []).append(float(oknn["prior_top1"]))
             rows.setdefault("oknn_classes", []).append(float(oknn["classes"]))
+            if "control" not in probes:
+                raise ValueError(f"{d / 'probes.json'} has no one-pixel 'control': rerun its probes stage")
             for layer in LAYERS:
-                rows.setdefault(f"cr_{layer}", []).append(float(probes["cr"][layer]))
-                rows.setdefault(f"mcs_{layer}", []).append(float(probes["mcs"][layer]))
+                for metric in ("cr", "mcs"):
+                    rows.setdefault(f"{metric}_{layer}", []).append(float(probes[metric][layer]))
+                    rows.setdefault(f"control_{metric}_{layer}", []).append(float(probes["control"][metric][layer]))
             for k in TABLE1:
                 rows.setdefault(f"det_{k}", []).append(float(det["bbox"][k]))
         out[model] = {k: mean_std(v) for k, v in rows.items()}
     return out
+
+
+def oknn_protocol(reports: Path, models: list[str], seeds: list[int]) -> list[str]:
+    """The distinct O-KNN protocols of the runs, in words (one, when every run used the same)."""
+    seen = []
+    for model in models:
+        for s in seeds:
+            o = load(reports / model / f"seed{s}" / "oknn.json")
+            size, cells = o.get("image_size", {}), o.get("object_c5_cells", {}).get("queries", {})
+            text = (f"`{o.get('feature', '?')}`, shorter side {size.get('min_size', '?')} px (longer at most "
+                    f"{size.get('max_size', '?')}), k = {o.get('k', '?')}; query objects' shorter side "
+                    f"{cells.get('median', '?')} C5 cells (median; 10th percentile {cells.get('p10', '?')})")
+            if text not in seen:
+                seen.append(text)
+    return seen
 
 
 def ordering(results: dict, metric: str, chain: list[str], higher_is_better: bool, what: str) -> dict:
@@ -83,7 +105,8 @@ def fmt(ms: dict, digits: int = 2) -> str:
     return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
 
 
-def render(results: dict, orderings: list[dict], stats: dict | None, seeds: list[int], plots: list[str]) -> str:
+def render(results: dict, orderings: list[dict], stats: dict | None, seeds: list[int], plots: list[str],
+           protocol: list[str] = ()) -> str:
     models = list(results)
     lines = [f"# Results on the embedded data ({len(seeds)} seeds: {', '.join(map(str, seeds))}; mean ± std)", ""]
     lines += ["## Object-level kNN (like Table 4)", "",
@@ -94,12 +117,16 @@ def render(results: dict, orderings: list[dict], stats: dict | None, seeds: list
     lines += ["", f"The floor: answering the label of a random bank object, without looking at the image, "
               f"gives {first['oknn_prior_top1']['mean']:.2f} top-1 ({first['oknn_classes']['mean']:.0f} classes; "
               "the bank is class-balanced, so it holds the queries' frequent classes less often than they occur)."]
+    lines += ["", "Protocol: " + "; ".join(protocol) + "."] if protocol else []
     lines += ["", "## De-positioning ablation (like Table 7; probes at C5)", "",
-              "| model | CR ↓ | MCS ↑ | AP ↑ |", "|---|---|---|---|"]
+              "| model | CR ↓ | MCS ↑ | AP ↑ | control CR | control MCS |", "|---|---|---|---|---|---|"]
     for m in ("d3ssl_dc", "d3ssl"):
         if m in results:
             r = results[m]
-            lines.append(f"| {m} | {fmt(r['cr_C5'], 3)} | {fmt(r['mcs_C5'], 3)} | {fmt(r['det_AP'])} |")
+            lines.append(f"| {m} | {fmt(r['cr_C5'], 3)} | {fmt(r['mcs_C5'], 3)} | {fmt(r['det_AP'])} | "
+                         f"{fmt(r['control_cr_C5'], 6)} | {fmt(r['control_mcs_C5'], 6)} |")
+    lines += ["", "The control is a network whose receptive field is one pixel, probed by the same code on the "
+              "same images at the same settings: 1 means the probe measures the network, not its RoIAlign sampling."]
     lines += ["", "## Detection fine-tuning (like Table 1; COCOeval bbox)", "",
               "| model | AP | AP50 | AP75 |", "|---|---|---|---|"]
     for m in models:
@@ -111,6 +138,9 @@ def render(results: dict, orderings: list[dict], stats: dict | None, seeds: list
         r = results[m]
         lines.append(f"| {m} | " + " | ".join(fmt(r[f'cr_{x}'], 3) for x in LAYERS) + " | "
                      + " | ".join(fmt(r[f'mcs_{x}'], 3) for x in LAYERS) + " |")
+    r = results[models[0]]
+    lines.append(f"| one-pixel control ({models[0]} runs) | " + " | ".join(fmt(r[f'control_cr_{x}'], 3) for x in LAYERS)
+                 + " | " + " | ".join(fmt(r[f'control_mcs_{x}'], 3) for x in LAYERS) + " |")
     for p in plots:
         lines += ["", f"![{Path(p).stem}]({Path(p).name})"]
     if stats:
@@ -140,10 +170,14 @@ def make_report(reports: Path, models: list[str], seeds: list[int], out: Path, d
             orderings.append(ordering(results, "det_AP", [m, "random"], True, f"detection AP: {m} > random"))
     stats = json.loads(dataset_stats.read_text()) if dataset_stats and dataset_stats.is_file() else None
     plots = plot_means(results, out)
-    doc = {"seeds": seeds, "models": models, "results": results, "orderings": orderings,
+    control = [abs(v - 1.0) for r in results.values() for k, ms in r.items() if k.startswith("control_")
+               for v in ms["values"]]
+    protocol = oknn_protocol(reports, models, seeds)
+    doc = {"seeds": seeds, "models": models, "results": results, "orderings": orderings, "oknn_protocol": protocol,
+           "probe_control_max_deviation": max(control),
            "dataset": {k: stats[k] for k in ("openimage_mini", "coco")} if stats else None}
     write_text(out.with_suffix(".json"), json.dumps(doc, indent=2) + "\n")
-    write_text(out.with_suffix(".md"), render(results, orderings, stats, seeds, [str(p) for p in plots]))
+    write_text(out.with_suffix(".md"), render(results, orderings, stats, seeds, [str(p) for p in plots], protocol))
     return doc
 
 
