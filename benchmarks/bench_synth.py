@@ -1,20 +1,26 @@
 """How fast the embedded data is made, and how hard its classes are.
 
-    python -m benchmarks.bench_synth [--images 300] [--data data/synth]
+    python -m benchmarks.bench_synth [--images 300] [--data data/synth | --build params.yaml] [--json out.json]
 
 1. Speed: images/s of `pipeline.synth.build` with 1 and 2 worker processes (same settings, same
-   process), and the ratio.
-2. Difficulty, on the COCO-layout splits of `--data` (train objects as the bank, val objects as
-   queries, 20-NN cosine vote as in O-KNN):
-   - a randomly initialised ResNet-18 (weights=None): RoIAlign 14x14 on C4, res5, average pooling;
-   - colour alone: per-box mean RGB and an 8-bin hue histogram;
+   process), and the ratio (`--images 0` skips it).
+2. Difficulty, on the COCO-layout splits of `--data`, or of a set built afresh from the `synth`
+   section of `--build` (train objects as the bank, val objects as the queries):
+   - the floor: the majority-class rate (share of the most frequent val class) and the rate of
+     guessing by the bank's class frequencies (what a kNN vote on uninformative features tends to);
+   - colour alone: per-box mean RGB and an 8-bin hue histogram, by a 20-NN cosine vote as in O-KNN
+     and by a logistic regression;
+   - a randomly initialised ResNet-18 (weights=None): RoIAlign 14x14 on C4, res5, average
+     pooling, 20-NN vote;
    - learnable: a small CNN trained with labels on 64x64 box crops for a fixed number of steps.
-   The classes should be learnable (the supervised CNN far above the others) but not given away
-   by colour or by a random network.
+   A class is its shape and texture pattern, so colour alone should stay at the floor and the
+   supervised CNN far above it.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +29,7 @@ import cv2
 import numpy as np
 
 from pipeline.readers import read_coco
+from pipeline.params import as_dict, load_section
 from pipeline.synth import SynthConfig, build
 
 
@@ -53,6 +60,23 @@ def knn_accuracy(bank: np.ndarray, bank_y: np.ndarray, q: np.ndarray, q_y: np.nd
     for j in range(k):
         np.add.at(votes, (np.arange(len(q)), bank_y[idx[:, j]]), np.exp(sim[np.arange(len(q)), idx[:, j]] / t))
     return float((votes.argmax(1) == q_y).mean())
+
+
+def floor_rates(ytr: np.ndarray, yva: np.ndarray) -> dict:
+    """Accuracy without looking at the objects: always the most frequent val class, and guessing
+    by the bank's class frequencies."""
+    n = int(max(ytr.max(), yva.max())) + 1
+    ptr, pva = np.bincount(ytr, minlength=n) / len(ytr), np.bincount(yva, minlength=n) / len(yva)
+    return {"majority": float(pva.max()), "prior_guess": float(ptr @ pva)}
+
+
+def logistic_accuracy(xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray, yva: np.ndarray) -> float:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    sc = StandardScaler().fit(xtr)
+    lr = LogisticRegression(max_iter=2000).fit(sc.transform(xtr), ytr)
+    return float((lr.predict(sc.transform(xva)) == yva).mean())
 
 
 def colour_features(boxes, paths) -> np.ndarray:
@@ -116,7 +140,7 @@ def supervised_accuracy(xtr, ytr, xva, yva, steps: int = 600, seed: int = 0) -> 
     )
     opt = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=1e-4)
     xt = torch.from_numpy(xtr).permute(0, 3, 1, 2).float() / 255
-    yt = torch.from_numpy(ytr).long()
+    yt = torch.from_numpy(np.array(ytr)).long()
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         i = torch.randint(len(xt), (64,), generator=g)
@@ -133,29 +157,63 @@ def supervised_accuracy(xtr, ytr, xva, yva, steps: int = 600, seed: int = 0) -> 
     return float((pred == yva).mean())
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--images", type=int, default=300, help="images for the speed measurement")
-    p.add_argument("--data", type=Path, default=Path("data/synth"), help="a built embedded data set")
-    p.add_argument("--steps", type=int, default=600, help="training steps of the supervised CNN")
-    args = p.parse_args()
-
-    print("speed:", bench_speed(args.images))
-
-    btr, ptr = load_objects(args.data, "train2017")
-    bva, pva = load_objects(args.data, "val2017")
+def difficulty(data: Path, steps: int) -> dict:
+    btr, ptr = load_objects(data, "train2017")
+    bva, pva = load_objects(data, "val2017")
     labels = sorted(set(btr.label) | set(bva.label))
     ytr = btr.label.map(labels.index).to_numpy()
     yva = bva.label.map(labels.index).to_numpy()
-    majority = float((yva == np.bincount(ytr).argmax()).mean())
-    print(f"objects: bank {len(btr)}, queries {len(bva)}, classes {len(labels)}, majority-class share {majority:.3f}")
+    out: dict = {"bank_objects": len(btr), "query_objects": len(bva), "classes": len(labels)}
+    out.update(floor_rates(ytr, yva))
+    print(f"objects: bank {len(btr)}, queries {len(bva)}, classes {len(labels)}; majority-class rate "
+          f"{out['majority']:.3f}, guessing by class frequency {out['prior_guess']:.3f}")
     t0 = time.perf_counter()
-    print(f"kNN top-1, colour alone:            {knn_accuracy(colour_features(btr, ptr), ytr, colour_features(bva, pva), yva):.3f}")
-    print(f"kNN top-1, random ResNet-18 (C4+res5): "
-          f"{knn_accuracy(random_resnet_features(btr, ptr), ytr, random_resnet_features(bva, pva), yva):.3f}")
-    print(f"supervised small CNN on crops ({args.steps} steps): "
-          f"{supervised_accuracy(crops(btr, ptr), ytr, crops(bva, pva), yva, steps=args.steps):.3f}")
-    print(f"({time.perf_counter() - t0:.0f} s for the difficulty measurements)")
+    ctr, cva = colour_features(btr, ptr), colour_features(bva, pva)
+    out["colour_knn"] = knn_accuracy(ctr, ytr, cva, yva)
+    out["colour_logistic"] = logistic_accuracy(ctr, ytr, cva, yva)
+    print(f"colour alone: 20-NN {out['colour_knn']:.3f}, logistic regression {out['colour_logistic']:.3f}")
+    out["random_resnet18_knn"] = knn_accuracy(random_resnet_features(btr, ptr), ytr,
+                                              random_resnet_features(bva, pva), yva)
+    print(f"random ResNet-18 (C4+res5), 20-NN: {out['random_resnet18_knn']:.3f}")
+    out["supervised_cnn_steps"] = steps
+    out["supervised_cnn"] = supervised_accuracy(crops(btr, ptr), ytr, crops(bva, pva), yva, steps=steps)
+    print(f"supervised small CNN on crops ({steps} steps): {out['supervised_cnn']:.3f}")
+    out["seconds"] = time.perf_counter() - t0
+    print(f"({out['seconds']:.0f} s for the difficulty measurements)")
+    return out
+
+
+def main() -> None:
+    import torch
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--images", type=int, default=300, help="images for the speed measurement (0: skip it)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", type=Path, default=Path("data/synth"), help="a built embedded data set")
+    src.add_argument("--build", type=Path, metavar="PARAMS_YAML",
+                     help="build a fresh set from this file's 'synth' section (in a temporary folder)")
+    p.add_argument("--steps", type=int, default=600, help="training steps of the supervised CNN")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    res: dict = {}
+    if args.images:
+        res["speed"] = bench_speed(args.images)
+        print("speed:", res["speed"])
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data
+        if args.build:
+            cfg = load_section(SynthConfig, "synth", args.build)
+            res["built"] = {"params": str(args.build), "config": as_dict(cfg)}
+            data = Path(tmp) / "synth"
+            build(cfg, data, progress=False)
+        else:
+            res["data"] = str(data)
+        res["difficulty"] = difficulty(data, args.steps)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2) + "\n")
 
 
 if __name__ == "__main__":
