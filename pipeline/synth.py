@@ -17,13 +17,23 @@ Writes, under `--out`:
 The scenes: 3 to 15 objects per image over real photo backgrounds (scikit-image, scikit-learn) or
 procedural textures. Each object class (`data_manifests/synth_classes.csv`) is a real COCO
 category and/or real OpenImages MIDs (people are labelled Person, Man, Woman, Boy or Girl, as in
-OpenImages), drawn with its own shape family, texture and palette, and varied per instance in
-scale, rotation, aspect, hue, texture frequency and occlusion. Shapes, textures and palettes are
-each shared by several classes, so no single cue (colour in particular, which a random network
-picks up at once) names the class: a class is a combination of cues. Class frequencies are
-long-tailed (Zipf), with a different order in the OpenImages pool than in COCO, so that
-COCO-matched sampling (OpenImage-MINI) has real work to do; OpenImages also carries classes COCO
-lacks, images without any COCO class, and group-of boxes (IsGroupOf=1).
+OpenImages).
+
+What makes a class is what survives the SSL augmentations (colour jitter, grey-scale, blur,
+64 px views), as for real categories: its silhouette (shape family and aspect) and its two-tone
+texture pattern (stripes, checker, dots, rings or grid, at a class-specific frequency of 2 to 4
+periods across the object and a class-specific orientation). No two classes share a (shape,
+texture) combination, and the 16 COCO classes have 16 different shapes: the silhouette tells
+them apart, the pattern is a second cue (for a half-hidden object, say). Colour is a
+per-instance nuisance, drawn independently of the class: any hue of `HUES` (jittered), as a
+dark shade and a light tint whose brightness contrast keeps the pattern visible in grey; every
+pattern covers about half the object with each tone, so even the mean colour of an object says
+nothing about its class. Scale, position, rotation (within the class's limit), aspect jitter,
+shading, background, occlusion and truncation are per-instance too.
+
+Class frequencies are long-tailed (Zipf), with a different order in the OpenImages pool than in
+COCO, so that COCO-matched sampling (OpenImage-MINI) has real work to do; OpenImages also carries
+classes COCO lacks, images without any COCO class, and group-of boxes (IsGroupOf=1).
 
 Everything is a function of (seed, split, image index): the same seed gives the same bytes, for
 any number of workers.
@@ -58,9 +68,12 @@ SYNTH_CLASSES_CSV = MANIFESTS / "synth_classes.csv"
 SPLITS = ("openimages_train", "coco_train2017", "coco_val2017")
 HUES = {"red": 0.0, "orange": 28.0, "yellow": 55.0, "green": 115.0,
         "cyan": 180.0, "blue": 220.0, "purple": 275.0, "pink": 325.0}
-SHAPES = ("ellipse", "rectangle", "triangle", "hexagon", "cross", "crescent",
-          "arrow", "heart", "lshape", "diamond", "blob", "star")
-TEXTURES = ("solid", "stripes", "checker", "dots", "rings", "gradient", "noise", "grid")
+SHAPES = ("ellipse", "rectangle", "triangle", "hexagon", "cross", "crescent", "arrow", "heart",
+          "lshape", "diamond", "blob", "star", "ring", "tshape", "ushape", "hourglass")
+# Two-tone patterns, each covering about half of the object with either tone, so that the mean
+# colour of an object says nothing about its texture.
+TEXTURES = ("stripes", "checker", "dots", "rings", "grid")
+TEXTURE_FREQ = (1.5, 5.0)     # allowed pattern periods across an object (sqrt of its area)
 
 
 @dataclass(frozen=True)
@@ -87,7 +100,7 @@ class SynthConfig:
     # Share of OpenImages images drawn from non-COCO classes only (trees, buildings, ...), which
     # criterion 1 of the OpenImage-MINI sampling must leave out.
     openimages_without_coco: float = 0.1
-    hue_jitter: float = 12.0                  # degrees, per instance
+    hue_jitter: float = 12.0                  # degrees, per instance, around a hue drawn from HUES
     jpeg_quality: int = 90
 
     def split_sizes(self) -> dict[str, int]:
@@ -108,7 +121,8 @@ class SynthClass:
     openimages: tuple[tuple[str, float], ...]   # (MID, weight)
     shape: str
     texture: str
-    palette: tuple[str, ...]
+    texture_freq: float     # pattern periods across the object (sqrt of its area)
+    texture_angle: float    # pattern orientation in the object's frame, degrees
     aspect: float
     max_rotation: float
     coco_rank: int | None
@@ -116,10 +130,12 @@ class SynthClass:
 
 
 def load_classes(path: str | Path = SYNTH_CLASSES_CSV) -> list[SynthClass]:
-    """The synthetic classes; validates shapes, textures, palettes and COCO ids."""
+    """The synthetic classes; validates shapes, textures and COCO ids, and that no two classes
+    share a (shape, texture) combination."""
     path = Path(path)
     coco_ids = {c.id for c in coco_categories()}
     out = []
+    seen: dict[tuple[str, str], str] = {}
     with path.open(newline="") as f:
         for line, r in enumerate(csv.DictReader(f), start=2):
             where = f"{path}, line {line}"
@@ -129,15 +145,18 @@ def load_classes(path: str | Path = SYNTH_CLASSES_CSV) -> list[SynthClass]:
                 coco_id=int(r["coco_id"]) if r["coco_id"] else None,
                 openimages=mids,
                 shape=r["shape"], texture=r["texture"],
-                palette=tuple(r["palette"].split(";")),
+                texture_freq=float(r["texture_freq"]), texture_angle=float(r["texture_angle"]),
                 aspect=float(r["aspect"]), max_rotation=float(r["max_rotation"]),
                 coco_rank=int(r["coco_rank"]) if r["coco_rank"] else None,
                 openimages_rank=int(r["openimages_rank"]) if r["openimages_rank"] else None,
             )
             if c.shape not in SHAPES or c.texture not in TEXTURES:
                 raise ValueError(f"{where}: shape must be one of {SHAPES}, texture one of {TEXTURES}")
-            if any(p not in HUES for p in c.palette) or len(c.palette) < 2:
-                raise ValueError(f"{where}: palette needs 2+ of {sorted(HUES)}")
+            if not TEXTURE_FREQ[0] <= c.texture_freq <= TEXTURE_FREQ[1]:
+                raise ValueError(f"{where}: texture_freq must lie in {TEXTURE_FREQ}")
+            if (c.shape, c.texture) in seen:
+                raise ValueError(f"{where}: {c.shape} + {c.texture} is already class {seen[c.shape, c.texture]!r}")
+            seen[c.shape, c.texture] = c.name
             if c.coco_id is not None and c.coco_id not in coco_ids:
                 raise ValueError(f"{where}: {c.coco_id} is not a COCO category id")
             if (c.coco_id is None) != (c.coco_rank is None):
@@ -261,12 +280,23 @@ def shape_distance(shape: str, u: np.ndarray, v: np.ndarray, params: np.ndarray)
         return np.maximum(_circle(u, v, 0, 0, 1), -_circle(u, v, 0.45 + 0.15 * params[0], 0, 0.8))
     if shape == "arrow":
         shaft = _box(u, v, -0.45, 0, 0.55, 0.28)
-        head = _convex(u, v, [(0.1, -0.9), (1.0, 0.0), (0.1, 0.9)][::-1])
+        head = _convex(u, v, [(0.1, -0.9), (1.0, 0.0), (0.1, 0.9)])
         return np.minimum(shaft, head)
     if shape == "heart":
         lobes = np.minimum(_circle(u, v, -0.48, -0.35, 0.52), _circle(u, v, 0.48, -0.35, 0.52))
         tip = _convex(u, v, [(-0.97, -0.2), (0.0, 1.0), (0.97, -0.2)][::-1])
         return np.minimum(lobes, tip)
+    if shape == "ring":
+        return np.maximum(_circle(u, v, 0, 0, 1), -_circle(u, v, 0, 0, 0.5))
+    if shape == "tshape":
+        return np.minimum(_box(u, v, 0, -0.65, 1, 0.35), _box(u, v, 0, 0.35, 0.33, 0.65))
+    if shape == "ushape":
+        return np.minimum(np.minimum(_box(u, v, -0.65, 0, 0.35, 1), _box(u, v, 0.65, 0, 0.35, 1)),
+                          _box(u, v, 0, 0.65, 1, 0.35))
+    if shape == "hourglass":
+        top = _convex(u, v, [(-1, -1), (1, -1), (0.15, 0.15), (-0.15, 0.15)])
+        bottom = _convex(u, v, [(-1, 1), (-0.15, -0.15), (0.15, -0.15), (1, 1)])
+        return np.minimum(top, bottom)
     r = np.sqrt(u * u + v * v)
     th = np.arctan2(v, u)
     if shape == "blob":
@@ -280,40 +310,35 @@ def shape_distance(shape: str, u: np.ndarray, v: np.ndarray, params: np.ndarray)
     raise ValueError(f"unknown shape {shape!r}; valid: {SHAPES}")
 
 
-def texture_field(texture: str, u: np.ndarray, v: np.ndarray, freq: float, phase: float,
-                  rng: np.random.Generator) -> np.ndarray:
-    """Mix weight in [0, 1] between an object's two colours, in local coordinates."""
+def texture_field(texture: str, u: np.ndarray, v: np.ndarray, freq: float, angle: float,
+                  phase: float) -> np.ndarray:
+    """Mix weight in [0, 1] between an object's two tones, about half of each.
+
+    (u, v) are isotropic local coordinates (the object's sqrt-area side spans [-1, 1]); the
+    pattern has `freq` periods across that side, is turned by `angle` (radians) and shifted by
+    `phase` (radians). Tone edges are steep linear ramps, not hard steps.
+    """
+    ca, sa = math.cos(angle), math.sin(angle)
+    a, b = u * ca + v * sa, -u * sa + v * ca
+
     def sharp(x, k=6.0):
         return np.clip(0.5 + k * (x - 0.5), 0, 1)
 
-    if texture == "solid":
-        return np.zeros_like(u)
+    def cell(x):      # position within a period, in [-0.5, 0.5)
+        return (freq * x / 2 + phase / (2 * math.pi)) % 1.0 - 0.5
+
     if texture == "stripes":
-        return sharp(0.5 + 0.5 * np.sin(math.pi * freq * u + phase))
+        return sharp(0.5 + 0.5 * np.sin(math.pi * freq * a + phase))
     if texture == "checker":
-        return sharp(0.5 + 0.5 * np.sign(np.sin(math.pi * freq * u + phase) * np.sin(math.pi * freq * v + phase)))
-    if texture == "dots":
-        fu = (freq * u / 2 + phase) % 1.0 - 0.5
-        fv = (freq * v / 2 + phase) % 1.0 - 0.5
-        return sharp(1.0 - np.sqrt(fu * fu + fv * fv) / 0.3 + 0.5)
+        return sharp(0.5 + 0.5 * np.sin(math.pi * freq * a + phase) * np.sin(math.pi * freq * b + phase) * 4)
+    if texture == "dots":     # discs of radius 0.4 period: half the area
+        fa, fb = cell(a), cell(b)
+        return sharp(0.5 + (0.4 - np.sqrt(fa * fa + fb * fb)) * 4)
     if texture == "rings":
         return sharp(0.5 + 0.5 * np.sin(math.pi * freq * np.sqrt(u * u + v * v) + phase))
-    if texture == "gradient":
-        return np.clip((u + 1) / 2, 0, 1)
-    if texture == "grid":
-        fu = np.abs((freq * u / 2 + phase) % 1.0 - 0.5)
-        fv = np.abs((freq * v / 2 + phase) % 1.0 - 0.5)
-        return sharp(0.5 + (0.38 - np.minimum(0.5 - fu, 0.5 - fv)) * 8)
-    if texture == "noise":
-        g = rng.random((6, 6)).astype(np.float32)
-        # bilinear lookup of a 6x6 random grid over [-1, 1]^2
-        x = np.clip((u + 1) / 2 * 5, 0, 4.999)
-        y = np.clip((v + 1) / 2 * 5, 0, 4.999)
-        x0, y0 = x.astype(int), y.astype(int)
-        fx, fy = x - x0, y - y0
-        val = (g[y0, x0] * (1 - fx) * (1 - fy) + g[y0, x0 + 1] * fx * (1 - fy)
-               + g[y0 + 1, x0] * (1 - fx) * fy + g[y0 + 1, x0 + 1] * fx * fy)
-        return sharp(val, 4.0)
+    if texture == "grid":     # lines 0.29 of a period wide: half the area
+        d = np.minimum(0.5 - np.abs(cell(a)), 0.5 - np.abs(cell(b)))
+        return sharp(0.5 + (0.146 - d) * 4)
     raise ValueError(f"unknown texture {texture!r}; valid: {TEXTURES}")
 
 
@@ -367,16 +392,20 @@ def draw_object(rng: np.random.Generator, c: SynthClass, w: int, h: int, cfg: Sy
         return None
     u, v = u[sl], v[sl]
 
-    # Colours: two hue families of the class palette, jittered per instance.
-    fam = rng.choice(len(c.palette), size=2, replace=False)
-    cols = [
-        _hsv((HUES[c.palette[f]] + rng.normal(0, cfg.hue_jitter)) % 360,
-             rng.uniform(0.45, 0.95), rng.uniform(0.45, 0.95))
-        for f in fam
-    ]
-    freq = {"stripes": 3.0, "checker": 2.5, "dots": 4.0, "rings": 4.0, "grid": 4.0}.get(c.texture, 1.0)
-    freq *= math.exp(rng.normal(0, 0.15))
-    t = texture_field(c.texture, u, v, freq, rng.uniform(0, 2 * math.pi), rng)[..., None]
+    # Colours: nothing about them depends on the class. One hue of any palette entry, jittered,
+    # in a dark shade and a light tint, so that the pattern survives grey-scale conversion
+    # whatever the hue; which tone is the ground is a coin flip.
+    hue = (list(HUES.values())[rng.integers(len(HUES))] + rng.normal(0, cfg.hue_jitter)) % 360
+    sat = rng.uniform(0.45, 0.95)
+    cols = [_hsv(hue, sat, rng.uniform(0.25, 0.5)), _hsv(hue, sat * rng.uniform(0.2, 0.5), rng.uniform(0.8, 1.0))]
+    if rng.random() < 0.5:
+        cols.reverse()
+    # The class's pattern, in isotropic coordinates (not stretched by the aspect), its frequency
+    # and orientation jittered per instance.
+    freq = c.texture_freq * math.exp(rng.normal(0, 0.1))
+    angle = math.radians(c.texture_angle + rng.normal(0, 8.0))
+    t = texture_field(c.texture, u * math.sqrt(aspect), v / math.sqrt(aspect), freq, angle,
+                      rng.uniform(0, 2 * math.pi))[..., None]
     rgb = cols[0] * (1 - t) + cols[1] * t
     # Shading from a random light direction, a darker rim, and a little noise.
     lx, ly = rng.normal(size=2)

@@ -17,7 +17,7 @@ from PIL import Image
 from pipeline import contracts as C
 from pipeline.categories import coco_categories, read_openimages_classes
 from pipeline.readers import OPENIMAGES_HEADER, read_coco, read_openimages
-from pipeline.synth import SynthConfig, _openimages_rows, build, load_classes
+from pipeline.synth import SynthConfig, _openimages_rows, build, draw_object, load_classes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -164,9 +164,67 @@ def test_classes_manifest_uses_real_ids():
         assert all(m in mids for m, _ in c.openimages)
 
 
+def test_classes_are_distinct_shape_texture_combinations(tmp_path: Path):
+    classes = load_classes()
+    assert len({(c.shape, c.texture) for c in classes}) == len(classes) == 24
+    # the 16 COCO classes do not even share a silhouette
+    assert len({c.shape for c in classes if c.coco_id is not None}) == 16
+    rows = (REPO / "data_manifests" / "synth_classes.csv").read_text().splitlines()
+    bad = tmp_path / "classes.csv"
+    bad.write_text("\n".join(rows + ["twin,,/m/07j7r:1,ellipse,stripes,3.0,0,1.0,10,,25"]) + "\n")
+    with pytest.raises(ValueError, match=r"ellipse \+ stripes is already class 'person'"):
+        load_classes(bad)
+
+
+def sample_objects(per_class: int, seed: int = 0):
+    """`per_class` instances of every class, drawn alone on a 160 x 160 canvas: (class, alpha, rgb)."""
+    rng = np.random.default_rng(seed)
+    cfg = SynthConfig()
+    for k, c in enumerate(load_classes()):
+        n = 0
+        while n < per_class:
+            ob = draw_object(rng, c, 160, 160, cfg)
+            if ob is not None:
+                n += 1
+                yield k, ob.alpha, ob.rgb
+
+
+def test_colour_does_not_name_the_class():
+    """Colour is a per-instance nuisance: a classifier that sees only an object's own colours (mean
+    and spread of RGB, hue histogram) does no better than chance over the 24 classes."""
+    import cv2
+
+    feats, ys = [], []
+    for k, alpha, rgb in sample_objects(per_class=30):
+        px = rgb[alpha > 0.5]
+        hsv = cv2.cvtColor((px[None] * 255).astype(np.uint8), cv2.COLOR_RGB2HSV)[0]
+        hist = np.histogram(hsv[:, 0], bins=8, range=(0, 180))[0] / len(hsv)
+        feats.append(np.concatenate([px.mean(0), px.std(0), hist]))
+        ys.append(k)
+    x, y = np.array(feats), np.array(ys)
+    x = (x - x.mean(0)) / x.std(0).clip(1e-6)
+    train = np.arange(len(y)) % 3 != 0
+    centroids = np.stack([x[train & (y == k)].mean(0) for k in range(y.max() + 1)])
+    pred = ((x[~train, None] - centroids[None]) ** 2).sum(-1).argmin(1)
+    acc = (pred == y[~train]).mean()
+    # nearest class mean; chance is 1/24 = 0.042, the former class palettes (4 of 8 hues each) gave 0.125 here
+    assert acc < 0.09, acc
+
+
+def test_patterns_survive_grey_scale():
+    """The two tones of every object differ in brightness, whatever the hue, so the texture is
+    still there after the SSL grey-scale augmentation."""
+    for k, alpha, rgb in sample_objects(per_class=8, seed=1):
+        grey = rgb[alpha > 0.5] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        assert np.percentile(grey, 90) - np.percentile(grey, 10) > 0.2, load_classes()[k].name
+
+
 def test_colour_and_a_random_network_do_not_give_the_classes_away(tmp_path: Path):
-    """Learnable but not trivial: kNN on colour or on a random ResNet-18 stays far from perfect."""
-    from benchmarks.bench_synth import colour_features, knn_accuracy, load_objects, random_resnet_features
+    """Learnable but not trivial: kNN on colour stays at the floor (always naming the most frequent
+    class), and kNN on a random ResNet-18 far from perfect."""
+    from benchmarks.bench_synth import (
+        colour_features, floor_rates, knn_accuracy, load_objects, random_resnet_features,
+    )
 
     data = tmp_path / "s"
     build(SynthConfig(images=300, seed=3), data, workers=2, progress=False)
@@ -177,5 +235,5 @@ def test_colour_and_a_random_network_do_not_give_the_classes_away(tmp_path: Path
     yva = bva.label.map(labels.index).to_numpy()
     colour = knn_accuracy(colour_features(btr, ptr), ytr, colour_features(bva, pva), yva)
     random_net = knn_accuracy(random_resnet_features(btr, ptr), ytr, random_resnet_features(bva, pva), yva)
-    assert colour < 0.5, colour
+    assert colour < floor_rates(ytr, yva)["majority"] + 0.05, colour
     assert random_net < 0.5, random_net
