@@ -15,8 +15,14 @@ Reads, for each model and seed, `REPORTS/<model>/seed<s>/oknn.json`, `probes.jso
   `probe_control_max_deviation` over every run and layer);
 - Table 1: detection AP, AP50, AP75 per model;
 - Table 2: the OpenImage-MINI statistics against COCO;
-- the paper's orderings, each checked: holds when the means are ordered as in the paper, and
-  "clear" when the gap is larger than the two spreads together;
+- the paper's orderings, each checked: holds when every model was measured and the means are
+  ordered as in the paper, and "clear" when it holds and every gap is larger than the two spreads
+  together; besides, each SSL method against random (by 5 points) and the supervised ceiling
+  against each SSL method on O-KNN;
+- the pre-training runs' health (`pretrain.json` beside the results: loss against its chance level,
+  rank-1 accuracy, key spread), with a warning for every run that ended at chance or collapsed;
+- `oknn_curve.png` (beside OUT): O-KNN top-1 against pre-training step per method, seed 0, from
+  the snapshots the runs keep (`oknn_curve.json`, eval.curve);
 - `OUT_cr.png` / `OUT_mcs.png`: the probes over layers, one line per model (mean over seeds).
 Every number is mean and sample standard deviation over the seeds (percent for accuracies and AP).
 """
@@ -55,6 +61,12 @@ def collect(reports: Path, models: list[str], seeds: list[int]) -> dict:
         rows: dict[str, list[float]] = {}
         for s in seeds:
             d = reports / model / f"seed{s}"
+            health = (d / "pretrain.json").is_file() and load(d / "pretrain.json").get("health")
+            if health:
+                for k in ("loss_over_chance", "top1", "key_std"):
+                    if health.get(k) is not None:
+                        rows.setdefault(f"health_{k}", []).append(float(health[k]))
+                rows.setdefault("health_problems", []).append(float(len(health.get("problems", []))))
             oknn = load(d / "oknn.json")
             probes = load(d / "probes.json")
             det = load(d / "detect" / "metrics.json")
@@ -89,24 +101,59 @@ def oknn_protocol(reports: Path, models: list[str], seeds: list[int]) -> list[st
     return seen
 
 
-def ordering(results: dict, metric: str, chain: list[str], higher_is_better: bool, what: str) -> dict:
-    """Does `chain[0]` beat `chain[1]` beat ... on `metric`? Clear = gaps above both spreads."""
-    present = [m for m in chain if m in results]
+def ordering(results: dict, metric: str, chain: list[str], higher_is_better: bool, what: str,
+             margin: float = 0.0) -> dict:
+    """Does `chain[0]` beat `chain[1]` beat ... on `metric` (by more than `margin`)? Holds: every
+    model of the chain was measured and every step goes the claimed way; clear: it holds and every
+    gap is larger than the two standard deviations together. A model without results makes the
+    claim neither hold nor clear."""
+    present = [m for m in chain if m in results and metric in results[m]]
     means = [results[m][metric]["mean"] for m in present]
     sds = [results[m][metric]["std"] for m in present]
     pairs = list(zip(range(len(present) - 1), range(1, len(present))))
-    better = [(means[i] > means[j]) if higher_is_better else (means[i] < means[j]) for i, j in pairs]
-    clear = [abs(means[i] - means[j]) > sds[i] + sds[j] for i, j in pairs]
+    gaps = [(means[i] - means[j]) if higher_is_better else (means[j] - means[i]) for i, j in pairs]
+    holds = len(present) == len(chain) and len(chain) > 1 and all(g > margin for g in gaps)
+    clear = holds and all(g > sds[i] + sds[j] for g, (i, j) in zip(gaps, pairs))
     return {"claim": what, "metric": metric, "models": present, "means": means, "stds": sds,
-            "holds": bool(all(better)) and len(present) == len(chain), "clear": bool(all(better) and all(clear))}
+            "missing": [m for m in chain if m not in present], "holds": bool(holds), "clear": bool(clear)}
 
 
 def fmt(ms: dict, digits: int = 2) -> str:
     return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
 
 
+def health_section(results: dict, problems: list[str]) -> list[str]:
+    """The pre-training runs' health at their end (train.pretrain.health), and every problem."""
+    trained = [m for m, r in results.items() if "health_problems" in r]
+    if not trained:
+        return []
+    lines = ["", "## Pre-training health (last steps of each run)", "",
+             "| model | loss / chance | rank-1 accuracy | key spread | runs with a problem |", "|---|---|---|---|---|"]
+    for m in trained:
+        r = results[m]
+        cell = lambda k, d=3: fmt(r[k], d) if k in r else "–"  # noqa: E731
+        lines.append(f"| {m} | {cell('health_loss_over_chance')} | {cell('health_top1')} | {cell('health_key_std')} | "
+                     f"{sum(v > 0 for v in r['health_problems']['values'])} of {r['health_problems']['n']} |")
+    lines += ["", "Loss / chance: the InfoNCE loss over ln(queue + 1) per term (1 = the positive is not told from "
+              "the negatives); key spread: 1 for keys spread over the sphere, 0 for collapsed keys."]
+    if problems:
+        lines += ["", "**WARNING: unhealthy pre-training runs** (their numbers above measure a failed run):", ""]
+        lines += [f"- {p}" for p in problems]
+    return lines
+
+
+def health_problems(reports: Path, models: list[str], seeds: list[int]) -> list[str]:
+    out = []
+    for model in models:
+        for s in seeds:
+            path = reports / model / f"seed{s}" / "pretrain.json"
+            if path.is_file():
+                out += [f"{model} seed {s}: {p}" for p in (load(path).get("health") or {}).get("problems", [])]
+    return out
+
+
 def render(results: dict, orderings: list[dict], stats: dict | None, seeds: list[int], plots: list[str],
-           protocol: list[str] = ()) -> str:
+           protocol: list[str] = (), problems: list[str] = (), curve: str | None = None) -> str:
     models = list(results)
     lines = [f"# Results on the embedded data ({len(seeds)} seeds: {', '.join(map(str, seeds))}; mean ± std)", ""]
     lines += ["## Object-level kNN (like Table 4)", "",
@@ -149,6 +196,9 @@ def render(results: dict, orderings: list[dict], stats: dict | None, seeds: list
             s = stats[key]
             lines.append(f"| {name} | {s['num_images']} | {s['objects_per_image']:.2f} | "
                          f"{s['categories_per_image']:.2f} | {s['num_categories']} |")
+    lines += health_section(results, problems)
+    if curve:
+        lines += ["", "## O-KNN learning curve (seed 0)", "", f"![oknn_curve]({Path(curve).name})"]
     lines += ["", "## The paper's orderings", "", "| claim | holds | clear (gap > spreads) | means |", "|---|---|---|---|"]
     for o in orderings:
         means = ", ".join(f"{m} {v:.3f}" for m, v in zip(o["models"], o["means"]))
@@ -165,6 +215,14 @@ def make_report(reports: Path, models: list[str], seeds: list[int], out: Path, d
         ordering(results, "cr_C5", ["d3ssl", "d3ssl_dc"], False, "CR at C5: d3ssl < d3ssl_dc"),
         ordering(results, "mcs_C5", ["d3ssl", "d3ssl_dc"], True, "MCS at C5: d3ssl > d3ssl_dc"),
     ]
+    ssl = [m for m in models if m not in ("random", "supervised")]
+    for m in ssl:
+        orderings.append(ordering(results, "oknn_top1", [m, "random"], True,
+                                  f"O-KNN top-1: {m} > random by 5 points", margin=5.0))
+    if "supervised" in models:
+        for m in ssl:
+            orderings.append(ordering(results, "oknn_top1", ["supervised", m], True,
+                                      f"O-KNN top-1: supervised ceiling > {m}"))
     for m in models:
         if m != "random":
             orderings.append(ordering(results, "det_AP", [m, "random"], True, f"detection AP: {m} > random"))
@@ -173,12 +231,62 @@ def make_report(reports: Path, models: list[str], seeds: list[int], out: Path, d
     control = [abs(v - 1.0) for r in results.values() for k, ms in r.items() if k.startswith("control_")
                for v in ms["values"]]
     protocol = oknn_protocol(reports, models, seeds)
+    problems = health_problems(reports, models, seeds)
+    curve = plot_curve(reports, models, out.parent / "oknn_curve.png")
     doc = {"seeds": seeds, "models": models, "results": results, "orderings": orderings, "oknn_protocol": protocol,
+           "pretrain_problems": problems, "oknn_curve": curve,
            "probe_control_max_deviation": max(control),
            "dataset": {k: stats[k] for k in ("openimage_mini", "coco")} if stats else None}
     write_text(out.with_suffix(".json"), json.dumps(doc, indent=2) + "\n")
-    write_text(out.with_suffix(".md"), render(results, orderings, stats, seeds, [str(p) for p in plots], protocol))
+    write_text(out.with_suffix(".md"), render(results, orderings, stats, seeds, [str(p) for p in plots], protocol,
+                                              problems, str(out.parent / "oknn_curve.png") if curve else None))
     return doc
+
+
+def curve_points(reports: Path, model: str) -> list[tuple[int, float]]:
+    """(step, O-KNN top-1) of seed 0 of `model`: the random network of seed 0 at step 0, the
+    snapshots of eval.curve, the final backbone at the run's last step."""
+    d = reports / model / "seed0"
+    if not (d / "oknn_curve.json").is_file():
+        return []
+    points = [(0, float(load(reports / "random" / "seed0" / "oknn.json")["top1"]))] if (
+        reports / "random" / "seed0" / "oknn.json").is_file() else []
+    points += [(int(p["step"]), float(p["top1"])) for p in load(d / "oknn_curve.json")["points"]]
+    if (d / "pretrain.json").is_file():
+        points.append((int(load(d / "pretrain.json")["steps"]), float(load(d / "oknn.json")["top1"])))
+    return sorted(set(points))
+
+
+def plot_curve(reports: Path, models: list[str], path: Path) -> dict:
+    """reports/oknn_curve.png: O-KNN top-1 against pre-training step, a line per method (seed 0),
+    with the supervised ceiling and the random floor as horizontal lines. Returns the points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.files import atomic_path
+
+    curves = {m: curve_points(reports, m) for m in models if m not in ("random", "supervised")}
+    curves = {m: c for m, c in curves.items() if c}
+    if not curves:
+        return {}
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for m, c in curves.items():
+        ax.plot([p[0] for p in c], [p[1] for p in c], marker="o", label=m)
+    for ref, style in (("supervised", "--"), ("random", ":")):
+        f = reports / ref / "seed0" / "oknn.json"
+        if f.is_file():
+            ax.axhline(float(load(f)["top1"]), color="grey", ls=style, lw=1, label=f"{ref} (seed 0)")
+    ax.set_xlabel("pre-training step")
+    ax.set_ylabel("O-KNN top-1 (%)")
+    ax.set_title("O-KNN learning curve, seed 0", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return {m: [list(p) for p in c] for m, c in curves.items()}
 
 
 def plot_means(results: dict, out: Path) -> list[Path]:

@@ -16,6 +16,9 @@ warned about (log and report). DDP: gloo on CPU, NCCL on CUDA; on CUDA also Sync
 student, bf16 autocast and channels_last. Logged with dvclive under RUN_DIR/dvclive on rank 0 (loss
 terms, learning rate, teacher momentum, images/s, queue fill) with a progress bar.
 
+Snapshots: after each step of `snapshot_steps`, the student backbone is exported (as train.export
+does) to RUN_DIR/snapshots/step<N>/, for learning curves (eval.curve).
+
 Checkpoints (RUN_DIR/checkpoint.pt) are written atomically every `checkpoint_every` steps and at
 each epoch end. They hold everything needed to continue exactly: the method's state (student,
 teacher, predictor, queue), optimiser, step, stream position (epoch and batch in it), RNG states
@@ -48,6 +51,7 @@ import yaml
 from pipeline.files import atomic_path, write_text
 from pipeline.params import ParamsError, as_dict, from_dict, override
 from train import dist
+from train.export import write_export
 from train.methods import DEFAULTS, METHODS, MethodConfig, build, prepare
 from train.optim import learning_rate, make_optimizer
 from train.stream import LoaderConfig, batches_per_worker, make_loader, read_index
@@ -73,6 +77,7 @@ class PretrainConfig:
     bf16_cpu: bool = False                  # bf16 autocast on the CPU too (always on CUDA); ~1.4x on AVX512-BF16
     max_steps: int = 0                      # stop after this many steps (0: the whole schedule)
     bn_splits: int = 1                      # batch-norm groups per process (MoCo's SplitBatchNorm; shuffle-BN)
+    snapshot_steps: tuple[int, ...] = ()    # also export the student backbone after these steps (learning curves)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
 
     def __post_init__(self) -> None:
@@ -170,8 +175,10 @@ def save_checkpoint(path: Path, method, optimizer, pos: Position, aug: torch.Gen
 
 
 def train(shards: Path, out: Path, method_name: str, cfg: PretrainConfig, mcfg: MethodConfig,
-          resume: bool = False, device: str | None = None, progress: bool = True) -> dict:
-    """Pre-train `method_name`; returns the run summary (also written to out/summary.json)."""
+          resume: bool = False, device: str | None = None, progress: bool = True,
+          summary_copy: Path | None = None) -> dict:
+    """Pre-train `method_name`; returns the run summary (also written to out/summary.json and, if
+    given, to `summary_copy`, where the report reads the run's health)."""
     from tqdm import tqdm
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -210,6 +217,7 @@ def train(shards: Path, out: Path, method_name: str, cfg: PretrainConfig, mcfg: 
     aug = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + rank)
 
     out.mkdir(parents=True, exist_ok=True)
+    (out / "snapshots").mkdir(exist_ok=True)
     ckpt = out / "checkpoint.pt"
     pos = Position()
     if resume and ckpt.is_file():
@@ -272,6 +280,9 @@ def train(shards: Path, out: Path, method_name: str, cfg: PretrainConfig, mcfg: 
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             if pos.step % cfg.checkpoint_every == 0:
                 checkpoint(ckpt, method, optimizer, pos, aug, meta)
+            if pos.step in cfg.snapshot_steps and rank == 0:
+                write_export(method.student.backbone_state_dict(), out / "snapshots" / f"step{pos.step}",
+                             {"method": method_name, "arch": cfg.arch, "step": pos.step})
             if pos.step >= stop:
                 break
         else:
@@ -290,7 +301,8 @@ def train(shards: Path, out: Path, method_name: str, cfg: PretrainConfig, mcfg: 
     if rank == 0:
         for problem in summary["health"]["problems"]:
             log.warning("UNHEALTHY RUN %s: %s", out, problem)
-        write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        for path in [out / "summary.json"] + ([summary_copy] if summary_copy else []):
+            write_text(path, json.dumps(summary, indent=2) + "\n")
         live.end()
     dist.barrier()
     return summary
@@ -349,9 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt if present")
     p.add_argument("--device", help="cpu, cuda (default: cuda if available)")
     p.add_argument("--seed", type=int, help="overrides pretrain.seed (initial weights, stream, augmentations)")
+    p.add_argument("--summary", type=Path, help="also write summary.json (steps, health) here, e.g. for the report")
     args = p.parse_args(argv)
     cfg = override(load_config(args.params), seed=args.seed)
-    train(args.shards, args.out, args.method, cfg, method_config(args.method, args.params), args.resume, args.device)
+    train(args.shards, args.out, args.method, cfg, method_config(args.method, args.params), args.resume, args.device,
+          summary_copy=args.summary)
     dist.destroy()
     return 0
 

@@ -47,3 +47,57 @@ def test_a_probe_result_without_its_control_is_refused(tmp_path):
         _write(reports, m, 0, control=m != "d3ssl")
     with pytest.raises(ValueError, match=r"d3ssl/seed0/probes\.json has no one-pixel 'control'"):
         make_report(reports, list(MODELS), [0], tmp_path / "results", None)
+
+
+def _results(**means_stds):
+    return {m: {"oknn_top1": {"mean": m_s[0], "std": m_s[1]}} for m, m_s in means_stds.items()}
+
+
+def test_ordering_holds_and_clear():
+    from eval.report import ordering
+    r = _results(d3ssl=(20.0, 1.0), soco=(15.0, 1.0), random=(5.0, 2.0))
+    o = ordering(r, "oknn_top1", ["d3ssl", "soco", "random"], True, "c")
+    assert o["holds"] and o["clear"]
+    # a gap inside the spreads: holds, not clear
+    o = ordering(_results(d3ssl=(16.0, 1.0), soco=(15.0, 1.0), random=(5.0, 2.0)), "oknn_top1",
+                 ["d3ssl", "soco", "random"], True, "c")
+    assert o["holds"] and not o["clear"]
+    # the wrong way round: neither
+    o = ordering(_results(d3ssl=(4.0, 0.1), soco=(15.0, 1.0), random=(5.0, 2.0)), "oknn_top1",
+                 ["d3ssl", "soco", "random"], True, "c")
+    assert not o["holds"] and not o["clear"]
+    # lower is better
+    assert ordering(_results(a=(1.0, 0.01), b=(2.0, 0.01)), "oknn_top1", ["a", "b"], False, "c")["clear"]
+    # a margin: 10 points ahead is not 12
+    assert not ordering(_results(a=(15.0, 0.1), b=(5.0, 0.1)), "oknn_top1", ["a", "b"], True, "c", margin=12.0)["holds"]
+
+
+def test_a_missing_model_never_makes_a_claim_hold_or_clear():
+    from eval.report import ordering
+    o = ordering(_results(d3ssl=(90.0, 0.0), random=(5.0, 0.0)), "oknn_top1", ["d3ssl", "soco", "random"], True, "c")
+    assert o["missing"] == ["soco"] and not o["holds"] and not o["clear"]
+    o = ordering(_results(d3ssl=(90.0, 0.0)), "oknn_top1", ["d3ssl", "random"], True, "c")
+    assert not o["holds"] and not o["clear"]
+
+
+def test_report_warns_about_unhealthy_runs_and_draws_the_curve(tmp_path):
+    reports = tmp_path / "models"
+    for m in ("random", "d3ssl", "d3ssl_dc", "supervised"):
+        for s in (0, 1):
+            _write(reports, m, s)
+    bad = {"steps": 40, "health": {"loss_over_chance": 0.99, "top1": 0.01, "key_std": 0.5,
+                                   "problems": ["ends at chance: loss 27.6 against 27.7"]}}
+    good = {"steps": 40, "health": {"loss_over_chance": 0.4, "top1": 0.5, "key_std": 0.6, "problems": []}}
+    for s in (0, 1):
+        (reports / "d3ssl" / f"seed{s}" / "pretrain.json").write_text(json.dumps(bad if s == 1 else good))
+        (reports / "d3ssl_dc" / f"seed{s}" / "pretrain.json").write_text(json.dumps(good))
+    (reports / "d3ssl" / "seed0" / "oknn_curve.json").write_text(json.dumps({"points": [{"step": 20, "top1": 10.5}]}))
+    doc = make_report(reports, ["random", "d3ssl", "d3ssl_dc", "supervised"], [0, 1], tmp_path / "results", None)
+    assert doc["pretrain_problems"] == ["d3ssl seed 1: ends at chance: loss 27.6 against 27.7"]
+    assert doc["oknn_curve"] == {"d3ssl": [[0, 10.0], [20, 10.5], [40, 10.0]]}
+    assert (tmp_path / "oknn_curve.png").is_file()
+    md = (tmp_path / "results.md").read_text()
+    assert "WARNING: unhealthy pre-training runs" in md and "| d3ssl | 0.695 ± 0.417 | 0.255 ± 0.346 | 0.550 ± 0.071 | 1 of 2 |" in md
+    claims = {o["claim"]: o for o in doc["orderings"]}
+    assert not claims["O-KNN top-1: d3ssl > random by 5 points"]["holds"]          # equal means
+    assert "O-KNN top-1: supervised ceiling > d3ssl" in claims
