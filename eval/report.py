@@ -5,7 +5,7 @@
     python -m eval.report --reports reports/models --models random d3ssl soco --seeds 0 1 2 ...
 
 Reads, for each model and seed, `REPORTS/<model>/seed<s>/oknn.json`, `probes.json` and
-`detect/metrics.json`, and writes `OUT.md` and `OUT.json` with:
+`detect/metrics.json` (where detection ran: `detect_models`), and writes `OUT.md` and `OUT.json` with:
 - Table 4: O-KNN and disturbed O-KNN top-1/top-5 per model, and the protocol the runs used
   (region feature, input size, k, the objects' size in C5 cells: `oknn_protocol` in the JSON);
 - Table 7: coupling rate and mean cosine similarity (at C5, the layer the paper's Table 7 reports;
@@ -69,7 +69,8 @@ def collect(reports: Path, models: list[str], seeds: list[int]) -> dict:
                 rows.setdefault("health_problems", []).append(float(len(health.get("problems", []))))
             oknn = load(d / "oknn.json")
             probes = load(d / "probes.json")
-            det = load(d / "detect" / "metrics.json")
+            # detection runs on the models of `detect_models` only (params.yaml); others have none
+            det = load(d / "detect" / "metrics.json") if (d / "detect" / "metrics.json").is_file() else None
             for k in TABLE4:
                 rows.setdefault(f"oknn_{k}", []).append(float(oknn[k]))
             rows.setdefault("oknn_prior_top1", []).append(float(oknn["prior_top1"]))
@@ -80,7 +81,7 @@ def collect(reports: Path, models: list[str], seeds: list[int]) -> dict:
                 for metric in ("cr", "mcs"):
                     rows.setdefault(f"{metric}_{layer}", []).append(float(probes[metric][layer]))
                     rows.setdefault(f"control_{metric}_{layer}", []).append(float(probes["control"][metric][layer]))
-            for k in TABLE1:
+            for k in TABLE1 if det else ():
                 rows.setdefault(f"det_{k}", []).append(float(det["bbox"][k]))
         out[model] = {k: mean_std(v) for k, v in rows.items()}
     return out
@@ -170,14 +171,16 @@ def render(results: dict, orderings: list[dict], stats: dict | None, seeds: list
     for m in ("d3ssl_dc", "d3ssl"):
         if m in results:
             r = results[m]
-            lines.append(f"| {m} | {fmt(r['cr_C5'], 3)} | {fmt(r['mcs_C5'], 3)} | {fmt(r['det_AP'])} | "
+            lines.append(f"| {m} | {fmt(r['cr_C5'], 3)} | {fmt(r['mcs_C5'], 3)} | "
+                         f"{fmt(r['det_AP']) if 'det_AP' in r else 'not run'} | "
                          f"{fmt(r['control_cr_C5'], 6)} | {fmt(r['control_mcs_C5'], 6)} |")
     lines += ["", "The control is a network whose receptive field is one pixel, probed by the same code on the "
               "same images at the same settings: 1 means the probe measures the network, not its RoIAlign sampling."]
     lines += ["", "## Detection fine-tuning (like Table 1; COCOeval bbox)", "",
               "| model | AP | AP50 | AP75 |", "|---|---|---|---|"]
     for m in models:
-        lines.append(f"| {m} | " + " | ".join(fmt(results[m][f"det_{k}"]) for k in TABLE1) + " |")
+        if "det_AP" in results[m]:
+            lines.append(f"| {m} | " + " | ".join(fmt(results[m][f"det_{k}"]) for k in TABLE1) + " |")
     lines += ["", "## Probes per layer (Figures 3b, 4b)", "",
               "| model | " + " | ".join(f"CR {x}" for x in LAYERS) + " | " + " | ".join(f"MCS {x}" for x in LAYERS) + " |",
               "|---|" + "---|" * 8]
@@ -224,7 +227,7 @@ def make_report(reports: Path, models: list[str], seeds: list[int], out: Path, d
             orderings.append(ordering(results, "oknn_top1", ["supervised", m], True,
                                       f"O-KNN top-1: supervised ceiling > {m}"))
     for m in models:
-        if m != "random":
+        if m != "random" and "det_AP" in results[m]:
             orderings.append(ordering(results, "det_AP", [m, "random"], True, f"detection AP: {m} > random"))
     stats = json.loads(dataset_stats.read_text()) if dataset_stats and dataset_stats.is_file() else None
     plots = plot_means(results, out)

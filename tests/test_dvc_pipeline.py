@@ -19,7 +19,8 @@ import yaml
 
 from pipeline import contracts as C
 
-MODELS = ["random", "d3ssl", "d3ssl_dc", "soco", "mocov2"]
+MODELS = ["random", "supervised", "d3ssl", "d3ssl_dc", "soco", "mocov2"]
+DETECT = ["random", "supervised", "d3ssl"]
 
 
 def project_copy(repo: Path, dest: Path) -> Path:
@@ -52,7 +53,8 @@ def reduce(params: dict) -> dict:
     params["shards"]["samples_per_shard"] = 16
     params["loader"].update({"batch_size": 8, "workers": 1, "shuffle_buffer": 16})
     params["loader"]["views"].update({"size": 64, "small_size": 32})
-    params["pretrain"].update({"epochs": 1, "max_steps": 2, "checkpoint_every": 1000})
+    params["pretrain"].update({"epochs": 1, "max_steps": 2, "checkpoint_every": 1000, "snapshot_steps": [1], "bn_splits": 2})
+    params["models"], params["detect_models"] = MODELS, DETECT
     for m in params["methods"].values():
         m["queue_size"] = min(m["queue_size"], 256)
     params["oknn"].update({"min_size": 64, "max_size": 107, "per_image": 2, "workers": 0})
@@ -82,8 +84,11 @@ def test_dvc_repro_runs_every_stage_and_the_report_is_complete(repo: Path, tmp_p
     # every model's backbone was exported and evaluated
     for m in MODELS:
         assert (proj / "runs" / m / "seed0" / "export" / "backbone.pth").is_file()
-    for m in MODELS[1:]:
+    for m in MODELS[2:]:
         assert json.loads((proj / "runs" / m / "seed0" / "summary.json").read_text())["steps"] == 2
+        assert (proj / "runs" / m / "seed0" / "snapshots" / "step1" / "backbone.pth").is_file()
+        curve = json.loads((proj / "reports" / "models" / m / "seed0" / "oknn_curve.json").read_text())
+        assert [p["step"] for p in curve["points"]] == [1]
 
     # the report: every field, a number in its range
     report = json.loads((proj / "reports" / "results.json").read_text())
@@ -92,8 +97,10 @@ def test_dvc_repro_runs_every_stage_and_the_report_is_complete(repo: Path, tmp_p
         r = report["results"][m]
         for k, v in r.items():
             assert v["n"] == 1 and math.isfinite(v["mean"]) and v["std"] == 0.0, (m, k)
-        for k in ("oknn_top1", "oknn_top5", "oknn_disturbed_top1", "oknn_disturbed_top5", "det_AP", "det_AP50", "det_AP75"):
+        for k in ("oknn_top1", "oknn_top5", "oknn_disturbed_top1", "oknn_disturbed_top5") + (
+                ("det_AP", "det_AP50", "det_AP75") if m in DETECT else ()):
             assert 0.0 <= r[k]["mean"] <= 100.0, (m, k)
+        assert ("det_AP" in r) == (m in DETECT)
         for layer in ("C2", "C3", "C4", "C5"):
             assert 0.0 < r[f"cr_{layer}"]["mean"] < 10.0 and -1.0 <= r[f"mcs_{layer}"]["mean"] <= 1.0 + 1e-9
         assert r["oknn_top1"]["mean"] <= r["oknn_top5"]["mean"]
@@ -104,7 +111,8 @@ def test_dvc_repro_runs_every_stage_and_the_report_is_complete(repo: Path, tmp_p
     md = (proj / "reports" / "results.md").read_text()
     for title in ("Object-level kNN", "Table 7", "Table 1", "Table 2", "orderings"):
         assert title in md
-    for plot in ("results_cr.png", "results_mcs.png"):
+    assert set(report["oknn_curve"]) == set(MODELS[2:])
+    for plot in ("results_cr.png", "results_mcs.png", "oknn_curve.png"):
         assert (proj / "reports" / plot).read_bytes()[:4] == b"\x89PNG"
 
     # Nothing changed: nothing runs. A parameter of one stage re-runs that stage and what follows.

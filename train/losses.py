@@ -34,18 +34,26 @@ class Queue(nn.Module):
     """A FIFO memory of L2-normalised features (MoCo's queue; the paper's memory bank {z-}).
 
     Keys from every rank are gathered and enqueued in rank order, so every rank holds the same
-    queue. As in MoCo it starts as random unit vectors and all of it serves as negatives from the
-    first step; `filled` counts the slots written so far (the "queue fill" metric).
+    queue. `init="random"` (MoCo): it starts as random unit vectors and all of it serves as
+    negatives from the first step. `init="empty"`: only the slots written so far are negatives.
+    On a short schedule the random start is a trap: against random negatives the loss falls
+    fastest by mapping every region to one direction, and once the queue holds those identical
+    keys InfoNCE has no gradient left (the embedded runs collapsed within their first steps).
+    `filled` counts the slots written so far (the "queue fill" metric).
     """
 
-    def __init__(self, size: int, dim: int):
+    def __init__(self, size: int, dim: int, init: str = "random"):
         super().__init__()
-        self.size = size
+        if init not in ("random", "empty"):
+            raise ValueError(f"queue init {init!r}: use random or empty")
+        self.size, self.init = size, init
         self.register_buffer("features", F.normalize(torch.randn(size, dim), dim=1))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
 
     def negatives(self) -> torch.Tensor:
+        if self.init == "empty" and int(self.filled) < self.size:
+            return self.features[: int(self.filled)]
         return self.features
 
     @torch.no_grad()
@@ -90,6 +98,8 @@ def queue_top1(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor) -> tor
     """Share of queries whose positive scores above every queued negative (chance: 1 / (M + 1))."""
     q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
     pos = (q * k).sum(dim=1)
+    if negatives.shape[0] == 0:
+        return torch.ones((), device=q.device)
     neg = (q @ F.normalize(negatives.float(), dim=1).t()).amax(dim=1)
     return (pos > neg).float().mean()
 

@@ -57,6 +57,7 @@ class MethodConfig:
 
     temperature: float = 0.2                  # MoCo v2
     queue_size: int = 65536                   # MoCo v2 / SoCo
+    queue_init: Literal["random", "empty"] = "random"   # MoCo: random unit vectors; empty: real keys only (train.losses.Queue)
     proj_hidden: int = 0                      # 0: the C5 width (MoCo v2: 2048 for ResNet-50)
     proj_dim: int = 128                       # MoCo v2
     proj_bn: bool = False
@@ -172,7 +173,7 @@ class D3SSL(Method):
         if cfg.augment.compose and not cfg.depositioning:
             raise ValueError("augment.compose: true builds x3 for L_dp, which depositioning: false switches off; "
                              "set compose: false (d3ssl_dc) or depositioning: true")
-        self.queue = Queue(cfg.queue_size, cfg.proj_dim)
+        self.queue = Queue(cfg.queue_size, cfg.proj_dim, cfg.queue_init)
 
     def forward(self, batch: dict, g: torch.Generator, progress: float) -> tuple[torch.Tensor, dict]:
         valid = batch["valid"]
@@ -185,7 +186,7 @@ class D3SSL(Method):
             z_t2 = self.teacher_regions(batch["x2"], v["t2"], valid, g)
         neg, T = self.queue.negatives(), self.cfg.temperature
         l_dc = info_nce(z_s1, z_t2, neg, T) + info_nce(z_s2, z_t1, neg, T)      # eq. 4
-        chance = chance_loss(self.cfg.queue_size)
+        chance = chance_loss(len(neg))
         terms = {"loss_dc": l_dc.detach(), "loss_dc_chance": 2 * chance,
                  "top1": queue_top1(z_s1, z_t2, neg), "key_std": key_spread(torch.cat([z_t1, z_t2]))}
         loss = l_dc
@@ -252,7 +253,7 @@ class MoCoV2(Method):
 
     def __init__(self, arch: str, cfg: MethodConfig, roi_size: int = 14, bn_splits: int = 1):
         super().__init__(arch, cfg, roi_size, bn_splits)
-        self.queue = Queue(cfg.queue_size, cfg.proj_dim)
+        self.queue = Queue(cfg.queue_size, cfg.proj_dim, cfg.queue_init)
 
     def forward(self, batch: dict, g: torch.Generator, progress: float) -> tuple[torch.Tensor, dict]:
         n = self.bn_splits
@@ -262,7 +263,7 @@ class MoCoV2(Method):
             k1, k2 = self.teacher_images(batch["x1"], g), self.teacher_images(batch["x2"], g)
         neg, T = self.queue.negatives(), self.cfg.temperature
         loss = info_nce(q1, k2, neg, T) + info_nce(q2, k1, neg, T)
-        terms = {"loss_nce": loss.detach(), "loss_nce_chance": 2 * chance_loss(self.cfg.queue_size),
+        terms = {"loss_nce": loss.detach(), "loss_nce_chance": 2 * chance_loss(len(neg)),
                  "top1": queue_top1(q1, k2, neg), "key_std": key_spread(torch.cat([k1, k2]))}
         self.queue.enqueue(torch.cat([k1, k2]))
         return loss, terms

@@ -93,3 +93,19 @@ def test_health_detectors_tell_chance_and_collapse():
     good = health([{"loss": 8.0, "chance": 4 * math.log(1025), "top1": 0.4, "key_std": 0.7}] * 5)
     assert good["problems"] == [] and good["loss_over_chance"] < 0.5
     assert health([{"loss": 0.3, "chance": 0.0, "top1": 0.5, "key_std": float("nan")}])["problems"] == []
+
+
+def test_an_empty_queue_offers_only_real_keys_as_negatives():
+    from train.losses import Queue
+    q = Queue(8, 4, init="empty")
+    assert q.negatives().shape == (0, 4)
+    keys = torch.eye(4)[:3]
+    q.enqueue(keys)
+    assert torch.equal(q.negatives(), keys)
+    q.enqueue(torch.eye(4).repeat(2, 1))
+    assert q.negatives().shape == (8, 4) and q.fill_ratio() == 1.0
+    assert Queue(8, 4).negatives().shape == (8, 4)                   # MoCo's random start
+    # no negatives yet: the loss is 0 and the positive ranks first
+    from train.losses import info_nce, queue_top1
+    z = torch.randn(5, 4)
+    assert float(info_nce(z, z, torch.zeros(0, 4), 0.2)) == 0.0 and float(queue_top1(z, z, torch.zeros(0, 4))) == 1.0
