@@ -313,7 +313,11 @@ def sample_shift(boxes: torch.Tensor, valid: torch.Tensor, height: int, width: i
 
 def depositioning_boxes(boxes: torch.Tensor, valid: torch.Tensor, t: torch.Tensor, height: int, width: int,
                         min_visible: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(b-hat = b + t cut to the image (B, K, 4), valid3 (B, K)): which boxes take part in L_dp."""
+    """(b-hat = b + t cut to the image (B, K, 4), valid3 (B, K)): which boxes take part in L_dp.
+
+    A box that keeps at least `min_visible` of its area is compared through its visible part in x3
+    with the whole box in x1-hat and x2 (a crop-like positive pair eq. 6's letter does not have;
+    with `shift: within` every box stays whole)."""
     moved = boxes + t[:, None, :].to(boxes.dtype).repeat(1, 1, 2)
     lim = boxes.new_tensor([width, height, width, height])
     cut = torch.minimum(moved.clamp(min=0), lim)

@@ -42,7 +42,7 @@ from train.augment import (
     AugmentConfig, augment_view, backgrounds, jitter_boxes, needs_backgrounds, region_views,
 )
 from train.losses import Queue, batch_top1, byol_loss, chance_loss, info_nce, key_spread, queue_top1
-from train.model import MLP, RegionEncoder, momentum_copy, momentum_update
+from train.model import MLP, RegionEncoder, bn_segments, momentum_copy, momentum_update, region_segments, use_split_batch_norm
 from train.shuffle_bn import shuffled_forward
 
 MEAN = (0.485, 0.456, 0.406)
@@ -222,7 +222,7 @@ class SoCo(Method):
         super().__init__(arch, cfg, roi_size, bn_splits)
         if not cfg.pred_hidden:
             raise ValueError("soco needs a predictor: set pred_hidden > 0")
-        self.predictor = MLP(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim, batch_norm=True)
+        self.predictor = use_split_batch_norm(MLP(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim, batch_norm=True))
 
     def forward(self, batch: dict, g: torch.Generator, progress: float) -> tuple[torch.Tensor, dict]:
         a, valid = self.cfg.augment, batch["valid"]
@@ -232,8 +232,9 @@ class SoCo(Method):
         H, W = x1.shape[-2:]
         b1 = jitter_boxes(batch["boxes1"], valid, a, g, H, W)
         b2 = jitter_boxes(batch["boxes2"], valid, a, g, H, W)
-        p1 = self.predictor(self.student_regions(x1, b1, valid))
-        p2 = self.predictor(self.student_regions(x2, b2, valid))
+        with bn_segments(region_segments(valid, self.bn_splits) if self.bn_splits > 1 else None):
+            p1 = self.predictor(self.student_regions(x1, b1, valid))
+            p2 = self.predictor(self.student_regions(x2, b2, valid))
         with torch.no_grad():
             self._momentum_update_teacher(progress)
             z1 = self.teacher_regions(x1, b1, valid, g)

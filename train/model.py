@@ -64,7 +64,9 @@ def bn_segments(sizes: list[int] | None) -> Iterator[None]:
 
 
 class _SplitBatchNorm:
-    """Batch norm over segments of the batch; running statistics move by the segments' mean."""
+    """Batch norm over segments of the batch. The running statistics move by the mean over the
+    segments of their means and variances, as MoCo's SplitBatchNorm (the variance between segment
+    means is left out, as there). `momentum=None` is taken as 0.1."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sizes = _BN_SEGMENTS.get()
@@ -73,6 +75,9 @@ class _SplitBatchNorm:
         if sum(sizes) != x.shape[0]:
             raise ValueError(f"batch-norm segments {sizes} do not add up to the batch {x.shape[0]}")
         dims = [0] + list(range(2, x.dim()))
+        if x.dim() == 2 and min(n for n in sizes if n) < 2:
+            raise ValueError(f"batch-norm segments {sizes}: a segment of one row has no batch statistics; "
+                             "lower pretrain.bn_splits")
         parts, means, variances = [], [], []
         for chunk in x.split(list(sizes)):
             if chunk.shape[0] == 0:

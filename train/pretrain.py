@@ -12,8 +12,8 @@ positive's rank-1 accuracy among the negatives (`top1`; in-batch retrieval for s
 of the normalised keys (`key_std`: 1 spread over the sphere, 0 collapsed); d3ssl also logs
 `shift_px`, the mean |t| of the de-positioning shift in pixels of the x2 view. At the end,
 `summary.json` holds `health` over the last steps, and a run that ends at chance or collapsed is
-warned about (log and report). DDP: gloo on CPU, NCCL on CUDA; on CUDA also SyncBN in the
-student, bf16 autocast and channels_last. Logged with dvclive under RUN_DIR/dvclive on rank 0 (loss
+warned about (log and report). DDP: gloo on CPU, NCCL on CUDA; on CUDA also bf16 autocast and
+channels_last, and SyncBN in the student of methods without shuffle-BN (soco). Logged with dvclive under RUN_DIR/dvclive on rank 0 (loss
 terms, learning rate, teacher momentum, images/s, queue fill) with a progress bar.
 
 Snapshots: after each step of `snapshot_steps`, the student backbone is exported (as train.export
@@ -205,7 +205,9 @@ def train(shards: Path, out: Path, method_name: str, cfg: PretrainConfig, mcfg: 
         log.warning("methods.%s.shuffle_bn has no effect with one batch-norm group (one process, "
                     "pretrain.bn_splits: 1): the key shares its query's statistics; set bn_splits >= 2",
                     method_name)
-    if on_cuda and world > 1:
+    if on_cuda and world > 1 and not mcfg.shuffle_bn:
+        # SyncBN for the student only without shuffle-BN: its global statistics would contain
+        # every key's shuffled group (MoCo keeps per-GPU BN for the query)
         method.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method.student)
     if on_cuda:
         method = method.to(memory_format=torch.channels_last)

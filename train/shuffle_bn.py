@@ -6,17 +6,20 @@ reading that leak instead of learning the content (MoCo's "cheating" sub-task). 
 key encoder other batch-norm groups than the query encoder:
 
 - The query encoder (student) sees the global batch in its order: rank r holds samples
-  [r B, (r + 1) B), cut into `bn_splits` contiguous groups (`train.model.SplitBatchNorm*`); under
-  SyncBN on CUDA its statistics are global instead.
+  [r B, (r + 1) B), cut into `bn_splits` contiguous groups (`train.model.SplitBatchNorm*`). With
+  shuffle-BN the student keeps per-rank batch norm under DDP, as MoCo does (train.pretrain converts
+  it to SyncBN only when shuffle-BN is off): global statistics would contain every key group.
 - The key encoder (teacher) sees the global batch in a shuffled order (`key_order`), cut the same
   way; its outputs are gathered and put back in the original order (`shuffled_forward`). Under DDP
   this is MoCo's cross-GPU shuffle (images and boxes are gathered, each rank encodes its share of
   the shuffled batch); on one process it is the demo's split + shuffle.
 
 The shuffle is stratified: samples are shuffled within each query group, then dealt to the key
-groups column by column, so every key group draws from as many query groups as it can and the
-samples that share a key's statistics are never the ones that share its query's (MoCo's plain
-random permutation only makes this likely).
+groups column by column, so every key group draws evenly from the query groups. With Q equal query
+groups, a key group of m samples holds at most ceil(m / Q) samples of any one query group, so the
+set of samples that share a key's statistics always differs from the set that shares its query's
+(MoCo's plain random permutation only makes this likely); at the embedded 32 images in 4 groups a
+key shares its statistics with 2 of its query group's 8 samples (itself included).
 """
 from __future__ import annotations
 
