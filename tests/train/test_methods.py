@@ -102,3 +102,30 @@ def test_d3ssl_logs_the_shift_and_counts_l_dp_over_the_boxes_left_in_x3(fixed_ba
     cfg = replace(DEFAULTS["d3ssl"], queue_size=64, proj_hidden=32)
     _, terms = build("d3ssl", "resnet18", cfg, roi_size=2, bn_splits=2)(fixed_batch, torch.Generator().manual_seed(0), 0.0)
     assert float(terms["shift_px"]) >= 0 and {"loss_dc", "loss_dp", "shift_px"} <= set(terms)
+
+
+@pytest.mark.parametrize("kept", ["half", "none"])
+def test_l_dp_counts_for_the_share_of_proposals_left_in_x3(kept, fixed_batch, monkeypatch):
+    """Eq. 10 averages over all proposals: L_dp, defined on the boxes that stay in x3, is weighted by
+    their share; with none left it is 0 (and x3 is not encoded)."""
+    import train.methods as methods
+    real_views = methods.region_views
+
+    def views(batch, cfg, g):
+        v = real_views(batch, cfg, g)
+        v["valid3"] = batch["valid"].clone()
+        if kept == "none":
+            v["valid3"][:] = False
+        else:
+            v["valid3"][::2] = False                       # every other image loses its boxes
+        return v
+    rows = []
+    monkeypatch.setattr(methods, "region_views", views)
+    monkeypatch.setattr(methods, "info_nce", lambda q, k, neg, t: rows.append(len(q)) or torch.tensor(1.0))
+    cfg = replace(DEFAULTS["d3ssl"], queue_size=64, proj_hidden=32)
+    _, terms = build("d3ssl", "resnet18", cfg, roi_size=2)(fixed_batch, torch.Generator().manual_seed(0), 0.0)
+    valid = fixed_batch["valid"]
+    share = float(valid[1::2].sum() / valid.sum()) if kept == "half" else 0.0
+    assert float(terms["loss_dc"]) == 2.0
+    assert float(terms["loss_dp"]) == pytest.approx(2.0 * share)
+    assert rows[2:] == ([int(valid[1::2].sum())] * 2 if kept == "half" else [])
