@@ -102,6 +102,28 @@ def oknn_protocol(reports: Path, models: list[str], seeds: list[int]) -> list[st
     return seen
 
 
+def probe_and_detect_settings(reports: Path, models: list[str], seeds: list[int]) -> dict[str, list[str]]:
+    """The distinct probe and detection settings of the runs, in words."""
+    out: dict[str, list[str]] = {"probes": [], "detect": []}
+    for model in models:
+        for s in seeds:
+            d = reports / model / f"seed{s}"
+            p = load(d / "probes.json").get("settings", {})
+            text = (f"objects of {p.get('object_size', '?')} px, RoIAlign {p.get('pool_size', '?')}x"
+                    f"{p.get('pool_size', '?')} + average pooling, CR canvas {p.get('canvas', '?')} px, "
+                    f"{p.get('pairs', '?')} pairs, {p.get('objects', '?')} grids")
+            if text not in out["probes"]:
+                out["probes"].append(text)
+            if (d / "detect" / "metrics.json").is_file():
+                det = load(d / "detect" / "metrics.json")
+                sch, cfg = det.get("schedule", {}), det.get("settings", {})
+                text = (f"preset `{det.get('preset', '?')}` ({sch.get('max_iter', cfg.get('max_iter', '?'))} iterations), "
+                        f"{det.get('train_images', '?')} train / {det.get('val_images', '?')} val images")
+                if text not in out["detect"]:
+                    out["detect"].append(text)
+    return out
+
+
 def ordering(results: dict, metric: str, chain: list[str], higher_is_better: bool, what: str,
              margin: float = 0.0) -> dict:
     """Does `chain[0]` beat `chain[1]` beat ... on `metric` (by more than `margin`)? Holds: every
@@ -154,7 +176,9 @@ def health_problems(reports: Path, models: list[str], seeds: list[int]) -> list[
 
 
 def render(results: dict, orderings: list[dict], stats: dict | None, seeds: list[int], plots: list[str],
-           protocol: list[str] = (), problems: list[str] = (), curve: str | None = None) -> str:
+           protocol: list[str] = (), problems: list[str] = (), curve: str | None = None,
+           settings: dict | None = None) -> str:
+    settings = settings or {}
     models = list(results)
     lines = [f"# Results on the embedded data ({len(seeds)} seeds: {', '.join(map(str, seeds))}; mean ± std)", ""]
     lines += ["## Object-level kNN (like Table 4)", "",
@@ -176,11 +200,15 @@ def render(results: dict, orderings: list[dict], stats: dict | None, seeds: list
                          f"{fmt(r['control_cr_C5'], 6)} | {fmt(r['control_mcs_C5'], 6)} |")
     lines += ["", "The control is a network whose receptive field is one pixel, probed by the same code on the "
               "same images at the same settings: 1 means the probe measures the network, not its RoIAlign sampling."]
+    if settings.get("probes"):
+        lines += ["", "Probe settings (OpenImage-MINI objects): " + "; ".join(settings["probes"]) + "."]
     lines += ["", "## Detection fine-tuning (like Table 1; COCOeval bbox)", "",
               "| model | AP | AP50 | AP75 |", "|---|---|---|---|"]
     for m in models:
         if "det_AP" in results[m]:
             lines.append(f"| {m} | " + " | ".join(fmt(results[m][f"det_{k}"]) for k in TABLE1) + " |")
+    if settings.get("detect"):
+        lines += ["", "Detection: " + "; ".join(settings["detect"]) + "."]
     lines += ["", "## Probes per layer (Figures 3b, 4b)", "",
               "| model | " + " | ".join(f"CR {x}" for x in LAYERS) + " | " + " | ".join(f"MCS {x}" for x in LAYERS) + " |",
               "|---|" + "---|" * 8]
@@ -235,14 +263,16 @@ def make_report(reports: Path, models: list[str], seeds: list[int], out: Path, d
                for v in ms["values"]]
     protocol = oknn_protocol(reports, models, seeds)
     problems = health_problems(reports, models, seeds)
+    settings = probe_and_detect_settings(reports, models, seeds)
     curve = plot_curve(reports, models, out.parent / "oknn_curve.png")
     doc = {"seeds": seeds, "models": models, "results": results, "orderings": orderings, "oknn_protocol": protocol,
-           "pretrain_problems": problems, "oknn_curve": curve,
+           "pretrain_problems": problems, "oknn_curve": curve, "run_settings": settings,
            "probe_control_max_deviation": max(control),
            "dataset": {k: stats[k] for k in ("openimage_mini", "coco")} if stats else None}
     write_text(out.with_suffix(".json"), json.dumps(doc, indent=2) + "\n")
     write_text(out.with_suffix(".md"), render(results, orderings, stats, seeds, [str(p) for p in plots], protocol,
-                                              problems, str(out.parent / "oknn_curve.png") if curve else None))
+                                              problems, str(out.parent / "oknn_curve.png") if curve else None,
+                                              settings))
     return doc
 
 

@@ -21,7 +21,10 @@ def _write(reports, model, seed, control=True):
         probes["control"] = {"cr": {n: 1.0 for n in LAYERS}, "mcs": {n: 1.0 - 2e-7 * seed for n in LAYERS}}
     (d / "oknn.json").write_text(json.dumps(oknn))
     (d / "probes.json").write_text(json.dumps(probes))
-    (d / "detect" / "metrics.json").write_text(json.dumps({"bbox": {"AP": 1.0, "AP50": 2.0, "AP75": 0.5}}))
+    probes["settings"] = {"object_size": 96, "pool_size": 3, "canvas": 192, "pairs": 32, "objects": 32}
+    (d / "probes.json").write_text(json.dumps(probes))
+    (d / "detect" / "metrics.json").write_text(json.dumps({"bbox": {"AP": 1.0, "AP50": 2.0, "AP75": 0.5}, "preset": "tiny",
+                                                           "schedule": {"max_iter": 40}, "train_images": 30, "val_images": 8}))
 
 
 def test_report_shows_the_control_and_the_oknn_protocol(tmp_path):
@@ -39,6 +42,8 @@ def test_report_shows_the_control_and_the_oknn_protocol(tmp_path):
     assert "| one-pixel control (random runs) | 1.000 ± 0.000 |" in md
     assert "`c5_roialign7`, shorter side 320 px (longer at most 533), k = 20" in md and "1.8 C5 cells" in md
     assert json.loads((tmp_path / "results.json").read_text())["probe_control_max_deviation"] == pytest.approx(2e-7)
+    assert "Probe settings (OpenImage-MINI objects): objects of 96 px, RoIAlign 3x3" in md
+    assert "Detection: preset `tiny` (40 iterations), 30 train / 8 val images." in md
 
 
 def test_a_probe_result_without_its_control_is_refused(tmp_path):
