@@ -102,3 +102,44 @@ def test_rois_stay_float32_under_bf16_autocast(monkeypatch):
         enc.regions(torch.zeros(300, 3, 32, 32), boxes, torch.ones(300, 1, dtype=torch.bool))
     assert seen["dtype"] == torch.float32
     assert torch.equal(seen["rois"][:, 1:], boxes[:, 0]) and torch.equal(seen["rois"][:, 0], torch.arange(300.0))
+
+
+def _two_rank_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as td
+    td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        B, K = 4, 2
+        valid = torch.ones(B, K, dtype=torch.bool)
+        valid[rank::2, 1] = False                                  # unequal row counts per rank
+        tags = (rank * 100 + torch.arange(B * K, dtype=torch.float32)).view(B, K)
+        # the generator differs per rank: rank 0's order must be broadcast to every rank
+        g = torch.Generator().manual_seed(10 + rank)
+        rows = shuffled_forward(lambda t, v: t[v][:, None], [tags, valid], valid.sum(1), 1, g)
+        x = torch.zeros(B, world * B, 2, 2)
+        x[torch.arange(B), rank * B + torch.arange(B)] = 1.0       # one-hot over the global batch
+        bn = SplitBatchNorm2d(world * B, affine=False)
+        peers = shuffled_forward(lambda t: bn(t).flatten(1), [x], torch.ones(B, dtype=torch.long), 1,
+                                 torch.Generator().manual_seed(3))
+        torch.save({"rows": rows, "tags": tags[valid], "peers": peers}, f"{out}/rank{rank}.pt")
+    finally:
+        td.destroy_process_group()
+
+
+def test_under_ddp_keys_are_encoded_on_other_ranks_and_come_back_in_order(tmp_path):
+    """2 gloo processes: the un-shuffled rows are each rank's own, in order, and a key's batch
+    statistics come from a shuffled group that is not its rank's (its query's) batch."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    B = 4
+    for rank in (0, 1):
+        r = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.equal(r["rows"][:, 0], r["tags"])
+        own = set(range(rank * B, rank * B + B))
+        for i in range(B):
+            peers = set(torch.nonzero(r["peers"][i].view(2 * B, 4).abs().sum(1) > 1e-6).flatten().tolist())
+            assert rank * B + i in peers and len(peers) == B and peers != own
