@@ -129,3 +129,24 @@ def test_l_dp_counts_for_the_share_of_proposals_left_in_x3(kept, fixed_batch, mo
     assert float(terms["loss_dc"]) == 2.0
     assert float(terms["loss_dp"]) == pytest.approx(2.0 * share)
     assert rows[2:] == ([int(valid[1::2].sum())] * 2 if kept == "half" else [])
+
+
+@pytest.mark.parametrize("name,switch,fn,calls", [
+    ("d3ssl", "cutout", "apply_cutout", 2),          # x1-hat and x2s-hat
+    ("d3ssl", "box_jitter", "apply_box_jitter", 5),  # s1, s2s, t1, t2, s3
+    ("soco", "prc", "apply_prc", 2), ("soco", "prm", "apply_prm", 2),   # x1 and x2
+    ("soco", "rbj", "apply_rbj", 2),                 # the boxes of x1 and x2
+])
+def test_a_switched_on_augmentation_is_applied_to_every_view(name, switch, fn, calls, fixed_batch, monkeypatch):
+    import train.augment as augment
+    seen = []
+    real = getattr(augment, fn)
+    monkeypatch.setattr(augment, fn, lambda *a, **k: seen.append(1) or real(*a, **k))
+    base = replace(DEFAULTS[name], queue_size=64, proj_hidden=32, pred_hidden=32 if DEFAULTS[name].pred_hidden else 0)
+    if switch == "prm":            # SoCo's cutout fills through apply_prm too
+        base = replace(base, augment=replace(base.augment, cutout=False))
+    for on in (False, True):
+        seen.clear()
+        cfg = replace(base, augment=replace(base.augment, **{switch: on}))
+        build(name, "resnet18", cfg, roi_size=2)(fixed_batch, torch.Generator().manual_seed(0), 0.0)
+        assert len(seen) == (calls if on else 0), (switch, on, len(seen))
