@@ -96,3 +96,21 @@ def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     y = x.detach().clone().contiguous()
     torch_dist.broadcast(y, src=src)
     return y
+
+
+@torch.no_grad()
+def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
+    """Overwrite every tensor in place with rank `src`'s (weights after a resume); no-op on one process."""
+    if not is_initialized() or world_size() == 1:
+        return
+    for t in tensors:
+        torch_dist.broadcast(t, src=src)
+
+
+def all_gather_object(obj) -> list:
+    """`obj` of every rank, in rank order (picklable objects: RNG states); `[obj]` on one process."""
+    if not is_initialized() or world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out

@@ -1,6 +1,7 @@
 """Streaming pre-training stage: one method, DDP over any number of processes.
 
-    python -m train.pretrain --shards data/shards --out runs/d3ssl --method d3ssl [--params params.yaml] [--resume]
+    python -m train.pretrain --shards data/shards --out runs/d3ssl --method d3ssl [--params params.yaml] [--resume|--fresh]
+    python -m train.launch --params params.yaml ...          # the stage: torchrun above pretrain.nproc_per_node 1
     torchrun --nproc_per_node=4 -m train.pretrain --shards data/shards --out runs/d3ssl --method d3ssl
     torchrun --nnodes=2 --node_rank=R --rdzv_backend=c10d --rdzv_endpoint=HOST:29400 --nproc_per_node=8 \
         -m train.pretrain ...
@@ -19,12 +20,32 @@ terms, learning rate, teacher momentum, images/s, queue fill) with a progress ba
 Snapshots: after each step of `snapshot_steps`, the student backbone is exported (as train.export
 does) to RUN_DIR/snapshots/step<N>/, for learning curves (eval.curve).
 
-Checkpoints (RUN_DIR/checkpoint.pt) are written atomically every `checkpoint_every` steps and at
-each epoch end. They hold everything needed to continue exactly: the method's state (student,
-teacher, predictor, queue), optimiser, step, stream position (epoch and batch in it), RNG states
-(torch, CUDA, numpy, python, the region-augmentation generator) and the settings. `--resume`
-continues from it; on the CPU with `deterministic: true` the result is bitwise that of an
-uninterrupted run. They load with `torch.load(..., weights_only=True)`.
+Checkpoints (RUN_DIR/checkpoint.pt) are written atomically every `checkpoint_every` steps, at each
+epoch end, at the last step, and at least every `checkpoint_minutes` of wall time (rank 0's clock
+decides and broadcasts, so every rank saves at the same step). They hold everything needed to
+continue exactly: the method's state (student, teacher, predictor, queue), optimiser, step, stream
+position (epoch and batch in it), the RNG states of every rank (torch, CUDA, numpy, python, the
+region-augmentation generator), the last steps' health records, the settings and the run's stamp.
+They load with `torch.load(..., weights_only=True)`. On the CPU with `deterministic: true` a resumed
+run is bitwise an uninterrupted one.
+
+Stamp and resume: the stamp (also in RUN_DIR/stamp.json, beside the checkpoint) is a hash of the
+stamped settings (`pretrain` with `loader`, `methods.<name>`, the method and world size; not
+`max_steps`, `checkpoint_every`, `checkpoint_minutes`, `snapshot_steps`, `nproc_per_node`,
+`loader.start_method`, which do not change what is trained), the content hash of the shards'
+`index.json` and the code version (the sources of this module's import closure in train/ and
+pipeline/). Without flags a run resumes a checkpoint with its own stamp and logs `resumed from
+step N`; any other checkpoint is ignored, with a log line naming what differs, and overwritten
+at the first save (`dvc.yaml` keeps the checkpoint with `persist: true`, so a `dvc repro` after a
+crash continues the run). `--resume` requires a checkpoint: none, or one whose settings change
+the stream or the schedule (`STREAM_SETTINGS`: method, world size, seed, epochs, batch size,
+loader workers, ...; or other shards), is an error naming the setting; other changes (code,
+learning rate) are warned about and resumed across. `--fresh` starts clean.
+
+Multi-process and multi-node resume: every rank reads RUN_DIR/checkpoint.pt itself, so the run
+folder must be on storage that every rank (every node) sees, e.g. a shared file system. The ranks
+gather (resume, step, epoch, batch, stamp) and stop together, naming the rows, if they disagree;
+after loading, rank 0's weights, queue and optimiser state are broadcast to all.
 
 Settings: the `pretrain` section (shared by every method, so they train on the same schedule),
 `loader` (batches, views) and `methods.<name>` of params.yaml.
@@ -32,11 +53,13 @@ Settings: the `pretrain` section (shared by every method, so they train on the s
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import logging
 import os
 import random
+import shutil
 import sys
 import time
 from collections import deque
@@ -72,6 +95,8 @@ class PretrainConfig:
     sgd_momentum: float = 0.9
     warmup_epochs: float = 0.0
     checkpoint_every: int = 500             # steps
+    checkpoint_minutes: float = 10.0        # also a checkpoint at least this often in wall time (0: off)
+    nproc_per_node: int = 1                 # processes per node; the stage runs torchrun above 1 (train.launch)
     seed: int = 0
     deterministic: bool = False             # torch deterministic algorithms (bitwise resume on CPU)
     bf16_cpu: bool = False                  # bf16 autocast on the CPU too (always on CUDA); ~1.4x on AVX512-BF16
@@ -81,6 +106,8 @@ class PretrainConfig:
     loader: LoaderConfig = field(default_factory=LoaderConfig)
 
     def __post_init__(self) -> None:
+        if self.nproc_per_node < 1:
+            raise ParamsError(f"pretrain.nproc_per_node is {self.nproc_per_node}; it must be at least 1")
         if self.bn_splits < 1 or self.loader.batch_size < 2 * self.bn_splits:
             raise ParamsError(f"pretrain.bn_splits is {self.bn_splits} with loader.batch_size {self.loader.batch_size}: "
                               "batch norm needs at least 2 images per group; lower bn_splits or raise batch_size")
@@ -155,30 +182,192 @@ class Position:
 
 
 def checkpoint(path: Path, method, optimizer, pos: Position, aug: torch.Generator, meta: dict) -> None:
-    """Called on every rank: BN statistics are averaged over ranks, then rank 0 saves."""
+    """Called on every rank: BN statistics are averaged over ranks, the RNG states of every rank
+    gathered, then rank 0 saves (with the stamp beside it, RUN_DIR/stamp.json)."""
     dist.average_buffers(method.student)
     dist.average_buffers(method.teacher)
+    rngs = dist.all_gather_object(rng_state(aug))
     if dist.rank() == 0:
-        save_checkpoint(path, method, optimizer, pos, aug, meta)
+        save_checkpoint(path, method, optimizer, pos, rngs, meta)
 
 
-def save_checkpoint(path: Path, method, optimizer, pos: Position, aug: torch.Generator, meta: dict) -> None:
+def save_checkpoint(path: Path, method, optimizer, pos: Position, rngs: list[dict], meta: dict) -> None:
     state = {
         "model": method.state_dict(),
         "optimizer": optimizer.state_dict(),
         "step": pos.step, "epoch": pos.epoch, "batch": pos.batch,
-        "rng": rng_state(aug),
+        "rng": rngs,                        # one per rank
         **meta,
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+    if "stamp" in meta:
+        write_text(path.parent / STAMP_FILE, json.dumps(meta["stamp"], indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------ stamp, resume
+
+REPO = Path(__file__).resolve().parents[1]
+STAMP_FILE = "stamp.json"
+# Settings that do not change what is trained (where to stop, how often to save, how to launch):
+# left out of the stamp, so a run can be continued with another max_steps or checkpoint interval.
+UNSTAMPED = {"max_steps", "checkpoint_every", "checkpoint_minutes", "snapshot_steps", "nproc_per_node",
+             "loader.start_method"}
+# Settings that change the stream or the schedule: an explicit --resume across a change of one is refused.
+STREAM_SETTINGS = ("method", "arch", "world_size", "seed", "epochs", "warmup_epochs", "loader.batch_size",
+                   "loader.workers", "loader.shuffle_buffer", "loader.resampled", "loader.epoch_samples")
+
+
+class ResumeError(RuntimeError):
+    """A resume that cannot continue the run (no checkpoint, or a setting that changes the stream)."""
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_settings(method_name: str, cfg: dict, mcfg: dict, world: int) -> dict:
+    """The stamped settings, flat ("loader.batch_size"): method, world size, `pretrain` with `loader`
+    (as dicts, less UNSTAMPED) and `methods.<name>`."""
+    flat = {"method": method_name, "world_size": world}
+    flat.update({k: v for k, v in _flatten(cfg).items() if k not in UNSTAMPED})
+    flat.update(_flatten(mcfg, f"methods.{method_name}."))
+    return flat
+
+
+def code_files(start: str = "train/pretrain.py") -> list[str]:
+    """The project modules `start` imports, directly or not (its import closure in train/ and
+    pipeline/, function-level imports included), as paths relative to the repository."""
+    seen, todo = set(), [start]
+    while todo:
+        rel = todo.pop()
+        if rel in seen:
+            continue
+        seen.add(rel)
+        for node in ast.walk(ast.parse((REPO / rel).read_text(), rel)):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for name in names:
+                if name.split(".")[0] in ("train", "pipeline") and (REPO / (name.replace(".", "/") + ".py")).is_file():
+                    todo.append(name.replace(".", "/") + ".py")
+    return sorted(seen)
+
+
+def code_version() -> str:
+    """sha256 over the sources of `code_files()`: the code version part of the stamp."""
+    h = hashlib.sha256()
+    for rel in code_files():
+        h.update(rel.encode() + b"\0" + (REPO / rel).read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def make_stamp(shards: Path, method_name: str, cfg: PretrainConfig, mcfg: MethodConfig, world: int) -> dict:
+    """What a checkpoint was trained from: the stamped settings (and their hash), the content hash
+    of the shards' index.json and the code version."""
+    settings = run_settings(method_name, as_dict(cfg), as_dict(mcfg), world)
+    return {"params": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
+            "shards": hashlib.sha256((Path(shards) / "index.json").read_bytes()).hexdigest(),
+            "code": code_version(), "settings": settings}
+
+
+def stamp_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(changes of the stream or schedule, other changes) from stamp `old` to `new`, in words."""
+    stream, other = [], []
+    a, b = old.get("settings", {}), new["settings"]
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k):
+            (stream if k in STREAM_SETTINGS else other).append(f"{k} was {a.get(k)!r}, is now {b.get(k)!r}")
+    if old.get("shards") != new["shards"]:       # unknown for a checkpoint written before stamps
+        (stream if old.get("shards") else other).append(
+            "the shards' index.json differs" if old.get("shards") else "the shards are unknown")
+    if old.get("code") != new["code"]:
+        other.append("the code version (train/ sources) differs" if old.get("code") else "the code version is unknown")
+    return stream, other
+
+
+def legacy_stamp(state: dict) -> dict:
+    """The settings part of the stamp of a checkpoint written before stamps were."""
+    return {"settings": run_settings(state["method"], state.get("config", {}), state.get("method_config", {}),
+                                     state["world_size"])}
+
+
+def plan_resume(ckpt: Path, state: dict | None, stamp: dict, mode: str, stop: int) -> bool:
+    """Whether to continue from the checkpoint `state` (None: there is none). `mode`: "auto" resumes
+    a checkpoint of the same stamp and starts clean otherwise, saying why; "require" (--resume)
+    resumes or raises ResumeError (no checkpoint, or a changed setting of the stream or schedule;
+    other changes are warned about); "never" starts clean."""
+    if mode == "never" or state is None:
+        if state is None and mode == "require":
+            raise ResumeError(f"--resume: there is no checkpoint {ckpt} to resume; run without --resume to "
+                              "start (a checkpoint of the same run is resumed automatically)")
+        if state is not None:
+            log.info("not resuming %s (step %d): asked to start clean", ckpt, state["step"])
+        return False
+    old = state.get("stamp") or legacy_stamp(state)
+    stream, other = stamp_changes(old, stamp)
+    if mode == "require":
+        if state["method"] != stamp["settings"]["method"] or state["world_size"] != stamp["settings"]["world_size"]:
+            raise ResumeError(f"{ckpt} is a {state['method']} run on {state['world_size']} processes; cannot "
+                              f"resume it as {stamp['settings']['method']} on {stamp['settings']['world_size']}")
+        if stream:
+            raise ResumeError(f"cannot resume {ckpt}: {'; '.join(stream)}. That changes the stream or the "
+                              "schedule; restore the setting, or run without --resume to start clean")
+        if state["step"] > stop:
+            raise ResumeError(f"cannot resume {ckpt}: it is at step {state['step']}, past pretrain.max_steps {stop}")
+        if other:
+            log.warning("resuming %s although %s", ckpt, "; ".join(other))
+        return True
+    if stream or other:
+        log.info("not resuming %s (step %d): its stamp differs (%s); starting clean", ckpt, state["step"],
+                 "; ".join(stream + other))
+        return False
+    if state["step"] > stop:
+        log.info("not resuming %s: it is at step %d, past pretrain.max_steps %d; starting clean",
+                 ckpt, state["step"], stop)
+        return False
+    return True
+
+
+def agree_on_resume(resume: bool, pos: Position, stamp: dict, error: Exception | None, dev: torch.device) -> None:
+    """Every rank must resume the same checkpoint step with the same stamp (the run folder on
+    storage all ranks see, the same code and params on every node): gather and compare, and raise
+    on every rank alike (no rank is left waiting in a collective)."""
+    digest = int.from_bytes(hashlib.sha256((stamp["params"] + stamp["shards"] + stamp["code"]).encode()).digest()[:8],
+                            "little") >> 1
+    row = torch.tensor([[-1 if error else int(resume), pos.step, pos.epoch, pos.batch, digest]], dtype=torch.int64,
+                       device=dev)
+    rows = dist.all_gather(row).cpu()
+    if error is not None:
+        raise error
+    if (rows[:, 0] < 0).any():
+        raise ResumeError(f"rank(s) {torch.nonzero(rows[:, 0] < 0).flatten().tolist()} could not plan the resume")
+    if not (rows == rows[0]).all():
+        raise ResumeError("the ranks disagree on the resume (resume, step, epoch, batch, stamp digest per rank: "
+                          f"{rows.tolist()}); the run folder must be on storage that every rank sees, with the same "
+                          "code, params and shards on every node")
 
 
 def train(shards: Path, out: Path, method_name: str, cfg: PretrainConfig, mcfg: MethodConfig,
-          resume: bool = False, device: str | None = None, progress: bool = True,
+          resume: bool | str = "auto", device: str | None = None, progress: bool = True,
           summary_copy: Path | None = None) -> dict:
     """Pre-train `method_name`; returns the run summary (also written to out/summary.json and, if
-    given, to `summary_copy`, where the report reads the run's health)."""
+    given, to `summary_copy`, where the report reads the run's health).
+
+    `resume`: "auto" (continue a checkpoint of the same stamp, else start clean), "require" or True
+    (continue or raise ResumeError), "never" or False (start clean)."""
+    mode = {True: "require", False: "never"}.get(resume, resume) if isinstance(resume, bool) else resume
+    if mode not in ("auto", "require", "never"):
+        raise ValueError(f"resume is {resume!r}; use auto, require or never")
     from tqdm import tqdm
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -221,29 +410,64 @@ def train(shards: Path, out: Path, method_name: str, cfg: PretrainConfig, mcfg: 
     out.mkdir(parents=True, exist_ok=True)
     (out / "snapshots").mkdir(exist_ok=True)
     ckpt = out / "checkpoint.pt"
-    pos = Position()
-    if resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location=dev, weights_only=True)
-        if state["method"] != method_name or state["world_size"] != world:
-            raise ValueError(f"{ckpt} is a {state['method']} run on {state['world_size']} processes; "
-                             f"cannot resume it as {method_name} on {world}")
+    stop = cfg.max_steps or total_steps
+    stamp = make_stamp(shards, method_name, cfg, mcfg, world)
+    pos, resumed, error, state = Position(), False, None, None
+    recent: deque[dict] = deque(maxlen=HEALTH_WINDOW)
+    try:
+        # every rank reads the checkpoint itself: the run folder must be on shared storage
+        state = torch.load(ckpt, map_location=dev, weights_only=True) if ckpt.is_file() else None
+        resumed = plan_resume(ckpt, state, stamp, mode, stop)
+        if resumed:
+            pos = Position(state["step"], state["epoch"], state["batch"])
+    except ResumeError as e:
+        error = e
+    agree_on_resume(resumed, pos, stamp, error, dev)
+    if resumed:
         method.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        pos = Position(state["step"], state["epoch"], state["batch"])
-        set_rng_state(state["rng"], aug)
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]] * world
+        set_rng_state(rngs[rank], aug)
+        recent.extend(state.get("recent", []))
+        # the same weights, queue and optimiser state on every rank, whatever each rank read
+        dist.broadcast_([*method.state_dict().values(),
+                         *(v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))])
+        log.info("resumed from step %d (epoch %d, batch %d) of %s", pos.step, pos.epoch, pos.batch, ckpt)
+        missing = [s for s in cfg.snapshot_steps if s <= pos.step and not (out / "snapshots" / f"step{s}").is_dir()]
+        if missing and rank == 0:
+            log.warning("snapshots of steps %s are missing and will not be written (the run resumed after them)",
+                        missing)
+    elif rank == 0:
+        for old in (out / "snapshots").iterdir():      # a clean start keeps no snapshot of another run
+            if old.is_dir() and old.name.startswith("step"):
+                shutil.rmtree(old)
+    del state
     meta = {"method": method_name, "arch": cfg.arch, "world_size": world,
-            "config": as_dict(cfg), "method_config": as_dict(mcfg)}
+            "config": as_dict(cfg), "method_config": as_dict(mcfg), "stamp": stamp}
 
-    live = open_live(out / "dvclive", resume=resume and pos.step > 0) if rank == 0 else None
+    live = open_live(out / "dvclive", resume=resumed and pos.step > 0) if rank == 0 else None
     if live is not None:
         for k, v in {"method": method_name, "arch": cfg.arch, "world_size": world, "steps": total_steps}.items():
             live.log_param(k, v)
 
-    stop = cfg.max_steps or total_steps
     bar = tqdm(total=min(stop, total_steps), initial=pos.step, desc=method_name, unit="step",
                disable=not (progress and rank == 0))
     t_last, seen = time.perf_counter(), 0
-    recent: deque[dict] = deque(maxlen=HEALTH_WINDOW)
+    saved = {"step": pos.step if resumed else -1, "time": time.monotonic()}
+
+    def save() -> None:
+        """A checkpoint of the current step (once per step), on every rank together."""
+        if saved["step"] != pos.step:
+            checkpoint(ckpt, method, optimizer, pos, aug, {**meta, "recent": list(recent)})
+            saved.update(step=pos.step, time=time.monotonic())
+
+    def time_is_up() -> bool:
+        """pretrain.checkpoint_minutes since the last checkpoint: rank 0's clock decides for all ranks."""
+        if not cfg.checkpoint_minutes:
+            return False
+        due = torch.tensor([int(time.monotonic() - saved["time"] >= 60 * cfg.checkpoint_minutes)], device=dev)
+        return bool(dist.broadcast(due).item())
+
     model.train()
     while pos.epoch < cfg.epochs and pos.step < stop:
         loader = make_loader(urls, cfg.loader, seed=cfg.seed, epoch=pos.epoch, total_samples=total,
@@ -280,8 +504,8 @@ def train(shards: Path, out: Path, method_name: str, cfg: PretrainConfig, mcfg: 
                 live.next_step()
                 t_last, seen = now, 0
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-            if pos.step % cfg.checkpoint_every == 0:
-                checkpoint(ckpt, method, optimizer, pos, aug, meta)
+            if pos.step % cfg.checkpoint_every == 0 or time_is_up():
+                save()
             if pos.step in cfg.snapshot_steps and rank == 0:
                 write_export(method.student.backbone_state_dict(), out / "snapshots" / f"step{pos.step}",
                              {"method": method_name, "arch": cfg.arch, "step": pos.step})
@@ -289,9 +513,10 @@ def train(shards: Path, out: Path, method_name: str, cfg: PretrainConfig, mcfg: 
                 break
         else:
             pos.epoch, pos.batch = pos.epoch + 1, 0
-            checkpoint(ckpt, method, optimizer, pos, aug, meta)
+            saved["step"] = -1                  # the epoch end moved the position: save it
+            save()
             continue
-        checkpoint(ckpt, method, optimizer, pos, aug, meta)
+        save()
         break
     bar.close()
     # Every rank must hold the same student; gather a checksum of each rank's weights to show it.
@@ -360,14 +585,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="run folder (checkpoint, dvclive, summary)")
     p.add_argument("--method", default="d3ssl", choices=sorted(METHODS))
     p.add_argument("--params", type=Path, help="params.yaml (sections pretrain, loader, methods)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt if present")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from RUN_DIR/checkpoint.pt, or fail: no checkpoint, or a changed setting of the "
+                        "stream or schedule (default: continue it only if its stamp matches, else start clean)")
+    p.add_argument("--fresh", action="store_true", help="start clean even if a checkpoint of the same run exists")
     p.add_argument("--device", help="cpu, cuda (default: cuda if available)")
     p.add_argument("--seed", type=int, help="overrides pretrain.seed (initial weights, stream, augmentations)")
     p.add_argument("--summary", type=Path, help="also write summary.json (steps, health) here, e.g. for the report")
     args = p.parse_args(argv)
+    if args.resume and args.fresh:
+        p.error("--resume and --fresh exclude each other")
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
     cfg = override(load_config(args.params), seed=args.seed)
-    train(args.shards, args.out, args.method, cfg, method_config(args.method, args.params), args.resume, args.device,
-          summary_copy=args.summary)
+    mode = "require" if args.resume else "never" if args.fresh else "auto"
+    try:
+        train(args.shards, args.out, args.method, cfg, method_config(args.method, args.params), mode, args.device,
+              summary_copy=args.summary)
+    except ResumeError as e:
+        log.error("%s", e)
+        dist.destroy()
+        return 2
     dist.destroy()
     return 0
 

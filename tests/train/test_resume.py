@@ -1,0 +1,174 @@
+"""Resume of the pre-training stage as DVC runs it: the stamp beside the checkpoint decides, without
+flags, whether a rerun continues a checkpoint (same params, shards, code) or starts clean; `--resume`
+insists; checkpoints also come every `pretrain.checkpoint_minutes`; train.launch runs torchrun."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.train.test_pretrain import write_params
+from train import launch, pretrain
+from train.pretrain import ResumeError, load_config, method_config
+
+REPO = Path(__file__).resolve().parents[2]
+METHOD = "d3ssl"
+CUT = 3             # the "killed" run's last checkpoint
+WHOLE = 6           # steps of a whole run (4 steps per epoch: crosses an epoch end)
+
+
+def tiny_params(path: Path, **pretrain_keys) -> Path:
+    """test_pretrain's tiny run, in this process: no loader workers, 4 steps per epoch, checkpoints
+    only at the stop and the epoch ends."""
+    write_params(path, **{"checkpoint_every": 1000, "checkpoint_minutes": 0, "epochs": 3, **pretrain_keys})
+    import yaml
+    doc = yaml.safe_load(path.read_text())
+    doc["loader"].update({"workers": 0, "epoch_samples": 16})
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def run(shards: Path, out: Path, params: Path, resume="auto", **cfg_changes) -> dict:
+    cfg = load_config(params)
+    if cfg_changes:
+        loader = cfg_changes.pop("loader", None)
+        cfg = pretrain.override(cfg, **cfg_changes)
+        if loader:
+            cfg = pretrain.override(cfg, loader=pretrain.override(cfg.loader, **loader))
+    try:
+        return pretrain.train(shards, out, METHOD, cfg, method_config(METHOD, params), resume=resume, device="cpu",
+                              progress=False)
+    finally:
+        torch.use_deterministic_algorithms(False)      # train() sets it for the whole process
+
+
+def state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def cut_run(shards, tmp_path_factory) -> tuple[Path, Path]:
+    """(params, run folder) of a run stopped after its checkpoint at step CUT."""
+    root = tmp_path_factory.mktemp("resume")
+    params = tiny_params(root / "params.yaml")
+    run(shards, root / "cut", params, max_steps=CUT)
+    return params, root / "cut"
+
+
+def copy_run(cut_run, tmp_path: Path) -> Path:
+    shutil.copytree(cut_run[1], tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_a_rerun_resumes_automatically_and_equals_an_undisturbed_run(shards, cut_run, tmp_path, caplog):
+    params, _ = cut_run
+    run_dir = copy_run(cut_run, tmp_path)
+    assert state(run_dir)["step"] == CUT and (run_dir / "stamp.json").is_file()
+    with caplog.at_level(logging.INFO, logger="train.pretrain"):
+        summary = run(shards, run_dir, params, max_steps=WHOLE)       # the rerun: no flag
+    assert f"resumed from step {CUT}" in caplog.text
+    run(shards, tmp_path / "whole", params, max_steps=WHOLE)
+    a, b = state(tmp_path / "whole"), state(run_dir)
+    assert a["step"] == b["step"] == summary["steps"] == WHOLE
+    assert (a["epoch"], a["batch"]) == (b["epoch"], b["batch"])
+    assert a["model"].keys() == b["model"].keys()
+    assert any("queue" in k for k in a["model"])
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k     # student, teacher, queue, BN statistics
+    assert json.loads((run_dir / "stamp.json").read_text()) == b["stamp"] == a["stamp"]
+    assert summary["health"]["steps"] == WHOLE                    # the health window survived the resume
+
+
+def test_resume_without_a_checkpoint_is_an_error(shards, tmp_path, caplog):
+    params = tiny_params(tmp_path / "params.yaml")
+    with pytest.raises(ResumeError, match="no checkpoint .*checkpoint.pt to resume"):
+        run(shards, tmp_path / "none", params, resume="require", max_steps=1)
+    args = ["--shards", str(shards), "--out", str(tmp_path / "none"), "--method", METHOD, "--params", str(params),
+            "--device", "cpu", "--resume"]
+    with caplog.at_level(logging.ERROR, logger="train.pretrain"):
+        assert pretrain.main(args) == 2
+    assert "no checkpoint" in caplog.text and not (tmp_path / "none" / "checkpoint.pt").exists()
+
+
+def test_resume_across_a_changed_batch_size_is_refused_naming_it(shards, cut_run, tmp_path, caplog):
+    params, _ = cut_run
+    run_dir = copy_run(cut_run, tmp_path)
+    with pytest.raises(ResumeError, match=r"loader\.batch_size was 4, is now 8.*stream or the schedule"):
+        run(shards, run_dir, params, resume="require", max_steps=WHOLE, loader={"batch_size": 8})
+    with pytest.raises(ResumeError, match=r"loader\.workers was 0, is now 1"):
+        run(shards, run_dir, params, resume="require", max_steps=WHOLE, loader={"workers": 1})
+    assert state(run_dir)["step"] == CUT                          # untouched
+    # a setting that does not change what is trained resumes (max_steps here)
+    with caplog.at_level(logging.INFO, logger="train.pretrain"):
+        run(shards, run_dir, params, resume="require", max_steps=CUT + 1)
+    assert f"resumed from step {CUT}" in caplog.text and state(run_dir)["step"] == CUT + 1
+
+
+@pytest.mark.parametrize("change", ["params", "code"])
+def test_a_stamp_mismatch_starts_clean_and_says_why(shards, cut_run, tmp_path, caplog, monkeypatch, change):
+    params, _ = cut_run
+    run_dir = copy_run(cut_run, tmp_path)
+    cfg = {"max_steps": 2}
+    if change == "params":
+        cfg["base_lr"] = 0.1
+        why = "base_lr was 0.48, is now 0.1"
+    else:
+        monkeypatch.setattr(pretrain, "code_version", lambda: "another version")
+        why = "the code version (train/ sources) differs"
+    with caplog.at_level(logging.INFO, logger="train.pretrain"):
+        summary = run(shards, run_dir, params, **cfg)
+    assert "resumed from" not in caplog.text
+    assert f"its stamp differs ({why}); starting clean" in caplog.text
+    new = state(run_dir)
+    assert new["step"] == summary["steps"] == 2 and summary["health"]["steps"] == 2   # 2 fresh steps, not CUT + 0
+    assert json.loads((run_dir / "stamp.json").read_text()) == new["stamp"] != state(cut_run[1])["stamp"]
+
+
+def test_checkpoints_come_every_checkpoint_minutes_too(shards, tmp_path, monkeypatch):
+    params = tiny_params(tmp_path / "params.yaml")
+    saved = []
+    real = pretrain.save_checkpoint
+    monkeypatch.setattr(pretrain, "save_checkpoint", lambda path, m, o, pos, *a: (saved.append(pos.step),
+                                                                                    real(path, m, o, pos, *a)))
+    run(shards, tmp_path / "off", params, max_steps=2)
+    assert saved == [2]                                           # only the stop
+    saved.clear()
+    run(shards, tmp_path / "on", params, max_steps=2, checkpoint_minutes=1e-9)
+    assert saved == [1, 2]                                        # each step is past the time limit
+
+
+def test_launcher_picks_torchrun_from_nproc_per_node(tmp_path):
+    one = tiny_params(tmp_path / "one.yaml")
+    assert launch.command(["--params", str(one), "--out", "x"])[1:] == ["-m", "train.pretrain", "--params", str(one),
+                                                                         "--out", "x"]
+    two = tiny_params(tmp_path / "two.yaml", nproc_per_node=2)
+    cmd = launch.command(["--out", "x", "--params", str(two)])
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert cmd[5:] == ["-m", "train.pretrain", "--out", "x", "--params", str(two)]
+
+
+def test_launcher_runs_two_gloo_ranks_that_checkpoint_and_resume(shards, tmp_path):
+    params = tiny_params(tmp_path / "params.yaml", nproc_per_node=2, max_steps=2, deterministic=False)
+    args = [sys.executable, "-m", "train.launch", "--params", str(params), "--shards", str(shards),
+            "--out", str(tmp_path / "ddp"), "--method", METHOD, "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2 and summary["ranks_identical"]
+    ckpt = state(tmp_path / "ddp")
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 2 and len(ckpt["rng"]) == 2     # both ranks' RNG states
+    assert not torch.equal(ckpt["rng"][0]["augment"], ckpt["rng"][1]["augment"])
+    # the rerun continues on both ranks (every rank checks the step and stamp of the others)
+    params.write_text(params.read_text().replace("max_steps: 2", "max_steps: 3"))
+    out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "resumed from step 2" in out.stderr and state(tmp_path / "ddp")["step"] == 3
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["ranks_identical"]
