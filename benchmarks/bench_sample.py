@@ -116,7 +116,7 @@ def main() -> None:
         "from pipeline.categories import OPENIMAGES_CLASSES_CSV\n"
         f"s = run(Path({str(coco_path)!r}), Path({str(csv_path)!r}), OPENIMAGES_CLASSES_CSV, "
         f"Path({str(args.workdir / 'out')!r}), SampleConfig())\n"
-        "print('SELECTED', s['openimage_mini']['num_images'], 'READ', s['seconds']['read'])"
+        "print('SELECTED', s['openimage_mini']['num_images'], 'READ', s['run']['seconds']['read'])"
     )
     sel = next(line for line in out.splitlines() if line.startswith("SELECTED")).split()
     print(f"pyarrow read_csv alone : {base_s:6.1f} s, peak RSS {base_rss:.2f} GiB")

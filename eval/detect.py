@@ -545,8 +545,10 @@ def run_detect(args, cfg: DetectConfig, log=_log) -> dict:
 
 
 def write_outputs(out_dir: Path, result: dict) -> None:
-    """metrics.json (everything but the log) and train_log.csv, replacing `out_dir` as a whole."""
+    """metrics.json (everything but the log and the timing) and train_log.csv, replacing `out_dir`
+    as a whole. Seconds vary between runs of the same inputs: printed, never in what DVC hashes."""
     rows = result.pop("log")
+    times = result.pop("time_s", None)
     with atomic_dir(out_dir) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         with (tmp / "train_log.csv").open("w", newline="") as f:
@@ -554,6 +556,8 @@ def write_outputs(out_dir: Path, result: dict) -> None:
                 w = csv.DictWriter(f, fieldnames=list(rows[0]))
                 w.writeheader()
                 w.writerows(rows)
+    if times is not None:
+        _log(f"seconds (not in {out_dir / 'metrics.json'}): {json.dumps(times)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,9 +41,14 @@ Outputs in `--out`:
   parquet, which is written last (under a temporary name, renamed when complete): a part is
   finished when its parquet exists.
 - `summary.json`: images, boxes per image (distribution), counts per path, failures per reason,
-  decode notes, parts written and skipped, timing, settings.
+  decode notes, the number of parts, the settings the output depends on. Nothing that varies
+  between runs of the same inputs (DVC hashes this folder, and a changed hash reruns every stage
+  downstream): parts written and skipped, workers, Ray address, timing and the speed-only
+  settings go to the log (and to the `"run"` entry of what `run()` returns).
 - `failures.csv`: `key, path, reason, detail`, one row per failed image (CSV, not parquet, so
   that every parquet file under `--out` is a proposal table, as `pipeline.browse` reads them).
+  Paths are written as the images table gives them, never made absolute (the output must not
+  depend on the folder the stage ran in).
 
 A rerun skips finished parts. Parts of a different run (other settings, another images table) are
 an error that names the fix, never mixed in.
@@ -68,6 +73,7 @@ if _AUTH_MODE_DEFAULTED:
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
+import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -89,6 +95,8 @@ from tqdm import tqdm  # noqa: E402
 from pipeline import contracts  # noqa: E402
 from pipeline.files import atomic_path, write_text  # noqa: E402
 from pipeline.params import as_dict, load_section  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -354,9 +362,17 @@ def results_table(results: list[ImageResult]) -> pa.Table:
     }, schema=contracts.PROPOSALS_SCHEMA)
 
 
+SPEED_ONLY = ("images_per_task", "max_retries")   # settings that change the speed, never the output
+
+
+def output_settings(cfg: ProposalsConfig) -> dict:
+    """The settings the output depends on (those of SPEED_ONLY left out)."""
+    return {k: v for k, v in as_dict(cfg).items() if k not in SPEED_ONLY}
+
+
 def fingerprint(images: pa.Table, cfg: ProposalsConfig) -> str:
     """What a finished part depends on: the output settings, the part size, OpenCV, the images."""
-    settings = {k: v for k, v in as_dict(cfg).items() if k not in ("images_per_task", "max_retries")}
+    settings = output_settings(cfg)
     h = hashlib.sha256(json.dumps({"settings": settings, "opencv": cv2.__version__}, sort_keys=True).encode())
     for col in ("key", "path", "width", "height"):
         h.update(json.dumps(images.column(col).to_pylist()).encode())
@@ -442,10 +458,18 @@ def _start_ray(address: str | None, num_workers: int | None) -> bool:
     return True
 
 
+def _as_given(result: ImageResult, absolute: str, given: str) -> ImageResult:
+    """`result` with its failure detail naming the file as the images table does: a decoder's
+    message holds the absolute path the worker opened, which depends on the working folder."""
+    if absolute != given and absolute in result.detail:
+        return dataclasses.replace(result, detail=result.detail.replace(absolute, given))
+    return result
+
+
 def _run_parts(rows: list[tuple], todo: list[int], size: dict[int, int], out: Path, cfg: ProposalsConfig,
-               fp: str, workers: int, progress: bool) -> None:
+               fp: str, workers: int, progress: bool, given: dict[str, str]) -> None:
     """Propose the images of parts `todo` on Ray, `workers` tasks at a time; write each part as
-    soon as its last task is back."""
+    soon as its last task is back. `given`: key -> the path as the images table writes it."""
     task = _propose_task.options(max_retries=cfg.max_retries, retry_exceptions=False)
     per_part = cfg.images_per_part
     # The task queue: (part, index of the chunk's first image, rows), parts in order, so a killed
@@ -472,6 +496,7 @@ def _run_parts(rows: list[tuple], todo: list[int], size: dict[int, int], out: Pa
                     continue
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 got = [ImageResult(chunk[0][0], np.zeros((0, 4), np.float32), FAILED, "worker_crashed", msg)]
+            got = [_as_given(r, row[1], given[row[0]]) for r, row in zip(got, chunk)]
             results[p].update({s + i: r for i, r in enumerate(got)})
             bar.update(len(got))
             if len(results[p]) == size[p]:
@@ -480,7 +505,9 @@ def _run_parts(rows: list[tuple], todo: list[int], size: dict[int, int], out: Pa
 
 def run(images_path: Path, out: Path, cfg: ProposalsConfig, *, num_workers: int | None = None,
         ray_address: str | None = None, progress: bool = True) -> dict:
-    """The whole stage; returns the summary written to `out/summary.json`.
+    """The whole stage; returns the summary written to `out/summary.json`, plus, under `"run"`,
+    what varies between runs and is only logged: parts written and skipped, workers, Ray address,
+    seconds.
 
     Uses the Ray runtime the caller started, if any; otherwise starts a local one (or joins
     `ray_address` / RAY_ADDRESS) and shuts it down at the end."""
@@ -502,7 +529,7 @@ def run(images_path: Path, out: Path, cfg: ProposalsConfig, *, num_workers: int 
         started = _start_ray(ray_address, num_workers)
         try:
             workers = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-            _run_parts(rows, todo, size, out, cfg, fp, workers, progress)
+            _run_parts(rows, todo, size, out, cfg, fp, workers, progress, dict(zip(keys, table_paths)))
         finally:
             if started:
                 ray.shutdown()
@@ -510,20 +537,24 @@ def run(images_path: Path, out: Path, cfg: ProposalsConfig, *, num_workers: int 
     records = [r for i in range(n_parts)
                for r in json.loads((out / f"{part_name(i)}.json").read_text())["images"]]
     write_failures(out, records, dict(zip(keys, table_paths)))
-    seconds = time.perf_counter() - t0
     summary = {
         **summarize(records),
-        "parts": {"total": n_parts, "written": len(todo), "skipped": len(done)},
-        "workers": workers,
-        "ray_address": ray_address or os.environ.get("RAY_ADDRESS") or "local",
-        "seconds": round(seconds, 3),
-        "images_per_second": round(sum(size.values()) / seconds, 3) if seconds > 0 else 0.0,
+        "parts": n_parts,
         "fingerprint": fp,
-        "settings": as_dict(cfg),
+        "settings": output_settings(cfg),
         "opencv": cv2.__version__,
     }
     write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+    seconds = time.perf_counter() - t0
+    run_info = {
+        "parts_written": len(todo), "parts_skipped": len(done), "workers": workers,
+        "ray_address": ray_address or os.environ.get("RAY_ADDRESS") or "local",
+        "seconds": round(seconds, 3),
+        "images_per_second": round(sum(size.values()) / seconds, 3) if seconds > 0 else 0.0,
+        **{k: getattr(cfg, k) for k in SPEED_ONLY},
+    }
+    log.info("proposals run (not in summary.json): %s", json.dumps(run_info))
+    return {**summary, "run": run_info}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -537,12 +568,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.num_workers is not None and args.num_workers < 1:
         p.error("--num-workers must be >= 1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_section(ProposalsConfig, "proposals", args.params)
     s = run(args.images, args.out, cfg, num_workers=args.num_workers, ray_address=args.ray_address)
     b = s["boxes_per_image"]
     print(f"{s['images']} images, {s['boxes']} boxes (per image: mean {b['mean']}, median {b['median']}, "
           f"min {b['min']}, max {b['max']}); paths {s['paths']}; failures {s['failures'] or 'none'}; "
-          f"parts written {s['parts']['written']}, skipped {s['parts']['skipped']}; {s['seconds']} s")
+          f"parts written {s['run']['parts_written']}, skipped {s['run']['parts_skipped']}; {s['run']['seconds']} s")
     return 0
 
 

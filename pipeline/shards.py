@@ -21,7 +21,9 @@ Each shard is one Ray task; its two files are written under temporary names and 
 complete, so a killed run never leaves a shard that looks finished. A rerun with the same inputs
 and settings skips the shards whose two files exist (their checksums are recomputed for the index);
 a rerun with a different plan starts over. Unreadable source images are skipped and listed in the
-index with their reason; the job goes on.
+index with their reason; the job goes on. `index.json` holds nothing that varies between runs of
+the same inputs (no timing; a reused shard's entry is rebuilt to equal a fresh one), so identical
+inputs give byte-identical outputs; the run's timing goes to the log.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import argparse
 import hashlib
 import io
 import json
+import logging
 import os
 import sys
 import tarfile
@@ -45,6 +48,7 @@ from pipeline.files import atomic_path, write_text
 from pipeline.params import as_dict, load_section, override
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+log = logging.getLogger(__name__)
 
 SHARD_PATTERN = "train-{:06d}.tar"
 PROPOSALS_SUFFIX = ".proposals.parquet"
@@ -143,17 +147,37 @@ def write_shard(name: str, rows: list[dict], proposals: pa.Table, out: Path, jpe
     }
 
 
-def finished_entry(name: str, out: Path) -> dict | None:
-    """The index entry of a shard a previous run completed, or None."""
+def finished_entry(name: str, rows: list[dict], out: Path, jpeg_quality: int) -> dict | None:
+    """The index entry of a shard a previous run completed (the entry `write_shard` returned,
+    rebuilt from the files, so a resumed run's index equals an undisturbed run's), or None.
+
+    `rows` are the shard's planned images-table rows. A planned image missing from the tar must
+    still fail to read (its failure is read again, with the same reason); one that reads now, or a
+    sample whose source is gone, makes the shard unfinished."""
     tar_path, prop_path = out / name, out / proposals_name(name)
     if not (tar_path.is_file() and prop_path.is_file()):
         return None
     with tarfile.open(tar_path) as tar:
-        samples = sum(1 for m in tar.getmembers() if m.name.endswith(".jpg"))
+        written = {m.name.removesuffix(".jpg") for m in tar.getmembers() if m.name.endswith(".jpg")}
+    failures, reencoded = [], 0
+    for r in rows:
+        if r["key"] in written:
+            try:
+                with open(r["path"], "rb") as f:
+                    reencoded += f.read(3) != JPEG_MAGIC       # jpeg_bytes re-encodes exactly these
+            except OSError:
+                return None
+            continue
+        try:
+            jpeg_bytes(r["path"], jpeg_quality)
+        except (OSError, ValueError) as e:
+            failures.append({"key": r["key"], "path": r["path"], "reason": f"{type(e).__name__}: {e}"})
+            continue
+        return None
     return {
-        "name": name, "samples": samples, "boxes": contracts.read_table(prop_path, contracts.PROPOSALS).num_rows,
-        "reencoded": None, "sha256": sha256_of(tar_path), "proposals": prop_path.name,
-        "proposals_sha256": sha256_of(prop_path), "failures": None, "resumed": True,
+        "name": name, "samples": len(written), "boxes": contracts.read_table(prop_path, contracts.PROPOSALS).num_rows,
+        "reencoded": reencoded, "sha256": sha256_of(tar_path), "proposals": prop_path.name,
+        "proposals_sha256": sha256_of(prop_path), "failures": failures,
     }
 
 
@@ -205,7 +229,7 @@ def run(images_path: Path, proposals_dir: Path, out: Path, cfg: ShardsConfig,
     entries: dict[str, dict] = {}
     todo = []
     for name, keys in zip(names, plan):
-        done = finished_entry(name, out)
+        done = finished_entry(name, [rows[k] for k in keys], out, cfg.jpeg_quality)
         if done is not None:
             entries[name] = done
         else:
@@ -240,9 +264,12 @@ def run(images_path: Path, proposals_dir: Path, out: Path, cfg: ShardsConfig,
         "failures": [f for s in shards for f in (s["failures"] or [])],
         "settings": as_dict(cfg),
         "images_table": str(images_path),
-        "seconds": round(time.perf_counter() - t0, 3),
     }
     write_text(out / "index.json", json.dumps(index, indent=2) + "\n")
+    # What varies between runs of the same inputs stays out of index.json (DVC hashes the folder,
+    # and a changed hash reruns every pre-training run): logged instead.
+    log.info("shards run (not in index.json): %s", json.dumps(
+        {"written": len(todo), "reused": len(names) - len(todo), "seconds": round(time.perf_counter() - t0, 3)}))
     return index
 
 
@@ -256,10 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-workers", type=int, help="CPUs of the local Ray cluster (default: all)")
     p.add_argument("--params", type=Path, help="params.yaml to read the 'shards' section from")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = override(load_section(ShardsConfig, "shards", args.params), samples_per_shard=args.samples_per_shard)
     index = run(args.images, args.proposals, args.out, cfg, args.ray_address, args.num_workers)
     print(f"{len(index['shards'])} shards, {index['total_samples']} samples, {index['total_boxes']} proposals, "
-          f"{len(index['failures'])} failures, in {index['seconds']:.1f} s")
+          f"{len(index['failures'])} failures")
     return 0
 
 

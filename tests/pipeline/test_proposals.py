@@ -354,8 +354,9 @@ def test_stage_writes_the_contract_in_parts_with_summary_and_failures(dataset, u
     assert sum(summary["boxes_per_image"]["histogram"].values()) == n - 6
     assert summary["decoded_from_mode"] == {"CMYK": 1, "I;16": 1, "L": 1, "RGBA": 1}
     assert summary["exif_orientation_ignored"] == 1
-    assert summary["parts"] == {"total": -(-n // 6), "written": -(-n // 6), "skipped": 0}
-    assert json.loads((out / "summary.json").read_text()) == summary
+    assert summary["parts"] == -(-n // 6)
+    assert summary["run"]["parts_written"] == -(-n // 6) and summary["run"]["parts_skipped"] == 0
+    assert json.loads((out / "summary.json").read_text()) == {k: v for k, v in summary.items() if k != "run"}
     fails = pacsv.read_csv(out / "failures.csv")
     assert fails.column_names == ["key", "path", "reason", "detail"]
     assert dict(zip(fails.column("key").to_pylist(), fails.column("reason").to_pylist())) == {
@@ -458,14 +459,57 @@ def test_a_killed_run_leaves_only_finished_parts_and_a_rerun_writes_the_rest(dat
     (out / ".part-00009.parquet.tmp-0123abcd").write_bytes(b"half a part")   # as a kill leaves them
 
     summary = run_stage(images, out, cfg)
-    assert summary["parts"] == {"total": n_parts, "written": n_parts - len(finished), "skipped": len(finished)}
+    assert summary["parts"] == n_parts
+    assert (summary["run"]["parts_written"], summary["run"]["parts_skipped"]) == (n_parts - len(finished), len(finished))
     for name, st in finished.items():    # finished parts were not rewritten
         now = (out / name).stat()
         assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), name
     assert not list(out.glob(".*tmp-*"))
     assert read_parts(out).equals(read_parts(ref_out))
     again = run_stage(images, out, cfg)       # all finished: nothing is written, same summary
-    assert again["parts"]["written"] == 0 and again["paths"] == summary["paths"]
+    assert again["run"]["parts_written"] == 0 and again["paths"] == summary["paths"]
+    run_stage(images, tmp_path / "fresh", cfg)              # a resumed run writes what an undisturbed one does
+    assert folder_bytes(out) == folder_bytes(tmp_path / "fresh")
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_inputs_same_bytes_in_another_folder(ray_cluster, tmp_path):
+    """Two runs of the same images (the same table, copied to another folder with relative paths,
+    run from there, on other task sizes and worker counts) write byte-identical outputs: no
+    timing, worker count or absolute path in what DVC hashes. Failed images included."""
+    rows = []
+    for root in (tmp_path / "a", tmp_path / "b"):
+        (root / "img").mkdir(parents=True)
+        for i in range(3):
+            (root / "img" / f"s{i}.jpg").write_bytes(jpeg_bytes(scene(200 + i, 96, 72)))
+        (root / "img" / "text.jpg").write_bytes(b"not an image")
+    names = [("s0", 96, 72), ("s1", 96, 72), ("missing", 96, 72), ("s2", 96, 72), ("text", 96, 72)]
+    images = pa.table({"key": [n for n, _, _ in names], "source": ["test"] * 5, "image_id": [n for n, _, _ in names],
+                       "path": [f"img/{n}.jpg" for n, _, _ in names],
+                       "width": pa.array([w for _, w, _ in names], pa.int32()),
+                       "height": pa.array([h for _, _, h in names], pa.int32())})
+    outs = []
+    for root, per_task, workers in ((tmp_path / "a", 1, 2), (tmp_path / "b", 3, 1)):
+        C.write_table(images, root / "images.parquet", C.IMAGES)
+        cwd = os.getcwd()
+        os.chdir(root)
+        try:
+            from pipeline.proposals import run
+            run(Path("images.parquet"), Path("out"), dataclasses.replace(STAGE_CFG, images_per_part=2,
+                images_per_task=per_task), num_workers=workers, progress=False)
+        finally:
+            os.chdir(cwd)
+        outs.append(folder_bytes(root / "out"))
+    assert sorted(outs[0]) == ["failures.csv", "part-00000.json", "part-00000.parquet", "part-00001.json",
+                               "part-00001.parquet", "part-00002.json", "part-00002.parquet", "summary.json"]
+    assert outs[0] == outs[1]
+    summary = json.loads(outs[0]["summary.json"])
+    assert summary["failures"] == {"missing_file": 1, "not_an_image": 1}
+    assert not {"seconds", "workers", "ray_address", "run"} & set(summary)
+    assert str(tmp_path) not in outs[0]["failures.csv"].decode() + outs[0]["part-00001.json"].decode()
 
 
 def test_parts_of_another_run_are_refused(dataset, undisturbed):

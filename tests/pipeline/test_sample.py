@@ -222,6 +222,12 @@ def test_caps_bind_and_group_boxes_count_as_configured(tmp_path: Path):
 def test_same_seed_same_outputs_whatever_the_row_order(stage_inputs, tmp_path: Path):
     coco, csv_path, oi = stage_inputs
     run(coco, csv_path, OI_CLASSES, tmp_path / "x", SampleConfig(seed=4), openimages_images=oi / "train")
+    # the same files twice: every output byte-identical (no timing in stats.json, which DVC hashes)
+    again = run(coco, csv_path, OI_CLASSES, tmp_path / "x2", SampleConfig(seed=4), openimages_images=oi / "train")
+    def folder_bytes(d):
+        return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+    assert folder_bytes(tmp_path / "x") == folder_bytes(tmp_path / "x2") and len(folder_bytes(tmp_path / "x")) == 7
+    assert json.loads((tmp_path / "x" / "stats.json").read_text()) == {k: v for k, v in again.items() if k != "run"}
     lines = csv_path.read_text().splitlines()
     csv_path.write_text("\n".join([lines[0]] + lines[1:][::-1]) + "\n")
     run(coco, csv_path, OI_CLASSES, tmp_path / "y", SampleConfig(seed=4), openimages_images=oi / "train")

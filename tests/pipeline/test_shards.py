@@ -128,10 +128,11 @@ def test_rerun_writes_only_missing_shards_and_a_new_plan_starts_over(tmp_path: P
         else:
             assert (out / n).stat().st_mtime_ns == mtimes[n]       # untouched
     assert [s["sha256"] for s in second["shards"]] == [s["sha256"] for s in first["shards"]]
+    assert second == first          # the reused shards' entries (failures, re-encodes) equal fresh ones
     assert not list(out.glob(".*tmp*"))
     # nothing to do: no Ray cluster is started, the index is the same
     third = run(images, props, out, cfg, num_workers=2, progress=False)
-    assert [s["sha256"] for s in third["shards"]] == [s["sha256"] for s in first["shards"]]
+    assert third == first
     # another plan: the old shards go
     run(images, props, out, ShardsConfig(samples_per_shard=6, seed=0), num_workers=2, progress=False)
     assert sorted(p.name for p in out.glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar"]
@@ -145,9 +146,24 @@ def test_split_proposals_slices_per_shard():
     assert parts[0].column("rank").to_pylist() == [0, 1, 0]
 
 
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
 def test_same_inputs_same_bytes(tmp_path: Path):
+    """Every file of the output, index.json included (no timing), is byte-identical between two
+    runs on other worker counts; so is a run that reused shards of a killed one."""
     images, props, _ = make_inputs(tmp_path, n=6)
     a = run(images, props, tmp_path / "a", ShardsConfig(samples_per_shard=4), num_workers=1, progress=False)
     b = run(images, props, tmp_path / "b", ShardsConfig(samples_per_shard=4), num_workers=2, progress=False)
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
     assert os.listdir(tmp_path / "a") and not list((tmp_path / "a").glob(".*tmp*"))
+    assert len(folder_bytes(tmp_path / "a")) == 2 * len(a["shards"]) + 2     # tars, tables, index, plan
+    assert folder_bytes(tmp_path / "a") == folder_bytes(tmp_path / "b")
+    assert "seconds" not in json.loads((tmp_path / "a" / "index.json").read_text())
+    # a killed run: the shard holding the failures is gone; the rerun reuses the others
+    broken = next(s["name"] for s in a["shards"] if s["failures"])
+    (tmp_path / "b" / broken).unlink()
+    (tmp_path / "b" / "index.json").unlink()
+    run(images, props, tmp_path / "b", ShardsConfig(samples_per_shard=4), num_workers=2, progress=False)
+    assert folder_bytes(tmp_path / "a") == folder_bytes(tmp_path / "b")

@@ -1,0 +1,266 @@
+"""dvc.yaml's `deps` are complete by construction: what a stage runs and reads is listed.
+
+DVC reruns a stage only when one of its listed deps changes, so a project module a stage imports
+but does not list leaves `dvc status` clean and the results stale after an edit. For every stage
+(matrix stages once, as their template), these tests
+
+- find the project module(s) its `cmd` runs (`python -m X`, `torchrun ... -m X`,
+  `python -m torch.distributed.run ... -m X`, or `python path/to/file.py`),
+- compute their import closure inside the project (packages `pipeline`, `train`, `eval`,
+  `benchmarks`) from the source with `ast`: every `import`/`from ... import` anywhere in a file
+  (function-level and `if __name__ == "__main__"` imports included, `from . import x` resolved,
+  `from pkg import name` counted as the module `pkg.name` when that is a module file), and every
+  string that is exactly a project module's dotted name (a launcher's `-m train.pretrain`: the
+  module runs in a child process, and its closure is the stage's too),
+- and fail, naming the stage and the files, if `deps` omit any module file of the closure.
+
+Package `__init__.py` files run on every import of their package; one that holds nothing but a
+docstring (all of ours today) changes no result and need not be listed, one with any other
+statement is part of the closure like any module.
+
+The data side: every path the `cmd` passes (an option's value with a `/` in it, `--params`
+aside: `params:` track that) must be a dep, lie under a dep, or be an output (or the folder of
+one). Some arguments read more than their own path, and those reads must be deps too:
+`--coco-root R` reads R's train/val annotation files and its `train2017/`, `val2017/` image
+folders; an images table `data/<set>/images.parquet` reads the image folder its rows point into.
+
+`${...}` templates are resolved against params.yaml (e.g. `${data.coco_root}`); `${item.*}` of a
+matrix stays as written, the same text in `cmd`, `deps` and `outs`.
+"""
+from __future__ import annotations
+
+import ast
+import re
+import shlex
+from functools import cache
+from pathlib import Path, PurePosixPath
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipeline", "train", "eval", "benchmarks")
+
+
+# ------------------------------------------------------------------------------ dvc.yaml, resolved
+
+
+def _lookup(params: dict, dotted: str):
+    node = params
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def resolve(text: str, params: dict) -> str:
+    """`${a.b}` replaced by params.yaml's value; `${item.*}` (matrix) left as written."""
+    def sub(m: re.Match) -> str:
+        key = m.group(1).strip()
+        return m.group(0) if key.startswith("item.") or key == "item" else str(_lookup(params, key))
+    return re.sub(r"\$\{([^}]+)\}", sub, text)
+
+
+def _entries(items) -> list[str]:
+    """Paths of a deps / outs / metrics / plots list (an entry is a path or {path: options})."""
+    out = []
+    for it in items or []:
+        out.extend(it.keys() if isinstance(it, dict) else [it])
+    return out
+
+
+@cache
+def stages() -> dict[str, dict]:
+    """name -> {"cmd": [str], "deps": [path], "outs": [path]}, templates resolved."""
+    doc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    found = {}
+    for name, st in doc["stages"].items():
+        cmds = st["cmd"] if isinstance(st["cmd"], list) else [st["cmd"]]
+        outs = [p for key in ("outs", "metrics", "plots") for p in _entries(st.get(key))]
+        found[name] = {
+            "cmd": [resolve(c, params) for c in cmds],
+            "deps": [norm(resolve(d, params)) for d in _entries(st.get("deps"))],
+            "outs": [norm(resolve(o, params)) for o in outs],
+        }
+    return found
+
+
+def norm(path: str) -> str:
+    return str(PurePosixPath(path.strip()))
+
+
+def covered(path: str, by: list[str]) -> bool:
+    """`path` is one of `by` or lies under one of them."""
+    p = PurePosixPath(norm(path))
+    return any(p == PurePosixPath(b) or PurePosixPath(b) in p.parents for b in by)
+
+
+# ------------------------------------------------------------------------------- import closure
+
+
+def module_file(name: str) -> Path | None:
+    """The file of project module `name` (a .py or a package's __init__.py), else None."""
+    parts = name.split(".")
+    if parts[0] not in PACKAGES:
+        return None
+    base = REPO.joinpath(*parts)
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    return None
+
+
+def _package_of(path: Path) -> str:
+    """Dotted name of the package `path` (a module file) belongs to."""
+    return ".".join(path.relative_to(REPO).parts[:-1])
+
+
+@cache
+def imported_names(path: Path) -> frozenset[str]:
+    """Dotted names of every module `path` imports, anywhere in the file."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = _package_of(path)
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(up + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            names.add(base)
+            names.update(f"{base}.{a.name}" for a in node.names if a.name != "*")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _dotted_module(node.value):
+            names.add(node.value)     # run in a subprocess: [sys.executable, "-m", "train.pretrain", ...]
+    return frozenset(n for n in names if n)
+
+
+def _dotted_module(text: str) -> bool:
+    """`text` is exactly the dotted name of a project module, as a launcher passes it to `-m`."""
+    return re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", text) is not None and module_file(text) is not None
+
+
+def _with_parents(name: str) -> list[str]:
+    """`a.b.c` -> a, a.b, a.b.c: importing a module runs its packages' __init__ first."""
+    parts = name.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def trivial_init(path: Path) -> bool:
+    """An __init__.py with nothing but (at most) a docstring."""
+    body = ast.parse(path.read_text()).body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    return path.name == "__init__.py" and not body
+
+
+def closure(module: str) -> set[Path]:
+    """Project module files `module` runs when imported / run with `-m` (trivial __init__s left out)."""
+    seen: set[Path] = set()
+    todo = [module]
+    while todo:
+        for name in _with_parents(todo.pop()):
+            f = module_file(name)
+            if f is None or f in seen:
+                continue
+            seen.add(f)
+            todo.extend(imported_names(f))
+    return {f for f in seen if not trivial_init(f)}
+
+
+def cmd_modules(cmd: str) -> list[str]:
+    """Project modules a command runs: every `-m X` (python, torchrun) or `*.py` file argument."""
+    tokens = shlex.split(cmd)
+    found = [tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == "-m"]
+    found += [".".join(PurePosixPath(t).with_suffix("").parts) for t in tokens
+              if t.endswith(".py") and (REPO / t).is_file()]
+    return [m for m in found if module_file(m) is not None]
+
+
+# ------------------------------------------------------------------------------------ data reads
+
+
+# options naming a root folder the command reads only in parts: those parts (implied_reads) are
+# deps, not the whole root
+ROOT_OPTIONS = ("--coco-root",)
+
+
+def implied_reads(option: str, value: str, params: dict) -> list[str]:
+    """Paths an argument makes the command read besides its own path."""
+    data = params["data"]
+    if option == "--coco-root":
+        return [f"{value}/annotations/instances_train2017.json", f"{value}/annotations/instances_val2017.json",
+                f"{value}/train2017", f"{value}/val2017"]
+    if value.endswith("images.parquet"):     # an images table: its rows point into an image folder
+        folder = PurePosixPath(value).parent.name
+        return {"openimage_mini": [f"{data['openimages_root']}/train"],
+                "coco_train2017": [f"{data['coco_root']}/train2017"]}.get(folder, [])
+    return []
+
+
+def path_args(cmd: str) -> list[tuple[str, str]]:
+    """(option, value) of every option whose value is a path (holds a '/'), `--params` aside."""
+    tokens = shlex.split(cmd)
+    return [(t, v) for t, v in zip(tokens, tokens[1:])
+            if t.startswith("--") and not v.startswith("-") and "/" in v and t != "--params"]
+
+
+# ---------------------------------------------------------------------------------------- tests
+
+
+def test_closure_sees_function_level_submodule_and_relative_imports(tmp_path, monkeypatch):
+    """The closure itself: the ways a module can be imported are all found."""
+    monkeypatch.setattr(f"{__name__}.REPO", tmp_path)
+    imported_names.cache_clear()
+    pkg = tmp_path / "pipeline"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text('"""docstring only."""\n')
+    (pkg / "top.py").write_text("from pipeline import sub\nfrom . import rel\n"
+                                "def f():\n    import pipeline.late\n    from .deep import thing\n"
+                                "CMD = ['python', '-m', 'pipeline.child']   # a launcher\n")
+    for name in ("sub", "rel", "late", "deep", "unused", "child"):
+        (pkg / f"{name}.py").write_text("import os\n")
+    try:
+        got = {p.name for p in closure("pipeline.top")}
+        assert got == {"top.py", "sub.py", "rel.py", "late.py", "deep.py", "child.py"}
+        (pkg / "__init__.py").write_text("from pipeline import unused\n")   # code in __init__: it counts
+        imported_names.cache_clear()
+        assert {p.name for p in closure("pipeline.top")} == got | {"__init__.py", "unused.py"}
+    finally:
+        imported_names.cache_clear()
+    assert cmd_modules("torchrun --nproc_per_node 2 -m pipeline.top --x 1") == ["pipeline.top"]
+
+
+def test_every_stage_runs_a_project_module():
+    """A command form this file cannot read (no `-m X` of ours) must not silently pass."""
+    for name, st in stages().items():
+        assert any(cmd_modules(c) for c in st["cmd"]), f"stage {name}: no project module found in {st['cmd']}"
+
+
+@pytest.mark.parametrize("stage", list(stages()))
+def test_deps_list_every_module_the_stage_imports(stage):
+    st = stages()[stage]
+    needed = set().union(*(closure(m) for c in st["cmd"] for m in cmd_modules(c)))
+    missing = sorted(str(f.relative_to(REPO)) for f in needed if not covered(str(f.relative_to(REPO)), st["deps"]))
+    assert not missing, (f"dvc.yaml stage {stage!r} imports these project modules but does not list them "
+                         f"in its deps: {missing} (add them, or an edit there leaves the stage stale)")
+
+
+@pytest.mark.parametrize("stage", list(stages()))
+def test_deps_list_every_path_the_command_reads(stage):
+    st = stages()[stage]
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    outs = st["outs"]
+    missing = []
+    for cmd in st["cmd"]:
+        for option, value in path_args(cmd):
+            implied = implied_reads(option, value, params)
+            # an output: one of the outs, or their folder, or the stem they share (`--out reports/results`)
+            is_out = covered(value, outs) or any(o.startswith(value) for o in outs)
+            if not (is_out or option in ROOT_OPTIONS or covered(value, st["deps"])):
+                missing.append(f"{option} {value}")
+            missing += [f"{r} (read through {option})" for r in implied if not covered(r, st["deps"])]
+    assert not missing, f"dvc.yaml stage {stage!r} reads these paths but does not list them in its deps: {missing}"
