@@ -212,7 +212,7 @@ STAMP_FILE = "stamp.json"
 # Settings that do not change what is trained (where to stop, how often to save, how to launch):
 # left out of the stamp, so a run can be continued with another max_steps or checkpoint interval.
 UNSTAMPED = {"max_steps", "checkpoint_every", "checkpoint_minutes", "snapshot_steps", "nproc_per_node",
-             "loader.start_method"}
+             "loader.start_method", "loader.max_shard_failures", "loader.max_sample_failures"}
 # Settings that change the stream or the schedule: an explicit --resume across a change of one is refused.
 STREAM_SETTINGS = ("method", "arch", "world_size", "seed", "epochs", "warmup_epochs", "loader.batch_size",
                    "loader.workers", "loader.shuffle_buffer", "loader.resampled", "loader.epoch_samples")

@@ -14,16 +14,36 @@ same number of batches per epoch, which DDP needs.
 
 Determinism: every random draw comes from a generator seeded with integers (seed, epoch, rank,
 worker[, sample index]); the same seed, rank and worker give the same batches. `start_batch`
-resumes an epoch in the middle (resampled mode): each worker skips, before decoding, the samples of
-the batches that were already consumed, and the workers are rotated so that the DataLoader's
-round-robin continues where it stopped.
+resumes an epoch in the middle (resampled mode): each worker runs through the samples of the
+batches that were already consumed without batching them, and the workers are rotated so that the
+DataLoader's round-robin continues where it stopped. The skip counts samples that made it into a
+batch, not raw tar members: the skipped samples are decoded (and their views made) as before the
+interruption, so a sample that failed to decode then fails now and the resumed epoch lands on the
+same sample as an undisturbed one. (This costs at most one epoch's share of loader work per resume;
+the checkpoint holds only the epoch and batch, not each worker's raw position.)
 
 Workers start with `forkserver` by default (`loader.start_method`): a worker forked from a trainer
 that has run OpenCV's thread pool before (selective search in the same process, say) hangs.
 
-Bad data: a truncated or corrupt shard is reported (logged) with its name and the position of the
-sample where reading failed, counted (`errors` in every batch: this worker's running count), and the
-stream goes on with the next shard. A sample without proposals uses the whole-image box.
+Bad data never hangs the stream nor kills it for one image:
+- a truncated or corrupt shard is reported (logged) with its name and the position of the sample
+  where reading failed, counted (`errors` in every batch: this worker's running count, logged as
+  `loader_errors`), and the stream goes on with the next shard; a worker that fails to read
+  `loader.max_shard_failures` shards in a row (missing files, say: resampled draws would retry them
+  for ever) stops with a `ShardDataError` naming them and the last error;
+- a sample that cannot be decoded or cut into views (any exception: truncated JPEG, not an image,
+  over PIL's pixel limit, ...) is skipped, counted and logged once per worker with its shard and
+  key; `loader.max_sample_failures` failures in a row (a bug, or shards of junk) stop the worker
+  with a `ShardDataError`;
+- a missing or unreadable `index.json`, shard listed in it or proposal table is a `ShardDataError`
+  naming the file (rebuild the shards: `dvc repro shards`). A sample without proposals in its
+  shard's table uses the whole-image box.
+
+Multi-process training (DDP) needs the resampled mode: in the exact mode ranks holding unequal
+shares of the shards (or of their undecodable samples) would run unequal numbers of steps and
+DDP would wait for ever at the end of the epoch, so `world > 1` with `resampled: false` is refused
+(`ParamsError` naming `loader.resampled`). The exact mode still deals shards to the ranks of a
+consumer that does not synchronise per batch (the rank from `RANK`/`WORLD_SIZE`, `world` left at 1).
 """
 from __future__ import annotations
 
@@ -45,11 +65,18 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from pipeline.params import ParamsError
 from train.views import ViewConfig, make_views
 
 log = logging.getLogger(__name__)
 
 PROPOSALS_SUFFIX = ".proposals.parquet"   # pipeline.shards writes train-%06d.proposals.parquet
+REBUILD = "rebuild the shards with `dvc repro shards` (python -m pipeline.shards)"
+
+
+class ShardDataError(RuntimeError):
+    """Shards the stream cannot use: a missing or unreadable index, shard or proposal table, or a
+    worker that read nothing usable for too long. The message names the files and what to do."""
 
 
 @dataclass(frozen=True)
@@ -67,11 +94,16 @@ class LoaderConfig:
     # batch of an epoch against 0.2 s with fork, 2 workers); "spawn" starts fresh interpreters.
     # Scripts that build a loader need an `if __name__ == "__main__":` guard.
     start_method: str = "forkserver"
+    max_shard_failures: int = 8            # shards in a row a worker fails to read before it stops with an error
+    max_sample_failures: int = 64          # undecodable samples in a row a worker skips before it stops with an error
     views: ViewConfig = field(default_factory=ViewConfig)
 
     def __post_init__(self) -> None:
         if self.start_method not in ("fork", "forkserver", "spawn"):
             raise ValueError(f"loader.start_method is {self.start_method!r}; use fork, forkserver or spawn")
+        for key in ("max_shard_failures", "max_sample_failures"):
+            if getattr(self, key) < 1:
+                raise ParamsError(f"loader.{key} is {getattr(self, key)}; it must be at least 1")
 
 
 def _seed(*parts: int) -> int:
@@ -144,8 +176,11 @@ class ShardSource(torch.utils.data.IterableDataset):
                 yield {"url": url, "_pos": pos}
 
 
-def read_shards(src: Iterator[dict], stats: dict) -> Iterator[dict]:
-    """{"url"} -> {"__key__", "__url__", "jpg": bytes, "json": dict}; a broken shard is reported and skipped."""
+def read_shards(src: Iterator[dict], stats: dict, max_failures: int = 8) -> Iterator[dict]:
+    """{"url"} -> {"__key__", "__url__", "jpg": bytes, "json": dict}; a broken shard is reported and
+    skipped, and `max_failures` broken shards in a row (any error; a shard read to its end resets
+    the count) are a ShardDataError naming them."""
+    failed: list[str] = []
     for item in src:
         url, position = item["url"], 0
         try:
@@ -168,8 +203,19 @@ def read_shards(src: Iterator[dict], stats: dict) -> Iterator[dict]:
                     position += 1
         except (OSError, tarfile.TarError, EOFError) as e:
             stats["errors"] += 1
+            failed.append(url)
             log.warning("corrupt shard %s at sample %d: %s (skipped; %d so far in this worker)",
                         url, position, e, stats["errors"])
+            if len(failed) >= max_failures:
+                pos = item["_pos"]
+                names = ", ".join(dict.fromkeys(failed))
+                raise ShardDataError(
+                    f"loader worker {pos.worker} of rank {pos.rank} failed to read {len(failed)} shards in a row "
+                    f"(loader.max_shard_failures: {max_failures}): {names}; last error, at sample {position} "
+                    f"of {url}: {type(e).__name__}: {e}. Check that the shards exist and are readable, or "
+                    f"{REBUILD}") from e
+        else:
+            failed.clear()
 
 
 def join_proposals(src: Iterator[dict]) -> Iterator[dict]:
@@ -188,8 +234,9 @@ def join_proposals(src: Iterator[dict]) -> Iterator[dict]:
                 starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
                 for s, e in zip(starts, np.r_[starts[1:], len(keys)]):
                     table[keys[s]] = xy[s:e]
-            except (OSError, ValueError) as e:
-                log.warning("no proposal table for %s (%s): whole-image boxes for its samples", url, e)
+            except Exception as e:      # missing, truncated, not parquet, wrong columns
+                raise ShardDataError(f"cannot read the proposal table {path} of shard {url}: "
+                                     f"{type(e).__name__}: {e}; {REBUILD}") from e
         sample["proposals"] = table.get(sample["__key__"], np.zeros((0, 4), np.float32))
         yield sample
 
@@ -215,22 +262,40 @@ def shuffle(src: Iterator[dict], bufsize: int, seed: int, epoch: int) -> Iterato
 def decode_views(src: Iterator[dict], cfg: LoaderConfig, seed: int, epoch: int, stats: dict) -> Iterator[dict]:
     """Raw sample -> {"key", "x1", "x2", "x2s" (uint8 HxWx3 arrays), "boxes1", "boxes2", "boxes2s", "valid"}.
 
-    The first `skip_batches * batch_size` samples of this worker (already consumed before a resume)
-    are dropped undecoded; the per-sample generator depends on the sample's index, not on what ran
-    before, so the rest is exactly what an uninterrupted run would give.
+    A sample whose image cannot be decoded or cut into views (any exception) is skipped, counted in
+    `stats["errors"]` and logged once per (shard, key) in this worker; `cfg.max_sample_failures`
+    in a row are a ShardDataError.
+
+    The first `skip_batches * batch_size` samples that decode (those consumed before a resume) are
+    decoded and dropped: the skip counts what went into batches, so a skipped bad sample moves the
+    resumed stream exactly as it moved the interrupted one. The per-sample generator depends on the
+    sample's raw index, not on what ran before, so the rest is what an uninterrupted run gives.
     """
+    consumed, failures, logged = 0, 0, set()
     for i, sample in enumerate(src):
         pos = sample["_pos"]
-        if i < pos.skip_batches * cfg.batch_size:
-            continue
         rng = np.random.default_rng(_seed(seed, epoch, pos.rank, pos.worker, 4, i))
         try:
             with Image.open(io.BytesIO(sample["jpg"])) as im:
                 v = make_views(im, sample["proposals"], rng, cfg.views)
-        except (OSError, ValueError, KeyError) as e:
+        except Exception as e:       # truncated, not an image, DecompressionBombError, ...: this sample only
             stats["errors"] += 1
-            log.warning("undecodable sample %s in %s: %s (skipped)", sample.get("__key__"), sample.get("__url__"), e)
+            failures += 1
+            where = (sample.get("__url__"), sample.get("__key__"))
+            if where not in logged:
+                logged.add(where)
+                log.warning("undecodable sample %s in shard %s: %s: %s (skipped; %d errors so far in this worker)",
+                            where[1], where[0], type(e).__name__, e, stats["errors"])
+            if failures >= cfg.max_sample_failures:
+                raise ShardDataError(
+                    f"loader worker {pos.worker} of rank {pos.rank} could not decode {failures} samples in a row "
+                    f"(loader.max_sample_failures: {cfg.max_sample_failures}); the last, {where[1]} in shard "
+                    f"{where[0]}: {type(e).__name__}: {e}. Check the shards' images, or {REBUILD}") from e
             continue
+        failures = 0
+        consumed += 1
+        if consumed <= pos.skip_batches * cfg.batch_size:
+            continue                  # consumed before the resume
         v["key"] = sample["__key__"]
         yield v
 
@@ -249,8 +314,19 @@ def collate(samples: list[dict], stats: dict) -> dict:
     return batch
 
 
+def check_world(cfg: LoaderConfig, world: int) -> None:
+    """Refuse the exact mode for `world` > 1 training processes: ranks would get unequal numbers of
+    batches (unequal shards, undecodable samples) and DDP would hang at the end of the epoch."""
+    if world > 1 and not cfg.resampled:
+        raise ParamsError(
+            f"loader.resampled is false with {world} training processes: ranks would run unequal numbers "
+            "of steps (shards hold unequal numbers of good samples) and DDP would wait for ever at the "
+            "epoch's end; set loader.resampled: true (every rank gets the same number of batches)")
+
+
 def batches_per_worker(cfg: LoaderConfig, total_samples: int, world: int) -> int:
     """Resampled mode: batches each (rank, worker) yields per epoch."""
+    check_world(cfg, world)
     samples = cfg.epoch_samples or total_samples
     return max(1, math.ceil(samples / (world * max(cfg.workers, 1) * cfg.batch_size)))
 
@@ -259,15 +335,17 @@ def make_stream(urls: list[str], cfg: LoaderConfig, *, seed: int, epoch: int = 0
                 world: int = 1, start_batch: int = 0) -> wds.DataPipeline:
     """The whole input pipeline as one IterableDataset; each yielded item is a batch.
 
-    `total_samples` (the shards' sample count, from index.json) and `world` set the resampled
+    `total_samples` (the shards' sample count, from index.json) and `world` (the number of
+    training processes the stream feeds; above 1 the resampled mode is required) set the resampled
     epoch length; `start_batch` resumes an epoch after that many batches of this rank.
     """
+    check_world(cfg, world)
     if start_batch and not cfg.resampled:
         raise ValueError("resuming inside an epoch needs the resampled mode (loader.resampled: true)")
     stats = {"errors": 0}
     stages = [
         ShardSource(urls, cfg.resampled, seed, epoch, start_batch),   # {"url"}
-        partial(read_shards, stats=stats),                                     # raw samples {jpg, json}
+        partial(read_shards, stats=stats, max_failures=cfg.max_shard_failures),  # raw samples {jpg, json}
         join_proposals,                                                        # + proposals (n, 4)
         partial(shuffle, bufsize=cfg.shuffle_buffer, seed=seed, epoch=epoch),  # shuffled raw samples
         partial(decode_views, cfg=cfg, seed=seed, epoch=epoch, stats=stats),   # views + boxes, one image
@@ -326,8 +404,20 @@ def _worker_init(_: int) -> None:
 
 
 def read_index(folder: str | Path) -> tuple[list[str], int]:
-    """(shard paths, total samples) from a shards folder's index.json."""
+    """(shard paths, total samples) from a shards folder's index.json; a missing or unreadable
+    index, or a listed shard or proposal table that is not there, is a ShardDataError naming it."""
     folder = Path(folder)
-    index = json.loads((folder / "index.json").read_text())
-    urls = [str(folder / s["name"]) for s in index["shards"] if s["samples"] > 0]
-    return urls, int(index["total_samples"])
+    path = folder / "index.json"
+    try:
+        index = json.loads(path.read_text())
+        urls = [str(folder / s["name"]) for s in index["shards"] if s["samples"] > 0]
+        total = int(index["total_samples"])
+    except FileNotFoundError as e:
+        raise ShardDataError(f"no shard index {path}: {REBUILD}") from e
+    except Exception as e:      # unreadable, not JSON, missing keys
+        raise ShardDataError(f"cannot read the shard index {path}: {type(e).__name__}: {e}; {REBUILD}") from e
+    missing = [p for url in urls for p in (url, url[: -len(".tar")] + PROPOSALS_SUFFIX) if not os.path.isfile(p)]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ShardDataError(f"{path} lists files that are not there: {', '.join(missing[:5])}{more}; {REBUILD}")
+    return urls, total
