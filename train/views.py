@@ -38,8 +38,14 @@ class ColourConfig:
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
     blur_p: float = 1.0
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)   # pixels of a 224 px view, scaled to the view's size
     solarize_p: float = 0.0
+
+
+BLUR_REFERENCE_SIZE = 224
+"""BYOL/SoCo give the blur sigma (0.1-2.0 px, kernel 23 px) for 224 px views. At other view sizes the
+sigma is scaled by size / 224 so that the blur removes the same share of the image's detail: 2 px on
+a 64 px view would blur like 7 px at 224, wiping out the texture the miniature's classes are made of."""
 
 
 @dataclass(frozen=True)
@@ -178,7 +184,8 @@ def colour_augment(img: np.ndarray, rng: np.random.Generator, cfg: ColourConfig)
 
     Jitter (p = jitter_p) and grayscale (p = grayscale_p) are affine maps of the pixel values, so
     they are composed and applied in one uint8 pass (cv2.transform, clipped once at the end rather
-    than after each operation); then Gaussian blur and solarization.
+    than after each operation); then Gaussian blur (`blur_sigma` in pixels of a 224 px view, scaled
+to this image's width, see `BLUR_REFERENCE_SIZE`) and solarization.
     """
     x = img
     A, off, affine = EYE, np.zeros(3, np.float32), False
@@ -191,7 +198,8 @@ def colour_augment(img: np.ndarray, rng: np.random.Generator, cfg: ColourConfig)
     if affine:
         x = cv2.transform(x, np.concatenate([A, off[:, None]], axis=1))
     if rng.random() < cfg.blur_p:
-        x = cv2.GaussianBlur(x, (0, 0), sigmaX=rng.uniform(*cfg.blur_sigma))
+        sigma = rng.uniform(*cfg.blur_sigma) * x.shape[1] / BLUR_REFERENCE_SIZE
+        x = cv2.GaussianBlur(x, (0, 0), sigmaX=sigma)
     if rng.random() < cfg.solarize_p:
         x = SOLARIZE[x]
     return x

@@ -141,3 +141,20 @@ def test_colour_augment_respects_probabilities():
     sol = colour_augment(np.full((4, 4, 3), 200, np.uint8), np.random.default_rng(0),
                          ColourConfig(jitter_p=0, grayscale_p=0, blur_p=0, solarize_p=1))
     assert sol.max() == 55
+
+
+def test_blur_removes_the_same_share_of_detail_at_every_view_size():
+    """blur_sigma is given for 224 px views (BYOL/SoCo) and scaled to the view: a vertical edge
+    blurred at 64 px and at 224 px spreads over the same fraction of the image width."""
+    cfg = ColourConfig(jitter_p=0.0, grayscale_p=0.0, blur_p=1.0, blur_sigma=(2.0, 2.0), solarize_p=0.0)
+
+    def spread(size: int) -> float:
+        img = np.zeros((size, size, 3), np.uint8)
+        img[:, size // 2:] = 255
+        row = colour_augment(img, np.random.default_rng(0), cfg)[size // 2, :, 0].astype(float)
+        ramp = np.count_nonzero((row > 255 * 0.1) & (row < 255 * 0.9))   # pixels of the blurred edge
+        return ramp / size
+
+    small, large = spread(64), spread(224)
+    assert spread(224) * 224 >= 4                     # 2 px sigma at 224: an edge several pixels wide
+    assert small == pytest.approx(large, abs=2 / 64)  # the same share of the width (within a pixel or two)
