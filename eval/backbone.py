@@ -36,6 +36,8 @@ import torchvision
 from PIL import Image
 from torchvision.ops import roi_align
 
+from pipeline import images as image_io
+
 ARCHS: dict[str, Callable[..., torchvision.models.ResNet]] = {
     "resnet18": torchvision.models.resnet18,
     "resnet34": torchvision.models.resnet34,
@@ -139,9 +141,8 @@ def out_channels(block: nn.Sequential) -> int:
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
-    """HxWx3 uint8 RGB."""
-    with Image.open(path) as im:
-        return np.array(im.convert("RGB"))
+    """HxWx3 uint8 RGB, decoded as every stage decodes (`pipeline.images`)."""
+    return image_io.decode(path)[0]
 
 
 def resize_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:

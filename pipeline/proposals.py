@@ -27,10 +27,11 @@ loader (`Image.open(p).convert("RGB")`) decode. An EXIF Orientation tag is there
 counted (`exif_orientation_ignored` in the summary). An image whose decoded size differs from its
 table row fails with `size_mismatch` rather than get boxes in a frame no other stage uses.
 
-Per image, every mode PIL decodes becomes RGB the way a later `.convert("RGB")` sees it: grayscale
-and palette are expanded, CMYK converted, alpha dropped (the stored colour under it is kept),
-16/32-bit and float grayscale scaled from the 16-bit range to 8 bits. What cannot be decoded is a
-failure with one of `FAILURE_REASONS`, never an error of the job.
+Images are decoded by `pipeline.images.decode`, the one decoding policy of every stage (shards,
+the training stream and the evaluations see the same pixels): grayscale and palette expanded, CMYK
+converted, alpha dropped (the stored colour under it is kept), 16-bit grayscale scaled to 8 bits,
+over PIL's pixel limit `too_large`. What cannot be decoded is a failure with one of
+`FAILURE_REASONS`, never an error of the job.
 
 Outputs in `--out`:
 - `part-00000.parquet`, ...: the proposals contract (`key, x1, y1, x2, y2, rank`, float32 pixels,
@@ -89,11 +90,12 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.csv as pacsv  # noqa: E402
 import ray  # noqa: E402
-from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from pipeline import contracts  # noqa: E402
+from pipeline import images as image_io  # noqa: E402
 from pipeline.files import atomic_path, write_text  # noqa: E402
+from pipeline.images import ImageFailure, to_rgb  # noqa: E402,F401 - re-exported
 from pipeline.params import as_dict, load_section  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -140,14 +142,7 @@ class ProposalsConfig:
 # The rules an image's boxes passed, strictest first (SoCo's fallback order), and the last resort.
 PATHS = ("all_rules", "without_scale_rule", "min_side_rule_only", "whole_image")
 FAILED = "failed"
-FAILURE_REASONS = (
-    "missing_file",     # no file at the path
-    "not_an_image",     # PIL cannot identify the format (text, empty file, unknown format)
-    "truncated",        # the data ends before the image does
-    "corrupt",          # the format is known but the data cannot be decoded
-    "too_large",        # over PIL's decompression-bomb limit
-    "unsupported_mode", # a decoded mode with no RGB conversion
-    "size_mismatch",    # decoded size differs from the images table's width/height
+FAILURE_REASONS = image_io.FAILURE_REASONS + (   # the decoding failures (pipeline.images), and:
     "search_error",     # OpenCV raised on this image
     "worker_crashed",   # the image killed its worker process on every retry
 )
@@ -155,14 +150,6 @@ FAILURES_SCHEMA = pa.schema([("key", pa.string()), ("path", pa.string()),
                              ("reason", pa.string()), ("detail", pa.string())])
 
 # ------------------------------------------------------------------------ pure compute, one image
-
-
-class ImageFailure(Exception):
-    """An image that gets no boxes; `reason` is one of FAILURE_REASONS."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
 
 
 @dataclass
@@ -182,48 +169,10 @@ class ImageResult:
                 "reason": self.reason, "detail": self.detail, **self.notes}
 
 
-def to_rgb(im: Image.Image) -> np.ndarray:
-    """HxWx3 uint8 RGB of a decoded PIL image, as `.convert("RGB")` gives it (see module doc)."""
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # PIL's own conversion clips these at 255; scale the 16-bit range to 8 bits instead.
-        a = np.asarray(im, dtype=np.float32)
-        a = np.clip(a / 257.0 if a.max(initial=0) > 255 else a, 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(a[:, :, None], 3, axis=2))
-    try:
-        rgb = im if im.mode == "RGB" else im.convert("RGB")
-    except ValueError as e:
-        raise ImageFailure("unsupported_mode", f"mode {im.mode}: {e}") from None
-    return np.asarray(rgb)
-
-
 def decode(path: str | Path, width: int, height: int) -> tuple[np.ndarray, dict]:
-    """Decode `path` in its stored pixel frame (no EXIF transpose) to HxWx3 uint8 RGB, checking
-    its size against the table's. Returns (rgb, notes); raises ImageFailure."""
-    notes: dict = {}
-    try:
-        with Image.open(path) as im:
-            if im.mode != "RGB":
-                notes["mode"] = im.mode
-            orientation = im.getexif().get(0x0112, 1)
-            if orientation not in (1, None):
-                notes["exif_orientation"] = int(orientation)
-            if im.size != (width, height):
-                raise ImageFailure("size_mismatch", f"file is {im.size[0]}x{im.size[1]}, "
-                                                    f"the images table says {width}x{height}")
-            im.load()
-            rgb = to_rgb(im)
-    except ImageFailure:
-        raise
-    except FileNotFoundError as e:
-        raise ImageFailure("missing_file", str(e)) from None
-    except Image.DecompressionBombError as e:
-        raise ImageFailure("too_large", str(e)) from None
-    except Image.UnidentifiedImageError as e:
-        raise ImageFailure("not_an_image", str(e)) from None
-    except Exception as e:  # noqa: BLE001 - a broken file can raise almost anything from a decoder
-        reason = "truncated" if "truncat" in str(e).lower() else "corrupt"
-        raise ImageFailure(reason, f"{type(e).__name__}: {e}") from None
-    return rgb, notes
+    """Decode `path` by the shared policy (`pipeline.images`: stored pixel frame, no EXIF transpose)
+    to HxWx3 uint8 RGB, checking its size against the table's. Returns (rgb, notes); raises ImageFailure."""
+    return image_io.decode(path, width, height)
 
 
 def search_size(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -373,7 +322,8 @@ def output_settings(cfg: ProposalsConfig) -> dict:
 def fingerprint(images: pa.Table, cfg: ProposalsConfig) -> str:
     """What a finished part depends on: the output settings, the part size, OpenCV, the images."""
     settings = output_settings(cfg)
-    h = hashlib.sha256(json.dumps({"settings": settings, "opencv": cv2.__version__}, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({"settings": settings, "opencv": cv2.__version__, "decode": image_io.POLICY},
+                                  sort_keys=True).encode())
     for col in ("key", "path", "width", "height"):
         h.update(json.dumps(images.column(col).to_pylist()).encode())
     return h.hexdigest()[:16]

@@ -5,29 +5,41 @@
 
 Layout of `--out`:
 
-    train-000000.tar                     samples {__key__, jpg, json}: the original JPEG bytes
+    train-000000.tar                     samples {__key__, jpg, json}: the JPEG bytes
     train-000000.proposals.parquet       the proposals (PROPOSALS contract) of exactly that shard's keys
+    train-000000.stamp.json              what the shard was built from (hash) and its index entry
     ...
-    index.json                           shards, sample and box counts, sha256 of every file
+    index.json                           shards, sample and box counts, sha256 of every file, failures
+    plan.sha256                          the plan (settings, keys per shard) the shards belong to
 
-`jpg` holds the source file's bytes unchanged when the source is a JPEG; anything else (PNG, ...)
-is decoded and re-encoded once (RGB, quality `jpeg_quality`). `json` holds the sample's images-table
-row (`key`, `source`, `image_id`, `width`, `height`). Images are assigned to shards by a seeded
-permutation, so neighbouring images of the source list end up in different shards. Pixel frame:
-the stored one (EXIF orientation is not applied), the same frame as the images table and the
-proposals.
+Only what decodes fully at the images table's size is packed. Each image is read once and checked
+with the decoding policy every stage shares (`pipeline.images`): a JPEG (header size, PIL's pixel
+limit, then a draft decode at 1/8 scale, which still reads every entropy-coded byte) is packed as
+its bytes unchanged, EXIF included (no stage applies EXIF orientation); anything else (PNG, ...)
+is decoded by `pipeline.images.to_rgb` (16-bit scaled, alpha dropped, CMYK/grayscale/palette
+converted) and re-encoded once as JPEG (quality `jpeg_quality`). The images the proposals stage
+failed (its `failures.csv`) are not packed. Every image left out is listed in `index.json`
+`failures` as {key, path, reason, detail}, reason one of `FAILURE_REASONS`; the job goes on.
+`json` holds the sample's images-table row (`key`, `source`, `image_id`, `width`, `height`).
+Images are assigned to shards by a seeded permutation, so neighbouring images of the source list
+end up in different shards. Pixel frame: the stored one (EXIF orientation is not applied), the same
+frame as the images table and the proposals.
 
-Each shard is one Ray task; its two files are written under temporary names and renamed when
-complete, so a killed run never leaves a shard that looks finished. A rerun with the same inputs
-and settings skips the shards whose two files exist (their checksums are recomputed for the index);
-a rerun with a different plan starts over. Unreadable source images are skipped and listed in the
-index with their reason; the job goes on. `index.json` holds nothing that varies between runs of
-the same inputs (no timing; a reused shard's entry is rebuilt to equal a fresh one), so identical
-inputs give byte-identical outputs; the run's timing goes to the log.
+Each shard is one Ray task; its three files are written under temporary names and renamed when
+complete, the stamp last, so a killed run never leaves a shard that looks finished. The stamp holds
+a hash of everything the shard is built from: its images-table rows, the sha256 of each image's
+bytes, its proposal rows, the proposals stage's failures, the settings, the decoding policy and
+Pillow's version; and the shard's index entry (counts, checksums, failures). A rerun reuses a shard
+only if its stamp matches the inputs as they are now and its files match their checksums (this
+reads every image once to hash it), and takes its entry, failures included, from the stamp; a rerun
+with a different plan starts over. `index.json` holds nothing that varies between runs of the same
+inputs (no timing; a reused shard's entry equals a fresh one), so identical inputs give
+byte-identical outputs; the run's timing goes to the log.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import io
 import json
@@ -42,8 +54,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 
 from pipeline import contracts
+from pipeline import images as image_io
 from pipeline.files import atomic_path, write_text
 from pipeline.params import as_dict, load_section, override
 
@@ -52,7 +66,11 @@ log = logging.getLogger(__name__)
 
 SHARD_PATTERN = "train-{:06d}.tar"
 PROPOSALS_SUFFIX = ".proposals.parquet"
-JPEG_MAGIC = b"\xff\xd8\xff"
+STAMP_SUFFIX = ".stamp.json"
+FAILURE_REASONS = image_io.FAILURE_REASONS + (
+    "proposals_failed",     # listed in the proposals stage's failures.csv (its reason in `detail`)
+)
+ROW_FIELDS = ("key", "source", "image_id", "path", "width", "height")
 
 
 @dataclass(frozen=True)
@@ -78,25 +96,26 @@ def plan_shards(keys: list[str], samples_per_shard: int, seed: int) -> list[list
     return [shuffled[i:i + samples_per_shard] for i in range(0, len(shuffled), samples_per_shard)]
 
 
-def jpeg_bytes(path: str, quality: int) -> tuple[bytes, bool]:
-    """The image as JPEG bytes: the file itself if it is a JPEG, else re-encoded. (bytes, re-encoded?)"""
-    data = Path(path).read_bytes()
-    if data[:3] == JPEG_MAGIC:
-        return data, False
-    from PIL import Image
+def stamp_name(shard_name: str) -> str:
+    """'train-000003.tar' -> 'train-000003.stamp.json'."""
+    return shard_name.removesuffix(".tar") + STAMP_SUFFIX
 
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        if im.mode in ("RGBA", "LA", "P"):
-            im = im.convert("RGBA")
-            flat = Image.new("RGB", im.size, (0, 0, 0))
-            flat.paste(im, mask=im.getchannel("A"))
-            im = flat
-        else:
-            im = im.convert("RGB")
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue(), True
+
+def shard_bytes(data: bytes, width: int, height: int, quality: int) -> tuple[bytes, bool]:
+    """What the shard stores for an image's file bytes: (JPEG bytes, re-encoded?). The file itself
+    if it is a JPEG that decodes fully at width x height; anything else decoded by the shared policy
+    and re-encoded. Raises pipeline.images.ImageFailure."""
+    with image_io.open_image(data) as im:
+        image_io.check_size(im, width, height)
+        if im.format in ("JPEG", "MPO"):     # MPO: a camera JPEG with extra frames; all stages read frame 0
+            try:
+                im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
+                im.load()
+            except Exception as e:  # noqa: BLE001 - a broken file can raise almost anything
+                raise image_io.classify(e) from None
+            return data, False
+        rgb = image_io.to_rgb(im)
+    return image_io.encode_jpeg(rgb, quality), True
 
 
 def sha256_of(path: Path) -> str:
@@ -116,69 +135,99 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shard(name: str, rows: list[dict], proposals: pa.Table, out: Path, jpeg_quality: int) -> dict:
-    """Write one shard (tar + proposal table) atomically; return its index entry.
+def inputs_stamp(name: str, rows: list[dict], proposals: pa.Table, failed: dict[str, str],
+                 digests: dict[str, str], jpeg_quality: int) -> str:
+    """Hash of everything shard `name` is built from: its rows (in shard order), each image's bytes
+    (`digests`: key -> sha256, "missing" when unreadable; none for images the proposals stage
+    failed, which are not read), its proposal rows (in shard order, then rank), the proposals
+    stage's failures, the setting, the decoding policy and Pillow (the re-encoded bytes depend on it)."""
+    import PIL
 
-    `rows` are images-table rows in shard order; `proposals` holds their proposals in that order.
-    """
-    failures, written = [], []
+    doc = {
+        "name": name, "jpeg_quality": jpeg_quality, "decode": image_io.POLICY, "pillow": PIL.__version__,
+        "rows": [[r[k] for k in ROW_FIELDS] + [failed.get(r["key"], ""), digests.get(r["key"], "")] for r in rows],
+    }
+    h = hashlib.sha256(json.dumps(doc, sort_keys=True).encode())
+    h.update(json.dumps(proposals.column("key").to_pylist()).encode())
+    for col in ("x1", "y1", "x2", "y2", "rank"):
+        h.update(np.ascontiguousarray(proposals.column(col).to_numpy()).tobytes())
+    return h.hexdigest()
+
+
+def file_digest(path: str) -> str:
+    try:
+        return image_io.sha256_bytes(Path(path).read_bytes())
+    except OSError:
+        return "missing"
+
+
+def write_shard(name: str, rows: list[dict], proposals: pa.Table, out: Path, jpeg_quality: int,
+                failed: dict[str, str] | None = None) -> dict:
+    """Write one shard (tar, proposal table, then its stamp) atomically; return its index entry.
+
+    `rows` are images-table rows in shard order; `proposals` holds their proposals in that order;
+    `failed`: key -> reason of the images the proposals stage failed (not packed)."""
+    failed = failed or {}
+    failures, written, digests = [], [], {}
     tar_path, prop_path = out / name, out / proposals_name(name)
     reencoded = 0
     with atomic_path(tar_path) as tmp:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for r in rows:
+                key = r["key"]
+                if key in failed:
+                    failures.append({"key": key, "path": r["path"], "reason": "proposals_failed",
+                                     "detail": f"the proposals stage failed it: {failed[key]}"})
+                    continue
                 try:
-                    data, re = jpeg_bytes(r["path"], jpeg_quality)
-                except (OSError, ValueError) as e:
-                    failures.append({"key": r["key"], "path": r["path"], "reason": f"{type(e).__name__}: {e}"})
+                    data = image_io.read_bytes(r["path"])
+                except image_io.ImageFailure as f:
+                    digests[key] = "missing"
+                    failures.append({"key": key, "path": r["path"], "reason": f.reason, "detail": f.detail})
+                    continue
+                digests[key] = image_io.sha256_bytes(data)
+                try:
+                    data, re = shard_bytes(data, r["width"], r["height"], jpeg_quality)
+                except image_io.ImageFailure as f:
+                    failures.append({"key": key, "path": r["path"], "reason": f.reason, "detail": f.detail})
                     continue
                 reencoded += re
                 meta = {k: r[k] for k in ("key", "source", "image_id", "width", "height")}
-                _add(tar, f"{r['key']}.jpg", data)
-                _add(tar, f"{r['key']}.json", json.dumps(meta, sort_keys=True).encode())
-                written.append(r["key"])
+                _add(tar, f"{key}.jpg", data)
+                _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+                written.append(key)
     # `proposals` comes in shard order, then rank (split_proposals): the table reads like the tar.
     mine = proposals.filter(pc.is_in(proposals.column("key"), value_set=pa.array(written, pa.string())))
     contracts.write_table(mine, prop_path, contracts.PROPOSALS)
-    return {
+    entry = {
         "name": name, "samples": len(written), "boxes": mine.num_rows, "reencoded": reencoded,
         "sha256": sha256_of(tar_path), "proposals": prop_path.name, "proposals_sha256": sha256_of(prop_path),
         "failures": failures,
     }
+    stamp = inputs_stamp(name, rows, proposals, failed, digests, jpeg_quality)
+    write_text(out / stamp_name(name), json.dumps({"inputs": stamp, "entry": entry}, indent=1) + "\n")
+    return entry
 
 
-def finished_entry(name: str, rows: list[dict], out: Path, jpeg_quality: int) -> dict | None:
-    """The index entry of a shard a previous run completed (the entry `write_shard` returned,
-    rebuilt from the files, so a resumed run's index equals an undisturbed run's), or None.
-
-    `rows` are the shard's planned images-table rows. A planned image missing from the tar must
-    still fail to read (its failure is read again, with the same reason); one that reads now, or a
-    sample whose source is gone, makes the shard unfinished."""
-    tar_path, prop_path = out / name, out / proposals_name(name)
-    if not (tar_path.is_file() and prop_path.is_file()):
+def finished_entry(name: str, rows: list[dict], proposals: pa.Table, failed: dict[str, str], out: Path,
+                   jpeg_quality: int) -> dict | None:
+    """The index entry of a shard a previous run completed from the same inputs (as its stamp
+    recorded it, failures included), or None: a file missing, a checksum off, or any input changed
+    (rows, image bytes, proposals, the proposals stage's failures, settings, decoding policy)."""
+    tar_path, prop_path, stamp_path = out / name, out / proposals_name(name), out / stamp_name(name)
+    if not (tar_path.is_file() and prop_path.is_file() and stamp_path.is_file()):
         return None
-    with tarfile.open(tar_path) as tar:
-        written = {m.name.removesuffix(".jpg") for m in tar.getmembers() if m.name.endswith(".jpg")}
-    failures, reencoded = [], 0
-    for r in rows:
-        if r["key"] in written:
-            try:
-                with open(r["path"], "rb") as f:
-                    reencoded += f.read(3) != JPEG_MAGIC       # jpeg_bytes re-encodes exactly these
-            except OSError:
-                return None
-            continue
-        try:
-            jpeg_bytes(r["path"], jpeg_quality)
-        except (OSError, ValueError) as e:
-            failures.append({"key": r["key"], "path": r["path"], "reason": f"{type(e).__name__}: {e}"})
-            continue
+    try:
+        stamp = json.loads(stamp_path.read_text())
+        entry = stamp["entry"]
+    except (ValueError, KeyError, TypeError):
         return None
-    return {
-        "name": name, "samples": len(written), "boxes": contracts.read_table(prop_path, contracts.PROPOSALS).num_rows,
-        "reencoded": reencoded, "sha256": sha256_of(tar_path), "proposals": prop_path.name,
-        "proposals_sha256": sha256_of(prop_path), "failures": failures,
-    }
+    digests = {r["key"]: file_digest(r["path"]) for r in rows if r["key"] not in failed}
+    if stamp.get("inputs") != inputs_stamp(name, rows, proposals, failed, digests, jpeg_quality):
+        return None
+    if sha256_of(tar_path) != entry.get("sha256") or sha256_of(prop_path) != entry.get("proposals_sha256"):
+        return None
+    return entry
 
 
 def split_proposals(proposals: pa.Table, plan: list[list[str]]) -> list[pa.Table]:
@@ -199,6 +248,18 @@ def read_proposal_parts(folder: Path) -> pa.Table:
     if not parts:
         raise FileNotFoundError(f"no proposal parts (part-*.parquet) in {folder}; run pipeline.proposals first")
     return contracts.read_tables(parts, contracts.PROPOSALS)
+
+
+def read_proposal_failures(folder: Path) -> dict[str, str]:
+    """key -> reason of the images the proposals stage failed (its `failures.csv`; none if absent)."""
+    path = Path(folder) / "failures.csv"
+    if not path.is_file():
+        log.warning("%s has no failures.csv: no image is known to have failed the proposals stage", folder)
+        return {}
+    cols = ["key", "path", "reason", "detail"]
+    t = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+        column_types={c: pa.string() for c in cols}, include_columns=cols, strings_can_be_null=False))
+    return dict(zip(t.column("key").to_pylist(), t.column("reason").to_pylist()))
 
 
 def run(images_path: Path, proposals_dir: Path, out: Path, cfg: ShardsConfig,
@@ -226,10 +287,13 @@ def run(images_path: Path, proposals_dir: Path, out: Path, cfg: ShardsConfig,
     for stale in out.glob(".train-*.tmp-*"):  # temporaries of a killed run
         stale.unlink()
 
+    failed = read_proposal_failures(proposals_dir)
+    failed_of = {name: {k: failed[k] for k in keys if k in failed} for name, keys in zip(names, plan)}
+    per_shard = dict(zip(names, split_proposals(proposals, plan)))
     entries: dict[str, dict] = {}
     todo = []
     for name, keys in zip(names, plan):
-        done = finished_entry(name, [rows[k] for k in keys], out, cfg.jpeg_quality)
+        done = finished_entry(name, [rows[k] for k in keys], per_shard[name], failed_of[name], out, cfg.jpeg_quality)
         if done is not None:
             entries[name] = done
         else:
@@ -244,8 +308,8 @@ def run(images_path: Path, proposals_dir: Path, out: Path, cfg: ShardsConfig,
             ray.init(num_cpus=num_workers or os.cpu_count(), include_dashboard=False, log_to_driver=False)
         try:
             task = ray.remote(max_retries=3, retry_exceptions=False, num_cpus=1)(write_shard)
-            per_shard = dict(zip(names, split_proposals(proposals, plan)))
-            pending = {task.remote(name, [rows[k] for k in keys], per_shard[name], out.resolve(), cfg.jpeg_quality): name
+            pending = {task.remote(name, [rows[k] for k in keys], per_shard[name], out.resolve(), cfg.jpeg_quality,
+                                   failed_of[name]): name
                        for name, keys in todo}
             with tqdm(total=len(pending), desc="shards", unit="shard", disable=not progress) as bar:
                 while pending:
@@ -261,7 +325,8 @@ def run(images_path: Path, proposals_dir: Path, out: Path, cfg: ShardsConfig,
         "shards": shards,
         "total_samples": sum(s["samples"] for s in shards),
         "total_boxes": sum(s["boxes"] for s in shards),
-        "failures": [f for s in shards for f in (s["failures"] or [])],
+        "failures": [f for s in shards for f in s["failures"]],
+        "failure_reasons": dict(sorted(collections.Counter(f["reason"] for s in shards for f in s["failures"]).items())),
         "settings": as_dict(cfg),
         "images_table": str(images_path),
     }

@@ -47,7 +47,6 @@ consumer that does not synchronise per batch (the rank from `RANK`/`WORLD_SIZE`,
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -63,8 +62,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import webdataset as wds
-from PIL import Image
 
+from pipeline import images as image_io
 from pipeline.params import ParamsError
 from train.views import ViewConfig, make_views
 
@@ -276,7 +275,7 @@ def decode_views(src: Iterator[dict], cfg: LoaderConfig, seed: int, epoch: int, 
         pos = sample["_pos"]
         rng = np.random.default_rng(_seed(seed, epoch, pos.rank, pos.worker, 4, i))
         try:
-            with Image.open(io.BytesIO(sample["jpg"])) as im:
+            with image_io.open_image(sample["jpg"]) as im:
                 v = make_views(im, sample["proposals"], rng, cfg.views)
         except Exception as e:       # truncated, not an image, DecompressionBombError, ...: this sample only
             stats["errors"] += 1

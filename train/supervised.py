@@ -20,7 +20,6 @@ import argparse
 import logging
 import math
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import contracts
+from pipeline import images as image_io
 from pipeline.params import override
 from train.methods import MEAN, STD
 from train.model import RegionEncoder
@@ -54,8 +54,8 @@ def load_labelled(images: Path, boxes: Path, size: int) -> tuple[np.ndarray, lis
         g = by_key.get(row["key"])
         if g is None:
             continue
-        with Image.open(row["path"]) as f:
-            xs.append(np.asarray(f.convert("RGB").resize((size, size), Image.BILINEAR)))
+        rgb, _ = image_io.decode(row["path"])
+        xs.append(np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR)))
         scale = np.array([size / row["width"], size / row["height"]] * 2, np.float32)
         bs.append(g[["x1", "y1", "x2", "y2"]].to_numpy(np.float32) * scale)
         ys.append(np.searchsorted(classes, g.category_id.to_numpy()))

@@ -29,6 +29,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from pipeline import images as image_io
+
 
 @dataclass(frozen=True)
 class ColourConfig:
@@ -222,7 +224,7 @@ def decode_for_views(im: Image.Image, crop: tuple[int, int, int, int], size: int
     f = min(1.0, max(size / width, size / height, size / w, size / h))
     if f < 1.0 and im.format == "JPEG":
         im.draft("RGB", (math.ceil(width * f), math.ceil(height * f)))
-    return np.asarray(im.convert("RGB"))
+    return image_io.to_rgb(im)
 
 
 def make_views(im: Image.Image, proposals: np.ndarray, rng: np.random.Generator, cfg: ViewConfig) -> dict:

@@ -89,7 +89,8 @@ def test_round_trip_bytes_proposals_and_checksums(built):
     assert seen[png_key][:3] == b"\xff\xd8\xff"        # the PNG became a JPEG
     assert Image.open(io.BytesIO(seen[png_key])).mode == "RGB"
     assert index["total_samples"] == 24 and len(index["failures"]) == 1
-    assert index["failures"][0]["key"].endswith(f"{24:016x}") and "FileNotFoundError" in index["failures"][0]["reason"]
+    assert index["failures"][0]["key"].endswith(f"{24:016x}") and index["failures"][0]["reason"] == "missing_file"
+    assert index["failure_reasons"] == {"missing_file": 1}
     assert json.loads((out / "index.json").read_text()) == index
 
 
@@ -158,7 +159,7 @@ def test_same_inputs_same_bytes(tmp_path: Path):
     b = run(images, props, tmp_path / "b", ShardsConfig(samples_per_shard=4), num_workers=2, progress=False)
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
     assert os.listdir(tmp_path / "a") and not list((tmp_path / "a").glob(".*tmp*"))
-    assert len(folder_bytes(tmp_path / "a")) == 2 * len(a["shards"]) + 2     # tars, tables, index, plan
+    assert len(folder_bytes(tmp_path / "a")) == 3 * len(a["shards"]) + 2     # tars, tables, stamps, index, plan
     assert folder_bytes(tmp_path / "a") == folder_bytes(tmp_path / "b")
     assert "seconds" not in json.loads((tmp_path / "a" / "index.json").read_text())
     # a killed run: the shard holding the failures is gone; the rerun reuses the others
@@ -167,3 +168,138 @@ def test_same_inputs_same_bytes(tmp_path: Path):
     (tmp_path / "b" / "index.json").unlink()
     run(images, props, tmp_path / "b", ShardsConfig(samples_per_shard=4), num_workers=2, progress=False)
     assert folder_bytes(tmp_path / "a") == folder_bytes(tmp_path / "b")
+
+
+# ------------------------------------------------------------------ bad inputs, stamps, reruns
+
+
+def make_battery(root: Path) -> tuple[Path, Path, dict[str, str]]:
+    """Good JPEGs, every mode of tests/pipeline/test_images.py, and one of each bad input; a
+    proposals folder whose failures.csv lists one good-looking image. -> images, proposals, key -> expected failure."""
+    import pyarrow.csv as pacsv
+
+    from tests.pipeline.test_images import H, W, gradient, jpeg, sof_patched, write_modes
+
+    img = root / "img"
+    files = {f"mode_{n}": (p, W, H) for n, p in write_modes(img).items()}
+    good = jpeg(gradient())
+    for i in range(4):
+        (img / f"good{i}.jpg").write_bytes(jpeg(np.roll(gradient(), 5 * i, axis=1)))
+        files[f"good{i}"] = (img / f"good{i}.jpg", W, H)
+    bad = {
+        "truncated": (good[: len(good) // 2], W, H),
+        "not_an_image": (b"\xff\xd8\xff" + b"password=hunter2\n" * 20, W, H),
+        "size_mismatch": (good, W, H + 3),
+        "too_large": (sof_patched(good, 20000, 20000), 20000, 20000),
+        "proposals_failed": (good, W, H),
+    }
+    for name, (data, w, h) in bad.items():
+        (img / f"{name}.jpg").write_bytes(data)
+        files[name] = (img / f"{name}.jpg", w, h)
+    files["missing_file"] = (img / "gone.jpg", W, H)
+    rows = [{"key": k, "source": "test", "image_id": k, "path": str(p), "width": w, "height": h}
+            for k, (p, w, h) in files.items()]
+    images = C.write_table(pa.Table.from_pylist(rows), root / "images.parquet", C.IMAGES)
+    props = [{"key": k, "x1": 1.0, "y1": 2.0, "x2": 30.0, "y2": 20.0, "rank": 0} for k in files]
+    (root / "props").mkdir()
+    C.write_table(pa.Table.from_pylist(props), root / "props" / "part-00000.parquet", C.PROPOSALS)
+    pacsv.write_csv(pa.table({"key": ["proposals_failed"], "path": [str(files["proposals_failed"][0])],
+                              "reason": ["search_error"], "detail": ["OpenCV raised"]}), root / "props" / "failures.csv")
+    return images, root / "props", {k: k for k in bad} | {"missing_file": "missing_file"}
+
+
+def shard_samples(out: Path, index: dict) -> dict[str, bytes]:
+    got = {}
+    for entry in index["shards"]:
+        with tarfile.open(out / entry["name"]) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".jpg"):
+                    got[m.name[:-4]] = tar.extractfile(m).read()
+    return got
+
+
+def test_battery_packs_only_what_decodes_and_lists_the_rest(tmp_path: Path):
+    """One run over the battery: the job finishes (an image over the pixel limit included), every
+    good image is packed with the pixels the proposals stage saw, every bad one is listed once with
+    its category. A rerun keeps the failure record; changed bytes or proposals under the same keys
+    rebuild exactly the shards they belong to."""
+    from pipeline.images import decode
+    from pipeline.proposals import decode as proposals_decode
+
+    images, props, expected = make_battery(tmp_path)
+    out = tmp_path / "out"
+    cfg = ShardsConfig(samples_per_shard=5, seed=1)
+    first = run(images, props, out, cfg, num_workers=2, progress=False)
+    rows = {r["key"]: r for r in C.read_table(images, C.IMAGES).to_pylist()}
+    assert {f["key"]: f["reason"] for f in first["failures"]} == expected
+    assert len(first["failures"]) == len(expected) and first["failure_reasons"] == {r: 1 for r in expected.values()}
+    assert all(f["detail"] and "0x" not in f["detail"] for f in first["failures"])
+    packed = shard_samples(out, first)
+    assert set(packed) == set(rows) - set(expected) and first["total_samples"] == len(packed)
+    for k, data in packed.items():     # the shard's pixels = the proposals' pixels (re-encoded ones: within JPEG error)
+        seen = proposals_decode(rows[k]["path"], rows[k]["width"], rows[k]["height"])[0]
+        stored = decode(data, rows[k]["width"], rows[k]["height"])[0]
+        assert np.abs(stored.astype(int) - seen).mean() < 6, k
+    assert json.loads((out / "index.json").read_text()) == first
+
+    # A rerun on the same inputs: nothing rebuilt, the same index, failures included.
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name.startswith("train-")}
+    again = run(images, props, out, cfg, num_workers=2, progress=False)
+    assert again == first and json.loads((out / "index.json").read_text())["failures"] == first["failures"]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name.startswith("train-")} == mtimes
+
+    # Same keys, other inputs: good0's bytes change (same size), good1's proposals change.
+    shard_of = {k: s["name"] for s in first["shards"] for k in shard_samples(out, {"shards": [s]})}
+    new_bytes = jpeg_of_noise()
+    Path(rows["good0"]["path"]).write_bytes(new_bytes)
+    t = C.read_table(props / "part-00000.parquet", C.PROPOSALS).to_pylist()
+    for p in t:
+        if p["key"] == "good1":
+            p["x2"] = 40.0
+    C.write_table(pa.Table.from_pylist(t), props / "part-00000.parquet", C.PROPOSALS)
+    third = run(images, props, out, cfg, num_workers=2, progress=False)
+    rebuilt = {shard_of["good0"], shard_of["good1"]}
+    for name, before in mtimes.items():
+        tar_or_table = name.endswith(".tar") or name.endswith(".parquet")
+        if tar_or_table and name.split(".")[0] + ".tar" in rebuilt:
+            assert (out / name).stat().st_mtime_ns != before, name
+        elif name.split(".")[0] + ".tar" not in rebuilt:
+            assert (out / name).stat().st_mtime_ns == before, name
+    assert shard_samples(out, third)["good0"] == new_bytes
+    table = C.read_table(out / proposals_name(shard_of["good1"]), C.PROPOSALS).to_pylist()
+    assert [p["x2"] for p in table if p["key"] == "good1"] == [40.0]
+    assert third["failures"] == first["failures"]
+
+
+def jpeg_of_noise() -> bytes:
+    from tests.pipeline.test_images import H, W
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (H, W, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_stamp_covers_every_input_of_a_shard():
+    """The stamp a shard is reused by changes with each input: a row's path, size or ids, an image's
+    bytes, a proposal, the proposals stage's failures, the setting; and with nothing else."""
+    from pipeline.shards import inputs_stamp
+
+    rows = [{"key": k, "source": "s", "image_id": k, "path": f"img/{k}.jpg", "width": 40, "height": 30} for k in "ab"]
+    props = pa.table({"key": ["a", "a", "b"], "x1": [0.0, 1.0, 2.0], "y1": [0.0] * 3, "x2": [9.0] * 3,
+                      "y2": [9.0] * 3, "rank": pa.array([0, 1, 0], pa.int32())})
+    digests = {"a": "1" * 64, "b": "2" * 64}
+    base = inputs_stamp("train-000000.tar", rows, props, {}, digests, 95)
+    assert base == inputs_stamp("train-000000.tar", [dict(r) for r in rows], props, {}, dict(digests), 95)
+    moved = [dict(rows[0], path="elsewhere/a.jpg"), rows[1]]
+    resized = [dict(rows[0], width=41), rows[1]]
+    other_props = props.set_column(1, "x1", pa.array([0.0, 1.5, 2.0], pa.float64()))
+    variants = [
+        inputs_stamp("train-000000.tar", moved, props, {}, digests, 95),
+        inputs_stamp("train-000000.tar", resized, props, {}, digests, 95),
+        inputs_stamp("train-000000.tar", rows, other_props, {}, digests, 95),
+        inputs_stamp("train-000000.tar", rows, props, {}, {**digests, "b": "3" * 64}, 95),
+        inputs_stamp("train-000000.tar", rows, props, {"b": "truncated"}, {"a": digests["a"]}, 95),
+        inputs_stamp("train-000000.tar", rows, props, {}, digests, 90),
+        inputs_stamp("train-000000.tar", rows[::-1], props, {}, digests, 95),
+    ]
+    assert len({base, *variants}) == len(variants) + 1
