@@ -21,12 +21,13 @@ from train.pretrain import load_config, method_config
 REPO = Path(__file__).resolve().parents[2]
 
 
-def write_params(path: Path, **pretrain) -> Path:
-    """A params file for a tiny run: ResNet-18, RoIAlign 7x7, 64 px views, 2 proposals, small queue."""
+def write_params(path: Path, loader: dict | None = None, **pretrain) -> Path:
+    """A params file for a tiny run: ResNet-18, RoIAlign 7x7, 64 px views, 2 proposals, small queue
+    (`loader` and `pretrain` update those sections)."""
     doc = yaml.safe_load((REPO / "params.yaml").read_text())
     doc["pretrain"].update({"arch": "resnet18", "roi_size": 7, "epochs": 2, "checkpoint_every": 2, "warmup_epochs": 0.5,
                             "deterministic": True, "bn_splits": 2, **pretrain})
-    doc["loader"].update({"batch_size": 4, "workers": 2, "shuffle_buffer": 8, "epoch_samples": 24})
+    doc["loader"].update({"batch_size": 4, "workers": 2, "shuffle_buffer": 8, "epoch_samples": 24, **(loader or {})})
     doc["loader"]["views"].update({"size": 64, "small_size": 32, "num_proposals": 2})
     for m in doc["methods"].values():
         m.update({"queue_size": 64, "proj_hidden": 32})
