@@ -152,14 +152,16 @@ def rng_state(aug: torch.Generator) -> dict:
 
 
 def set_rng_state(state: dict, aug: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore `rng_state`'s states; they come back as CPU tensors whatever `map_location` the
+    checkpoint was loaded with (the RNG setters accept only CPU ByteTensors)."""
+    torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    np.random.set_state((n[0], n[1].cpu().numpy().astype(np.uint32), n[2], n[3], n[4]))
     p = state["python"]
     random.setstate((p[0], tuple(p[1]), p[2]))
-    aug.set_state(state["augment"])
+    aug.set_state(state["augment"].cpu())
 
 
 # ---------------------------------------------------------------------------------------- loop
@@ -398,6 +400,8 @@ def train(shards: Path, out: Path, method_name: str, cfg: PretrainConfig, mcfg: 
         # SyncBN for the student only without shuffle-BN: its global statistics would contain
         # every key's shuffled group (MoCo keeps per-GPU BN for the query)
         method.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method.student)
+        if getattr(method, "predictor", None) is not None:      # SoCo/BYOL's predictor is the student's too
+            method.predictor = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method.predictor)
     if on_cuda:
         method = method.to(memory_format=torch.channels_last)
     model = method
@@ -471,7 +475,7 @@ def train(shards: Path, out: Path, method_name: str, cfg: PretrainConfig, mcfg: 
     model.train()
     while pos.epoch < cfg.epochs and pos.step < stop:
         loader = make_loader(urls, cfg.loader, seed=cfg.seed, epoch=pos.epoch, total_samples=total,
-                             world=world, start_batch=pos.batch)
+                             world=world, start_batch=pos.batch, pin_memory=on_cuda)
         for batch in loader:
             lr = learning_rate(pos.step, total_steps, warmup, peak_lr)
             for group in optimizer.param_groups:
@@ -521,7 +525,8 @@ def train(shards: Path, out: Path, method_name: str, cfg: PretrainConfig, mcfg: 
     bar.close()
     # Every rank must hold the same student; gather a checksum of each rank's weights to show it.
     sums = dist.all_gather(torch.tensor([weights_checksum(method.student)], dtype=torch.int64, device=dev))
-    summary = {"method": method_name, "arch": cfg.arch, "steps": pos.step, "epochs_done": pos.epoch,
+    summary = {"method": method_name, "arch": cfg.arch, "steps": pos.step,
+               "epochs_done": pos.step // steps_per_epoch,     # complete epochs (the position's epoch lags at an epoch's last step)
                "total_steps": total_steps, "world_size": world, "finished": pos.step >= total_steps,
                "student_checksums": [int(x) for x in sums.tolist()],
                "ranks_identical": bool((sums == sums[0]).all()), "health": health(list(recent))}

@@ -374,13 +374,14 @@ class _EpochLimit(torch.utils.data.IterableDataset):
 
 
 def make_loader(urls: list[str], cfg: LoaderConfig, *, seed: int, epoch: int = 0, total_samples: int = 0,
-                world: int = 1, start_batch: int = 0) -> torch.utils.data.DataLoader:
-    """A DataLoader over `make_stream` (the stream batches; the loader only runs the workers)."""
+                world: int = 1, start_batch: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over `make_stream` (the stream batches; the loader only runs the workers).
+    `pin_memory` (set by the trainer on CUDA) makes the host-to-GPU copies asynchronous."""
     stream = make_stream(urls, cfg, seed=seed, epoch=epoch, total_samples=total_samples, world=world,
                          start_batch=start_batch)
     return torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=cfg.workers, worker_init_fn=_worker_init,
-        persistent_workers=False, prefetch_factor=2 if cfg.workers else None,
+        persistent_workers=False, prefetch_factor=2 if cfg.workers else None, pin_memory=pin_memory,
         multiprocessing_context=_context(cfg.start_method) if cfg.workers else None,
     )
 
