@@ -50,9 +50,7 @@ def _check_value(value: Any, tp: Any, where: str) -> Any:
             raise ParamsError(f"{where}: expected {len(args)} items, got {len(value)} ({value!r})")
         return tuple(_check_value(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ParamsError(f"{where}: expected a mapping of {tp.__name__} settings, got {value!r}")
-        return from_dict(tp, value, where)
+        return from_dict(tp, value, _section_where(tp, where))
     if origin is typing.Literal:
         if value not in typing.get_args(tp):
             raise ParamsError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
@@ -76,9 +74,25 @@ def _check_value(value: Any, tp: Any, where: str) -> Any:
     raise TypeError(f"unsupported parameter type {tp!r} at {where}")
 
 
+def _section_where(tp: Any, where: str) -> str:
+    """Where a nested dataclass is named in messages: a class that is its own section of the file
+    (class attribute `params_section`, e.g. `loader` nested into `pretrain`) is named by that section,
+    "params.yaml:loader.workers", not by where it is nested ("params.yaml:pretrain.loader.workers")."""
+    section = getattr(tp, "params_section", None)
+    if not section:
+        return where
+    file, sep, _ = where.rpartition(":")
+    return f"{file}:{section}" if sep else section
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str) -> T:
     """Build the frozen dataclass `cls` from `data`, rejecting unknown keys and bad types."""
-    data = dict(data or {})
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{where}: expected a mapping of {cls.__name__} settings (key: value lines), "
+                          f"got {type(data).__name__} {data!r}")
+    data = dict(data)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))

@@ -175,6 +175,14 @@ def read_coco(
     ims = data["images"]
     _require_fields(ims, COCO_IMAGE_FIELDS, annotations, "images")
     ids = np.fromiter((im["id"] for im in ims), np.int64, len(ims))
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        dup = uniq[counts > 1]
+        where = np.flatnonzero(ids == dup[0]).tolist()
+        raise ReaderError(
+            f"{annotations}: duplicate image id(s) {dup[:10].tolist()}{' ...' if len(dup) > 10 else ''} "
+            f"in 'images' (id {int(dup[0])} at images{where}); each image must be listed once"
+        )
     paths = [str(images_dir / im["file_name"]) if images_dir is not None else im["file_name"] for im in ims]
     present = np.ones(len(ims), dtype=bool)
     if check_files and images_dir is not None:
@@ -332,6 +340,22 @@ def _read_header(path: Path) -> list[str]:
     return [c.strip() for c in next(csv.reader([first]), [])]
 
 
+def _bad_line(path: Path) -> str | None:
+    """The first line whose field count differs from the header's (an unquoted comma, say), named
+    by its line number; None where every row has the header's count. Only run on a failed read."""
+    try:
+        with path.open("r", encoding="utf-8-sig", newline="") as f:
+            rows = csv.reader(f)
+            header = next(rows, [])
+            for row in rows:
+                if row and len(row) != len(header):
+                    return (f"line {rows.line_num} has {len(row)} fields, the header {len(header)} "
+                            "(a comma inside a value must be quoted)")
+    except (csv.Error, UnicodeDecodeError):
+        pass
+    return None
+
+
 _FLOAT_RE = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 
 
@@ -354,7 +378,7 @@ def _read_boxes_csv(path: Path) -> pa.Table:
             column_types={**base_types, **{c: pa.string() for c in coords}},
         ))
     except pa.ArrowInvalid as e:
-        raise ReaderError(f"{path}: not a readable CSV ({e})") from None
+        raise ReaderError(f"{path}: {_bad_line(path) or 'not a readable CSV'} ({e})") from None
     for c in coords:
         col = t.column(c)
         ok = pc.fill_null(pc.match_substring_regex(col, _FLOAT_RE), False)

@@ -129,7 +129,13 @@ def load_config(params: Path | None) -> PretrainConfig:
     if params is None:
         return PretrainConfig()
     doc = yaml.safe_load(Path(params).read_text()) or {}
-    section = dict(doc.get("pretrain") or {})
+    if not isinstance(doc, dict):
+        raise ParamsError(f"{params}: expected a mapping of sections at the top level")
+    section = doc.get("pretrain")
+    if section is not None and not isinstance(section, dict):
+        raise ParamsError(f"{params}:pretrain: expected a mapping of PretrainConfig settings (key: value lines), "
+                          f"got {type(section).__name__} {section!r}")
+    section = dict(section or {})
     if "loader" in doc:
         section["loader"] = doc["loader"]
     return from_dict(PretrainConfig, section, f"{params}:pretrain")

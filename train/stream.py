@@ -82,6 +82,8 @@ class ShardDataError(RuntimeError):
 class LoaderConfig:
     """The `loader` section of params.yaml."""
 
+    params_section = "loader"              # not a field: messages name `loader.x`, not `pretrain.loader.x`
+
     batch_size: int = 32                   # per rank
     workers: int = 2                       # DataLoader processes per rank
     shuffle_buffer: int = 256              # samples held for shuffling, per worker
@@ -380,7 +382,8 @@ def make_loader(urls: list[str], cfg: LoaderConfig, *, seed: int, epoch: int = 0
     stream = make_stream(urls, cfg, seed=seed, epoch=epoch, total_samples=total_samples, world=world,
                          start_batch=start_batch)
     return torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=cfg.workers, worker_init_fn=_worker_init,
+        stream, batch_size=None, num_workers=cfg.workers,
+        worker_init_fn=partial(_worker_init, trainer_pid=os.getpid()),   # workers exit with this process
         persistent_workers=False, prefetch_factor=2 if cfg.workers else None, pin_memory=pin_memory,
         multiprocessing_context=_context(cfg.start_method) if cfg.workers else None,
     )
@@ -396,11 +399,47 @@ def _context(start_method: str):
     return ctx
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(_: int, trainer_pid: int | None = None) -> None:
     import cv2
 
     cv2.setNumThreads(1)     # one thread per loader worker: workers, not threads, use the cores
     torch.set_num_threads(1)
+    if trainer_pid is not None:
+        _exit_with(trainer_pid)
+
+
+def _exit_with(trainer_pid: int) -> None:
+    """End this worker when the trainer process `trainer_pid` ends, however it ends. A forkserver
+    worker's parent is the forkserver, not the trainer, so neither torch's watchdog (which watches
+    the parent) nor a parent-death signal notices a trainer killed with SIGKILL; and the forkserver
+    stays up as long as a worker holds its alive pipe. Once the workers exit, so do the forkserver
+    and the resource tracker. Watches a pidfd (no pid reuse; fires for an unreaped zombie too), or
+    polls the pid each second where pidfds are missing."""
+    import select
+    import threading
+
+    try:
+        fd = os.pidfd_open(trainer_pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):
+        fd = None
+
+    def watch() -> None:
+        if fd is not None:
+            select.select([fd], [], [])
+        else:
+            while True:
+                try:
+                    os.kill(trainer_pid, 0)
+                except ProcessLookupError:
+                    break
+                except PermissionError:
+                    pass
+                threading.Event().wait(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-trainer", daemon=True).start()
 
 
 def read_index(folder: str | Path) -> tuple[list[str], int]:

@@ -74,3 +74,13 @@ def test_override_only_replaces_given_values():
 def test_repo_params_yaml_loads(repo: Path):
     cfg = load_section(SynthConfig, "synth", repo / "params.yaml")
     assert cfg.images > 0 and sum(cfg.split_fractions) == pytest.approx(1)
+
+
+@pytest.mark.parametrize("body", ["synth: 3\n", "synth:\n  - 1\n  - 2\n", "synth: text\n"])
+def test_a_section_of_the_wrong_type_names_file_and_section(tmp_path: Path, body):
+    p = tmp_path / "params.yaml"
+    p.write_text(body)
+    with pytest.raises(ParamsError, match=rf"{p}:synth: expected a mapping of SynthConfig settings"):
+        load_section(SynthConfig, "synth", p)
+    with pytest.raises(ParamsError, match="x: expected a mapping"):
+        from_dict(Cfg, [1, 2], "x")

@@ -227,3 +227,20 @@ def test_result_write_round_trip(tmp_path: Path, oi_files):
     assert C.read_table(tmp_path / "out" / "images.parquet", C.IMAGES).equals(res.images)
     assert C.read_table(tmp_path / "out" / "rejects.parquet", C.REJECTS).num_rows == 6
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["rejected_by_reason"]["missing_image"] == 1
+
+
+def test_coco_duplicate_image_id_is_named(tmp_path: Path):
+    doc = json.loads(json.dumps(COCO_DOC))
+    doc["images"].append(dict(doc["images"][1], file_name="other.jpg"))   # id 285 twice
+    p = tmp_path / "instances_x.json"
+    p.write_text(json.dumps(doc))
+    with pytest.raises(ReaderError, match=r"instances_x\.json.*duplicate image id.*\b285\b"):
+        read_coco(p, tmp_path)
+
+
+def test_openimages_unquoted_comma_names_the_line(tmp_path: Path):
+    csv = tmp_path / "oidv6-train-annotations-bbox.csv"
+    extra = OI_ROWS[1].replace("xclick", "x,click")                        # one field too many
+    csv.write_text(HEADER + "\n" + OI_ROWS[0] + "\n" + OI_ROWS[7] + "\n" + extra + "\n")
+    with pytest.raises(ReaderError, match=r"oidv6-train-annotations-bbox\.csv: line 4 has 14 fields"):
+        read_openimages_boxes(csv, OI_CLASSES)

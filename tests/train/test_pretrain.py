@@ -15,6 +15,7 @@ import torch
 import torchvision
 import yaml
 
+from pipeline.params import ParamsError
 from train.export import export
 from train.pretrain import load_config, method_config
 
@@ -54,6 +55,30 @@ def test_params_yaml_gives_every_method_a_config():
     assert cfg.loader.views.num_proposals >= 1
     for name in ("d3ssl", "d3ssl_dc", "soco", "mocov2"):
         method_config(name, REPO / "params.yaml")
+
+
+def test_a_loader_key_error_names_the_loader_section(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("pretrain:\n  epochs: 1\nloader:\n  batch_sise: 8\n")
+    with pytest.raises(ParamsError) as e:
+        load_config(p)
+    assert f"{p}:loader: unknown key(s) ['batch_sise']" in str(e.value)
+    assert "pretrain.loader" not in str(e.value)
+    p.write_text("loader:\n  workers: many\n")
+    with pytest.raises(ParamsError, match=rf"{p}:loader\.workers: expected an integer"):
+        load_config(p)
+    p.write_text("loader: [1, 2]\n")
+    with pytest.raises(ParamsError, match=rf"{p}:loader: expected a mapping of LoaderConfig settings"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("body", ["pretrain: 3\n", "pretrain: [1, 2]\n"])
+def test_a_section_of_the_wrong_type_names_file_and_section(tmp_path, body):
+    p = tmp_path / "params.yaml"
+    p.write_text(body)
+    section = body.split(":")[0]
+    with pytest.raises(ParamsError, match=rf"{p}:{section}: expected a mapping"):
+        load_config(p)
 
 
 def test_killed_and_resumed_run_reaches_the_same_weights(shards, tmp_path):
