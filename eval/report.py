@@ -54,8 +54,11 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def collect(reports: Path, models: list[str], seeds: list[int]) -> dict:
-    """model -> metric -> mean/std over seeds."""
+def collect(reports: Path, models: list[str], seeds: list[int], detect_models: list[str] | None = None) -> dict:
+    """Every metric of every model and seed, as {model: {metric: {values, mean, std, n}}}.
+    Detection is read for the models of `detect_models` only (all models when None): a
+    `detect/metrics.json` left by an earlier run of a model no longer fine-tuned is ignored, and
+    one missing for a listed model is an error."""
     out = {}
     for model in models:
         rows: dict[str, list[float]] = {}
@@ -70,7 +73,14 @@ def collect(reports: Path, models: list[str], seeds: list[int]) -> dict:
             oknn = load(d / "oknn.json")
             probes = load(d / "probes.json")
             # detection runs on the models of `detect_models` only (params.yaml); others have none
-            det = load(d / "detect" / "metrics.json") if (d / "detect" / "metrics.json").is_file() else None
+            det_file = d / "detect" / "metrics.json"
+            det = None
+            if detect_models is None:
+                det = load(det_file) if det_file.is_file() else None
+            elif model in detect_models:
+                if not det_file.is_file():
+                    raise ValueError(f"{det_file} is missing but {model} is in detect_models: run its detect stage")
+                det = load(det_file)
             for k in TABLE4:
                 rows.setdefault(f"oknn_{k}", []).append(float(oknn[k]))
             rows.setdefault("oknn_prior_top1", []).append(float(oknn["prior_top1"]))
@@ -237,8 +247,9 @@ def render(results: dict, orderings: list[dict], stats: dict | None, seeds: list
     return "\n".join(lines) + "\n"
 
 
-def make_report(reports: Path, models: list[str], seeds: list[int], out: Path, dataset_stats: Path | None) -> dict:
-    results = collect(reports, models, seeds)
+def make_report(reports: Path, models: list[str], seeds: list[int], out: Path, dataset_stats: Path | None,
+                detect_models: list[str] | None = None) -> dict:
+    results = collect(reports, models, seeds, detect_models)
     orderings = [
         ordering(results, "oknn_top1", ["d3ssl", "soco", "random"], True, "O-KNN top-1: d3ssl > soco > random"),
         ordering(results, "oknn_disturbed_top1", ["d3ssl", "soco", "random"], True,
@@ -357,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", type=Path, help="params.yaml: its top-level `models` and `seeds` lists")
     p.add_argument("--models", nargs="+", help="instead of params: the models to tabulate")
     p.add_argument("--seeds", nargs="+", type=int, help="instead of params: the seeds to average over")
+    p.add_argument("--detect-models", nargs="*", help="instead of params: the models fine-tuned for detection "
+                   "(default: params' `detect_models`, else every model with a detect/metrics.json)")
     p.add_argument("--dataset-stats", type=Path, help="stats.json of the sample stage (Table 2)")
     p.add_argument("--out", type=Path, default=Path("reports/results"), help="writes OUT.md, OUT.json, OUT_*.png")
     args = p.parse_args(argv)
@@ -366,9 +379,12 @@ def main(argv: list[str] | None = None) -> int:
 
         doc = yaml.safe_load(args.params.read_text()) or {}
         models, seeds = models or doc.get("models"), seeds or doc.get("seeds")
+        if args.detect_models is None:
+            args.detect_models = doc.get("detect_models")
     if not models or not seeds:
         p.error("give --models and --seeds, or --params with top-level `models` and `seeds` lists")
-    doc = make_report(args.reports, list(models), [int(s) for s in seeds], args.out, args.dataset_stats)
+    doc = make_report(args.reports, list(models), [int(s) for s in seeds], args.out, args.dataset_stats,
+                      args.detect_models)
     for o in doc["orderings"]:
         print(f"{'holds' if o['holds'] else 'fails'}{' (clear)' if o['clear'] else ''}: {o['claim']}")
     print(f"wrote {args.out.with_suffix('.md')}")

@@ -106,3 +106,17 @@ def test_report_warns_about_unhealthy_runs_and_draws_the_curve(tmp_path):
     claims = {o["claim"]: o for o in doc["orderings"]}
     assert not claims["O-KNN top-1: d3ssl > random by 5 points"]["holds"]          # equal means
     assert "O-KNN top-1: supervised ceiling > d3ssl" in claims
+
+
+def test_detection_is_read_for_detect_models_only(tmp_path):
+    """A detect/metrics.json that an earlier run left for a model no longer fine-tuned must not
+    reach the tables; one missing for a listed model is an error."""
+    reports = tmp_path / "models"
+    for m in MODELS:
+        for s in (0, 1):
+            _write(reports, m, s)
+    doc = make_report(reports, list(MODELS), [0, 1], tmp_path / "results", None, detect_models=["random", "d3ssl"])
+    assert "det_AP" in doc["results"]["d3ssl"] and "det_AP" not in doc["results"]["d3ssl_dc"]
+    (reports / "d3ssl" / "seed1" / "detect" / "metrics.json").unlink()
+    with pytest.raises(ValueError, match=r"d3ssl/seed1/detect/metrics\.json is missing"):
+        make_report(reports, list(MODELS), [0, 1], tmp_path / "results", None, detect_models=["d3ssl"])
