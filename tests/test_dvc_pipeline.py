@@ -45,6 +45,12 @@ def dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return run
 
 
+def changed_stages(proj: Path) -> set[str]:
+    """The stages `dvc status` lists (a stage's name is an unindented line ending in ':')."""
+    out = dvc(proj, "status").stdout
+    return {line[:-1] for line in out.splitlines() if line.endswith(":") and not line[:1].isspace()}
+
+
 def reduce(params: dict) -> dict:
     """The embedded default shrunk to a smoke run of every stage."""
     params["seeds"] = [0]
@@ -117,6 +123,15 @@ def test_dvc_repro_runs_every_stage_and_the_report_is_complete(repo: Path, tmp_p
 
     # Nothing changed: nothing runs. A parameter of one stage re-runs that stage and what follows.
     assert "Running stage" not in dvc(proj, "repro").stdout
+    # A forced rerun of proposals writes the same bytes: nothing downstream is stale.
+    dvc(proj, "repro", "--force", "--single-item", "proposals")
+    assert changed_stages(proj) == set()
+    # Editing a module makes exactly the stages that import it stale.
+    probes = proj / "eval" / "probes.py"
+    source = probes.read_text()
+    probes.write_text(source + "\n# edited\n")
+    assert changed_stages(proj) == {f"probes@{m}-0" for m in MODELS}
+    probes.write_text(source)
     params["probes"]["seed"] = 1
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     rerun = dvc(proj, "repro").stdout

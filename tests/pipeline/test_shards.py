@@ -242,6 +242,17 @@ def test_battery_packs_only_what_decodes_and_lists_the_rest(tmp_path: Path):
         assert np.abs(stored.astype(int) - seen).mean() < 6, k
     assert json.loads((out / "index.json").read_text()) == first
 
+    # One training epoch over these shards: every packed image trains, none is skipped.
+    from train.stream import LoaderConfig, make_stream, read_index
+    from train.views import ViewConfig
+
+    urls, total = read_index(out)
+    loader = LoaderConfig(batch_size=1, workers=0, shuffle_buffer=2, resampled=False,
+                          views=ViewConfig(size=64, small_size=32))
+    batches = list(make_stream(urls, loader, seed=0))
+    assert sorted(k for b in batches for k in b["key"]) == sorted(packed) and total == len(packed)
+    assert int(batches[-1]["errors"]) == 0
+
     # A rerun on the same inputs: nothing rebuilt, the same index, failures included.
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name.startswith("train-")}
     again = run(images, props, out, cfg, num_workers=2, progress=False)

@@ -118,7 +118,7 @@ def test_a_stamp_mismatch_starts_clean_and_says_why(shards, cut_run, tmp_path, c
     cfg = {"max_steps": 2}
     if change == "params":
         cfg["base_lr"] = 0.1
-        why = "base_lr was 0.48, is now 0.1"
+        why = f"base_lr was {pretrain.load_config(params).base_lr}, is now 0.1"
     else:
         monkeypatch.setattr(pretrain, "code_version", lambda: "another version")
         why = "the code version (train/ sources) differs"
