@@ -73,14 +73,8 @@ def collect(reports: Path, models: list[str], seeds: list[int], detect_models: l
             oknn = load(d / "oknn.json")
             probes = load(d / "probes.json")
             # detection runs on the models of `detect_models` only (params.yaml); others have none
-            det_file = d / "detect" / "metrics.json"
-            det = None
-            if detect_models is None:
-                det = load(det_file) if det_file.is_file() else None
-            elif model in detect_models:
-                if not det_file.is_file():
-                    raise ValueError(f"{det_file} is missing but {model} is in detect_models: run its detect stage")
-                det = load(det_file)
+            det_file = detection_of(d, model, detect_models)
+            det = load(det_file) if det_file else None
             for k in TABLE4:
                 rows.setdefault(f"oknn_{k}", []).append(float(oknn[k]))
             rows.setdefault("oknn_prior_top1", []).append(float(oknn["prior_top1"]))
@@ -112,7 +106,22 @@ def oknn_protocol(reports: Path, models: list[str], seeds: list[int]) -> list[st
     return seen
 
 
-def probe_and_detect_settings(reports: Path, models: list[str], seeds: list[int]) -> dict[str, list[str]]:
+def detection_of(d: Path, model: str, detect_models: list[str] | None) -> Path | None:
+    """The run folder `d`'s detect/metrics.json where detection belongs to the report: for the
+    models of `detect_models` (missing: an error), for every model with one when None, else None
+    (a file an earlier run left for a model no longer fine-tuned)."""
+    f = d / "detect" / "metrics.json"
+    if detect_models is None:
+        return f if f.is_file() else None
+    if model not in detect_models:
+        return None
+    if not f.is_file():
+        raise ValueError(f"{f} is missing but {model} is in detect_models: run its detect stage")
+    return f
+
+
+def probe_and_detect_settings(reports: Path, models: list[str], seeds: list[int],
+                              detect_models: list[str] | None = None) -> dict[str, list[str]]:
     """The distinct probe and detection settings of the runs, in words."""
     out: dict[str, list[str]] = {"probes": [], "detect": []}
     for model in models:
@@ -124,8 +133,9 @@ def probe_and_detect_settings(reports: Path, models: list[str], seeds: list[int]
                     f"{p.get('pairs', '?')} pairs, {p.get('objects', '?')} grids")
             if text not in out["probes"]:
                 out["probes"].append(text)
-            if (d / "detect" / "metrics.json").is_file():
-                det = load(d / "detect" / "metrics.json")
+            det_file = detection_of(d, model, detect_models)
+            if det_file:
+                det = load(det_file)
                 sch, cfg = det.get("schedule", {}), det.get("settings", {})
                 text = (f"preset `{det.get('preset', '?')}` ({sch.get('max_iter', cfg.get('max_iter', '?'))} iterations), "
                         f"{det.get('train_images', '?')} train / {det.get('val_images', '?')} val images")
@@ -274,7 +284,7 @@ def make_report(reports: Path, models: list[str], seeds: list[int], out: Path, d
                for v in ms["values"]]
     protocol = oknn_protocol(reports, models, seeds)
     problems = health_problems(reports, models, seeds)
-    settings = probe_and_detect_settings(reports, models, seeds)
+    settings = probe_and_detect_settings(reports, models, seeds, detect_models)
     curve = plot_curve(reports, models, out.parent / "oknn_curve.png")
     doc = {"seeds": seeds, "models": models, "results": results, "orderings": orderings, "oknn_protocol": protocol,
            "pretrain_problems": problems, "oknn_curve": curve, "run_settings": settings,

@@ -115,8 +115,12 @@ def test_detection_is_read_for_detect_models_only(tmp_path):
     for m in MODELS:
         for s in (0, 1):
             _write(reports, m, s)
+    stale = reports / "d3ssl_dc" / "seed0" / "detect" / "metrics.json"
+    stale.write_text(json.dumps({"bbox": {"AP": 9.0, "AP50": 9.0, "AP75": 9.0}, "preset": "old",
+                                 "schedule": {"max_iter": 7}, "train_images": 1, "val_images": 1}))
     doc = make_report(reports, list(MODELS), [0, 1], tmp_path / "results", None, detect_models=["random", "d3ssl"])
     assert "det_AP" in doc["results"]["d3ssl"] and "det_AP" not in doc["results"]["d3ssl_dc"]
+    assert "preset `old`" not in (tmp_path / "results.md").read_text()
     (reports / "d3ssl" / "seed1" / "detect" / "metrics.json").unlink()
     with pytest.raises(ValueError, match=r"d3ssl/seed1/detect/metrics\.json is missing"):
         make_report(reports, list(MODELS), [0, 1], tmp_path / "results", None, detect_models=["d3ssl"])
