@@ -44,7 +44,7 @@ def evaluate(stages: torch.nn.Module, coco_root: Path, cfg: OknnConfig, setting:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.measure_kernels", description=__doc__.split("\n\n")[0])
-    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="its `oknn` and `pretrain.arch` (default: %(default)s)")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="its `oknn` section (default: %(default)s)")
     p.add_argument("--coco-root", type=Path, default=Path("data/synth/coco"), help="default: %(default)s")
     p.add_argument("--backbone", action="append", required=True, help="a backbone state_dict file (repeat the option)")
     p.add_argument("--arch", default="resnet18", help="default: %(default)s")

@@ -3,8 +3,9 @@
     python -m benchmarks.time_repro --out reports/timing [-- DVC_REPRO_ARGS ...]   # e.g. -- --force
 
 Runs `dvc repro` (with the arguments after `--`), passes its output through, and writes
-`OUT/dvc_repro.log` (each line of DVC's output with the wall-clock time it arrived) and
-`OUT/dvc_repro.json`: seconds per stage (from its "Running stage" line to the next stage's),
+`OUT/dvc_repro.log` (DVC's stage lines, run or skipped, with the wall-clock time each arrived) and
+`OUT/dvc_repro.json`: seconds per stage (from its "Running stage" line to DVC's next stage line,
+run or skipped),
 seconds per stage group (the name before `@`, e.g. all `pretrain@...` runs together), the total,
 the machine's CPU count and the command. A stage DVC skipped takes no time.
 """
@@ -29,12 +30,13 @@ RUNNING = re.compile(r"Running stage '([^']+)'")
 
 def stage_seconds(events: list[tuple[float, str]], end: float) -> dict[str, float]:
     """{stage: seconds} from (time, line) events: a stage runs from its "Running stage" line to
-    the next one (or to `end`)."""
-    starts = [(t, m.group(1)) for t, line in events if (m := RUNNING.search(line))]
+    the next stage line, run or skipped (or to `end`): DVC's checks of skipped stages are not
+    counted as the previous stage's time."""
     out = {}
-    for i, (t, name) in enumerate(starts):
-        nxt = starts[i + 1][0] if i + 1 < len(starts) else end
-        out[name] = round(nxt - t, 1)
+    for i, (t, line) in enumerate(events):
+        if m := RUNNING.search(line):
+            nxt = events[i + 1][0] if i + 1 < len(events) else end
+            out[m.group(1)] = round(nxt - t, 1)
     return out
 
 

@@ -24,6 +24,7 @@ def test_key_groups_never_equal_query_groups(world, batch, splits):
         k = group_members(key_groups(order, world, batch, splits))
         for i in range(world * batch):
             assert i in k[i] and k[i] != q[i], (seed, i, q[i], k[i])
+            assert len(k[i] & q[i]) < len(q[i])
             # stratified: with equal groups a key group of m takes at most ceil(m / Q) of any query group
             m, n_groups = len(k[i]), world * splits
             if batch % splits == 0:

@@ -157,4 +157,5 @@ def test_blur_removes_the_same_share_of_detail_at_every_view_size():
 
     small, large = spread(64), spread(224)
     assert spread(224) * 224 >= 4                     # 2 px sigma at 224: an edge several pixels wide
+    assert small * 64 >= 1                            # the 64 px view is blurred (sigma 0.57 px), not left sharp
     assert small == pytest.approx(large, abs=2 / 64)  # the same share of the width (within a pixel or two)
