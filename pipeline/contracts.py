@@ -8,9 +8,8 @@ breaks its contract is caught where it is made, with the file and the column nam
 - boxes:     key, label, category_id, x1, y1, x2, y2, is_group
              `label` is the COCO category name or the OpenImages MID; `category_id` the COCO id or -1;
              coordinates are float32 pixels of the original image, x2 > x1 and y2 > y1.
-             `is_group` (COCO `iscrowd`, OpenImages `IsGroupOf`) is an addition to DESIGN.md: both
-             data sets mark boxes that cover several instances, and the sampler and O-KNN must treat
-             them apart.
+             `is_group` (COCO `iscrowd`, OpenImages `IsGroupOf`): both data sets mark boxes that
+             cover several instances, and the sampler and O-KNN must treat them apart.
 - proposals: key, x1, y1, x2, y2, rank   (rank: the proposal's place, from 0, in the proposals
              stage's seeded order after filtering)
 - rejects:   source_file, row, image_id, label, reason
@@ -162,7 +161,6 @@ IMAGES = Contract("images", IMAGES_SCHEMA, _check_images)
 BOXES = Contract("boxes", BOXES_SCHEMA, _check_boxes)
 PROPOSALS = Contract("proposals", PROPOSALS_SCHEMA, _check_proposals)
 REJECTS = Contract("rejects", REJECTS_SCHEMA, _check_rejects)
-CONTRACTS = {c.name: c for c in (IMAGES, BOXES, PROPOSALS, REJECTS)}
 
 
 def conform(table: pa.Table, contract: Contract, where: str = "table") -> pa.Table:
@@ -220,12 +218,16 @@ def read_table(path: str | Path, contract: Contract) -> pa.Table:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{contract.name} table {path} does not exist")
-    table = pq.read_table(path)
-    meta = table.schema.metadata or {}
-    tag = meta.get(b"d3ssl.contract", b"").decode()
+    return from_parquet(pq.read_table(path), contract, str(path))
+
+
+def from_parquet(table: pa.Table, contract: Contract, where: str) -> pa.Table:
+    """A table as read from a parquet file (at `where`: a path or URL), checked against `contract`:
+    the contract tag it was written under, then the columns and types."""
+    tag = (table.schema.metadata or {}).get(b"d3ssl.contract", b"").decode()
     if tag and tag != contract.name:
-        raise ContractError(f"{path}: holds a {tag} table, expected a {contract.name} table")
-    return conform(table.replace_schema_metadata(None), contract, where=str(path))
+        raise ContractError(f"{where}: holds a {tag} table, expected a {contract.name} table")
+    return conform(table.replace_schema_metadata(None), contract, where=where)
 
 
 def read_tables(paths: Iterable[str | Path], contract: Contract) -> pa.Table:

@@ -14,9 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def tmp_basename(name: str) -> str:
+    """The unique temporary name a write of `name` goes under: `.NAME.tmp-xxxxxxxx` (hidden, and
+    recognisable as a killed writer's leftover)."""
+    return f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
 def tmp_name(path: Path) -> Path:
     """A unique temporary sibling of `path` (same folder, so the final rename is atomic)."""
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    return path.with_name(tmp_basename(path.name))
 
 
 @contextlib.contextmanager

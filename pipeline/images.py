@@ -72,9 +72,16 @@ def classify(e: BaseException) -> ImageFailure:
 
 
 def read_bytes(path: str | Path) -> bytes:
-    """The file's bytes; a missing or unreadable file is an ImageFailure `missing_file`."""
+    """The bytes of a file or object (a local path or a URL such as `s3://bucket/key`, read
+    through `pipeline.storage`); a missing or unreadable one is an ImageFailure `missing_file`.
+    An object store that cannot be reached at all (bad URL scheme, missing credentials) raises
+    `pipeline.storage.StorageError` instead: that is the job's problem, not the image's."""
+    from pipeline import storage
+
     try:
-        return Path(path).read_bytes()
+        return storage.read_bytes(path)
+    except storage.StorageError:
+        raise
     except FileNotFoundError:
         raise ImageFailure("missing_file", f"no file at {path}") from None
     except OSError as e:

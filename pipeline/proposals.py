@@ -33,6 +33,9 @@ converted, alpha dropped (the stored colour under it is kept), 16-bit grayscale 
 over PIL's pixel limit `too_large`. What cannot be decoded is a failure with one of
 `FAILURE_REASONS`, never an error of the job.
 
+The per-image compute (the settings, selective search, the filters, near-duplicate removal) is
+`pipeline.selective_search`; this module runs it on Ray and writes the outputs.
+
 Outputs in `--out`:
 - `part-00000.parquet`, ...: the proposals contract (`key, x1, y1, x2, y2, rank`, float32 pixels,
   rank from 0 per image in the seeded rank order after filtering), `images_per_part` images per
@@ -54,248 +57,87 @@ Outputs in `--out`:
 A rerun skips finished parts. Parts of a different run (other settings, another images table) are
 an error that names the fix, never mixed in.
 
-Ray: local by default (`ray.init(num_cpus=--num-workers)`, all usable cores unless given), or the
-cluster at `--ray-address` / `RAY_ADDRESS` (workers must reach the image paths; relative paths are
-resolved against the working directory of the command), where `--num-workers` caps the tasks
+Locations: `--images`, `--out` and the images table's `path` column may be local paths or
+object-store URLs (`s3://bucket/prefix`, read and written through `pipeline.storage`).
+
+Ray: started or joined by `pipeline.raycluster`: local by default (`--num-workers` CPUs, all
+usable cores unless given), or the cluster at `--ray-address` / `RAY_ADDRESS`, shipped the
+`pipeline` package (workers must reach the images: URLs, or paths on a shared file system;
+relative paths are resolved against the working directory of the command), where `--num-workers` caps the tasks
 running at once (default: the cluster's CPUs). One task = `images_per_task` images, one CPU, one
 OpenCV thread; a task whose worker dies is retried `max_retries` times, then its images are retried
 one by one, and an image that still kills its worker is listed as `worker_crashed`.
 """
 from __future__ import annotations
 
-import os
+import collections
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
 
-# Telemetry off, before Ray is imported. A new local cluster would otherwise switch on token
-# authentication; a run against `--ray-address` uses whatever that cluster asks for.
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-_AUTH_MODE_DEFAULTED = "RAY_AUTH_MODE" not in os.environ and not os.environ.get("RAY_ADDRESS")
-if _AUTH_MODE_DEFAULTED:
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+from tqdm import tqdm
 
-import argparse  # noqa: E402
-import collections  # noqa: E402
-import dataclasses  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Literal  # noqa: E402
-
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.csv as pacsv  # noqa: E402
-import ray  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from pipeline import contracts  # noqa: E402
-from pipeline import images as image_io  # noqa: E402
-from pipeline.files import atomic_path, write_text  # noqa: E402
-from pipeline.images import ImageFailure, to_rgb  # noqa: E402,F401 - re-exported
-from pipeline.params import as_dict, load_section  # noqa: E402
+from pipeline import cli, contracts, raycluster, storage
+from pipeline import images as image_io
+from pipeline.images import ImageFailure, to_rgb  # noqa: F401 - re-exported
+from pipeline.params import as_dict, load_section
+# The per-image compute, re-exported: tests, benchmarks and pipeline.shards import it from here.
+from pipeline.selective_search import (  # noqa: F401 - re-exported
+    FAILED, FAILURE_REASONS, PATHS, ImageResult, ProposalsConfig, decode, nms, propose, propose_file, rule_mask,
+    search_size, select_boxes, selective_search,
+)
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class ProposalsConfig:
-    """The `proposals` section of params.yaml (SoCo's values where SoCo has one)."""
-
-    mode: Literal["fast", "quality"] = "fast"   # OpenCV's selective-search preset
-    max_side: int = 500             # search on the image shrunk to this longest side (never enlarged)
-    base_k: int = 150               # graph segmentation k of the first segmentation (OpenCV default)
-    inc_k: int = 150                # k step between segmentations (fast: 3 values, quality: 5)
-    sigma: float = 0.8              # graph segmentation Gaussian sigma (OpenCV default)
-    min_side: float = 32.0          # SoCo: both box sides >= 32 px of the original image
-    max_aspect: float = 3.0         # SoCo: w/h within [1/3, 3]
-    scale_range: tuple[float, float] = (0.3, 0.8)   # SoCo: sqrt(box area / image area) in range
-    nms_iou: float = 0.9            # drop a box whose IoU with a better-ranked kept box is above (1.0: off)
-    max_boxes: int | None = None    # keep at most this many per image, best-ranked first (None: all)
-    seed: int = 0                   # seed of the rank order (random, as OpenCV's; see selective_search)
-    images_per_part: int = 256      # images per output part (the unit a rerun skips)
-    images_per_task: int = 8        # images per Ray task (speed only, not the output)
-    max_retries: int = 3            # retries of a task whose worker died (speed only)
-
-    def __post_init__(self) -> None:
-        lo, hi = self.scale_range
-        problems = [
-            msg for bad, msg in (
-                (self.max_side < 1, "max_side must be >= 1"),
-                (self.base_k <= 0 or self.inc_k < 0 or self.sigma < 0, "base_k > 0, inc_k >= 0, sigma >= 0"),
-                (self.min_side < 0, "min_side must be >= 0"),
-                (self.max_aspect < 1, "max_aspect must be >= 1 (w/h within [1/max_aspect, max_aspect])"),
-                (not 0 <= lo <= hi, "scale_range must be [lo, hi] with 0 <= lo <= hi"),
-                (not 0 < self.nms_iou <= 1, "nms_iou must be in (0, 1]"),
-                (self.max_boxes is not None and self.max_boxes < 1, "max_boxes must be >= 1 or null"),
-                (self.images_per_part < 1 or self.images_per_task < 1, "images_per_part/task must be >= 1"),
-                (self.max_retries < 0, "max_retries must be >= 0"),
-            ) if bad
-        ]
-        if problems:
-            raise ValueError(f"proposals settings: {'; '.join(problems)}")
-
-
-# The rules an image's boxes passed, strictest first (SoCo's fallback order), and the last resort.
-PATHS = ("all_rules", "without_scale_rule", "min_side_rule_only", "whole_image")
-FAILED = "failed"
-FAILURE_REASONS = image_io.FAILURE_REASONS + (   # the decoding failures (pipeline.images), and:
-    "search_error",     # OpenCV raised on this image
-    "worker_crashed",   # the image killed its worker process on every retry
-)
 FAILURES_SCHEMA = pa.schema([("key", pa.string()), ("path", pa.string()),
                              ("reason", pa.string()), ("detail", pa.string())])
-
-# ------------------------------------------------------------------------ pure compute, one image
-
-
-@dataclass
-class ImageResult:
-    """What one image gave: boxes (Nx4 float32 x1,y1,x2,y2 in original pixels, rank order), the
-    path it took (PATHS, or FAILED with a reason), and what decoding noticed."""
-
-    key: str
-    boxes: np.ndarray
-    path: str
-    reason: str = ""
-    detail: str = ""
-    notes: dict = field(default_factory=dict)   # mode (if not RGB), exif_orientation (if not 1), resized
-
-    def record(self) -> dict:
-        return {"key": self.key, "path": self.path, "boxes": int(len(self.boxes)),
-                "reason": self.reason, "detail": self.detail, **self.notes}
-
-
-def decode(path: str | Path, width: int, height: int) -> tuple[np.ndarray, dict]:
-    """Decode `path` by the shared policy (`pipeline.images`: stored pixel frame, no EXIF transpose)
-    to HxWx3 uint8 RGB, checking its size against the table's. Returns (rgb, notes); raises ImageFailure."""
-    return image_io.decode(path, width, height)
-
-
-def search_size(width: int, height: int, max_side: int) -> tuple[int, int]:
-    """(w, h) the search runs at: the image shrunk to `max_side`, never enlarged."""
-    s = max_side / max(width, height)
-    if s >= 1:
-        return width, height
-    return max(1, round(width * s)), max(1, round(height * s))
-
-
-def selective_search(bgr: np.ndarray, cfg: ProposalsConfig) -> np.ndarray:
-    """OpenCV selective search on a BGR uint8 image: Nx4 int (x, y, w, h), distinct, in rank order.
-
-    The rank is a random order fixed by `cfg.seed` and the set of boxes alone. OpenCV's own order
-    (rand() x hierarchy level) cannot be reproduced in a Ray worker: C rand() is one state per
-    process and Ray's threads draw from it too (`_raylet.so` calls rand/srand), so the same image
-    came out in different orders. The set of boxes does not depend on it."""
-    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
-    ss.setBaseImage(bgr)
-    if cfg.mode == "fast":
-        ss.switchToSelectiveSearchFast(cfg.base_k, cfg.inc_k, cfg.sigma)
-    else:
-        ss.switchToSelectiveSearchQuality(cfg.base_k, cfg.inc_k, cfg.sigma)
-    rects = np.asarray(ss.process(), dtype=np.int64).reshape(-1, 4)
-    canonical = rects[np.lexsort(rects.T[::-1])]                 # by x, then y, w, h
-    return canonical[np.random.default_rng(cfg.seed).permutation(len(canonical))]
-
-
-def rule_mask(boxes: np.ndarray, width: int, height: int, cfg: ProposalsConfig,
-              scale_rule: bool = True, aspect_rule: bool = True) -> np.ndarray:
-    """Boxes (Nx4 x1,y1,x2,y2 original pixels) that pass SoCo's rules: min side, aspect, scale."""
-    w = boxes[:, 2] - boxes[:, 0]
-    h = boxes[:, 3] - boxes[:, 1]
-    keep = (w >= cfg.min_side) & (h >= cfg.min_side)
-    if aspect_rule:
-        ratio = w / np.maximum(h, 1e-9)
-        keep &= (ratio >= 1.0 / cfg.max_aspect) & (ratio <= cfg.max_aspect)
-    if scale_rule:
-        scale = np.sqrt(w * h / float(width * height))
-        keep &= (scale >= cfg.scale_range[0]) & (scale <= cfg.scale_range[1])
-    return keep
-
-
-def nms(boxes: np.ndarray, iou: float) -> np.ndarray:
-    """Greedy near-duplicate removal in the given (rank) order: indices of the kept boxes."""
-    if iou >= 1.0 or len(boxes) < 2:
-        return np.arange(len(boxes))
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    kept: list[int] = []
-    suppressed = np.zeros(len(boxes), dtype=bool)
-    for i in range(len(boxes)):
-        if suppressed[i]:
-            continue
-        kept.append(i)
-        rest = np.arange(i + 1, len(boxes))
-        rest = rest[~suppressed[rest]]
-        if not len(rest):
-            break
-        iw = np.minimum(boxes[i, 2], boxes[rest, 2]) - np.maximum(boxes[i, 0], boxes[rest, 0])
-        ih = np.minimum(boxes[i, 3], boxes[rest, 3]) - np.maximum(boxes[i, 1], boxes[rest, 1])
-        inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
-        suppressed[rest[inter / (area[i] + area[rest] - inter) > iou]] = True
-    return np.asarray(kept, dtype=np.int64)
-
-
-def select_boxes(boxes: np.ndarray, width: int, height: int, cfg: ProposalsConfig) -> tuple[np.ndarray, str]:
-    """The filtered boxes of one image and the path (PATHS) that gave them.
-
-    `boxes`: Nx4 x1,y1,x2,y2 in original pixels, in selective-search rank order. The first rule set
-    that leaves a box wins (all rules; without the scale rule; the min-side rule alone), then
-    near-duplicates go and the cap applies; with no box left at all, the whole image is the box."""
-    levels = ((PATHS[0], True, True), (PATHS[1], False, True), (PATHS[2], False, False))
-    for path, scale_rule, aspect_rule in levels:
-        kept = boxes[rule_mask(boxes, width, height, cfg, scale_rule, aspect_rule)]
-        if len(kept):
-            kept = kept[nms(kept, cfg.nms_iou)]
-            return (kept[: cfg.max_boxes] if cfg.max_boxes else kept), path
-    return np.array([[0, 0, width, height]], dtype=np.float32), PATHS[3]
-
-
-def propose(rgb: np.ndarray, cfg: ProposalsConfig) -> tuple[np.ndarray, str, bool]:
-    """Proposals of one decoded HxWx3 RGB image: (Nx4 float32 boxes in its pixels, path, resized)."""
-    height, width = rgb.shape[:2]
-    sw, sh = search_size(width, height, cfg.max_side)
-    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
-    if (sw, sh) != (width, height):
-        bgr = cv2.resize(bgr, (sw, sh), interpolation=cv2.INTER_AREA)
-    rects = selective_search(bgr, cfg)                          # Nx4 (x, y, w, h), search pixels
-    sx, sy = width / sw, height / sh
-    boxes = np.stack([rects[:, 0] * sx, rects[:, 1] * sy,
-                      (rects[:, 0] + rects[:, 2]) * sx, (rects[:, 1] + rects[:, 3]) * sy], axis=1)
-    boxes = np.minimum(boxes, [width, height, width, height])   # Nx4 x1,y1,x2,y2, original pixels
-    kept, path = select_boxes(boxes, width, height, cfg)
-    return kept.astype(np.float32), path, (sw, sh) != (width, height)
-
-
-def propose_file(key: str, path: str, width: int, height: int, cfg: ProposalsConfig) -> ImageResult:
-    """Decode and propose one image file; a bad image gives a failed result, never an exception."""
-    try:
-        rgb, notes = decode(path, width, height)
-        try:
-            boxes, taken, resized = propose(rgb, cfg)
-        except cv2.error as e:
-            raise ImageFailure("search_error", str(e).strip()) from None
-        if resized:
-            notes["resized"] = True
-        return ImageResult(key, boxes, taken, notes=notes)
-    except ImageFailure as f:
-        return ImageResult(key, np.zeros((0, 4), np.float32), FAILED, f.reason, f.detail)
-
 
 # ------------------------------------------------------------------------------ Ray and the disk
 
 
-@ray.remote(num_cpus=1)
-def _propose_task(rows: list[tuple[str, str, int, int]], cfg: ProposalsConfig) -> list[ImageResult]:
-    """A Ray task: the images `rows` (key, absolute path, width, height), one OpenCV thread."""
+def _propose_task(rows: list[tuple[str, str, int, int]], cfg: ProposalsConfig) -> tuple[list[ImageResult], str]:
+    """A Ray task: the images `rows` (key, absolute path or URL, width, height), one OpenCV
+    thread; returns their results and the node it ran on."""
     cv2.setNumThreads(1)   # Ray runs one task per core; OpenCV's own threads would oversubscribe
-    return [propose_file(*row, cfg) for row in rows]
+    return [propose_file(*row, cfg) for row in rows], raycluster.node_id()
 
 
 def part_name(index: int) -> str:
     return f"part-{index:05d}"
+
+
+PART_GLOB = "part-*.parquet"
+FAILURES_NAME = "failures.csv"
+
+
+def read_parts(folder: str | Path) -> pa.Table:
+    """All proposal parts (`part-*.parquet`) of a proposals stage output (a path or URL)."""
+    parts = storage.glob(storage.join(folder, PART_GLOB))
+    if not parts:
+        raise FileNotFoundError(f"no proposal parts ({PART_GLOB}) in {folder}; run pipeline.proposals first")
+    return pa.concat_tables([storage.read_table(p, contracts.PROPOSALS) for p in parts])
+
+
+def read_failures(folder: str | Path) -> dict[str, str]:
+    """key -> reason of the images the proposals stage failed (its `failures.csv`; none if absent)."""
+    loc = storage.join(folder, FAILURES_NAME)
+    if not storage.isfile(loc):
+        log.warning("%s has no %s: no image is known to have failed the proposals stage", folder, FAILURES_NAME)
+        return {}
+    cols = FAILURES_SCHEMA.names
+    t = pacsv.read_csv(io.BytesIO(storage.read_bytes(loc)), convert_options=pacsv.ConvertOptions(
+        column_types={c: pa.string() for c in cols}, include_columns=cols, strings_can_be_null=False))
+    return dict(zip(t.column("key").to_pylist(), t.column("reason").to_pylist()))
 
 
 def results_table(results: list[ImageResult]) -> pa.Table:
@@ -332,30 +174,30 @@ def fingerprint(images: pa.Table, cfg: ProposalsConfig) -> str:
 _OUR_TMP = re.compile(r"^\.(part-\d{5}\.(parquet|json)|summary\.json|failures\.csv)\.tmp-[0-9a-f]{8}$")
 
 
-def finished_parts(out: Path, n_parts: int, fp: str) -> set[int]:
-    """Parts of `out` a previous run finished, after checking they belong to this run. Temporary
-    files a killed run left behind are removed."""
-    for f in out.iterdir():
-        if _OUR_TMP.match(f.name):
-            f.unlink()
+def finished_parts(out: str | Path, n_parts: int, fp: str) -> set[int]:
+    """Parts of `out` (path or URL) a previous run finished, after checking they belong to this
+    run. Temporary files a killed run left behind are removed."""
+    for f in storage.stale_temporaries(out):
+        if _OUR_TMP.match(storage.name(f)):
+            storage.remove(f)
     done = set()
-    for f in sorted(out.glob("part-*.parquet")):
-        m = re.fullmatch(r"part-(\d{5})\.parquet", f.name)
-        side = f.with_suffix(".json")
-        theirs = json.loads(side.read_text()).get("fingerprint") if side.is_file() else None
+    for f in storage.glob(storage.join(out, PART_GLOB)):
+        m = re.fullmatch(r"part-(\d{5})\.parquet", storage.name(f))
+        side = f.removesuffix(".parquet") + ".json"
+        theirs = json.loads(storage.read_text(side)).get("fingerprint") if storage.isfile(side) else None
         if m is None or int(m.group(1)) >= n_parts or theirs != fp:
             raise RuntimeError(
-                f"{out} holds {f.name} from a different run (other settings or images table: "
+                f"{out} holds {storage.name(f)} from a different run (other settings or images table: "
                 f"fingerprint {theirs}, this run {fp}). Delete {out} or pass another --out.")
         done.add(int(m.group(1)))
     return done
 
 
-def write_part(out: Path, index: int, results: list[ImageResult], fp: str) -> None:
+def write_part(out: str | Path, index: int, results: list[ImageResult], fp: str) -> None:
     """Sidecar first, the parquet last: the part is finished once its parquet exists."""
     side = {"fingerprint": fp, "images": [r.record() for r in results]}
-    write_text(out / f"{part_name(index)}.json", json.dumps(side) + "\n")
-    contracts.write_table(results_table(results), out / f"{part_name(index)}.parquet", contracts.PROPOSALS)
+    storage.write_text(storage.join(out, f"{part_name(index)}.json"), json.dumps(side) + "\n")
+    storage.write_table(results_table(results), storage.join(out, f"{part_name(index)}.parquet"), contracts.PROPOSALS)
 
 
 def summarize(records: list[dict]) -> dict:
@@ -383,29 +225,13 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
-def write_failures(out: Path, records: list[dict], paths: dict[str, str]) -> None:
+def write_failures(out: str | Path, records: list[dict], paths: dict[str, str]) -> None:
     bad = [r for r in records if r["path"] == FAILED]
     table = pa.table({"key": [r["key"] for r in bad], "path": [paths[r["key"]] for r in bad],
                       "reason": [r["reason"] for r in bad], "detail": [r["detail"] for r in bad]},
                      schema=FAILURES_SCHEMA)
-    with atomic_path(out / "failures.csv") as tmp:
+    with storage.atomic_write(storage.join(out, FAILURES_NAME)) as tmp:
         pacsv.write_csv(table, str(tmp))
-
-
-def _start_ray(address: str | None, num_workers: int | None) -> bool:
-    """Start or join Ray unless a caller already did; True if this call started it."""
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        if _AUTH_MODE_DEFAULTED and os.environ.get("RAY_AUTH_MODE") == "disabled":
-            del os.environ["RAY_AUTH_MODE"]   # the cluster decides whether it wants a token
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address="local", num_cpus=num_workers or len(os.sched_getaffinity(0)),
-                 include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-    return True
 
 
 def _as_given(result: ImageResult, absolute: str, given: str) -> ImageResult:
@@ -416,11 +242,16 @@ def _as_given(result: ImageResult, absolute: str, given: str) -> ImageResult:
     return result
 
 
-def _run_parts(rows: list[tuple], todo: list[int], size: dict[int, int], out: Path, cfg: ProposalsConfig,
-               fp: str, workers: int, progress: bool, given: dict[str, str]) -> None:
+def _run_parts(rows: list[tuple], todo: list[int], size: dict[int, int], out: str, cfg: ProposalsConfig,
+               fp: str, workers: int, progress: bool, given: dict[str, str]) -> list[str]:
     """Propose the images of parts `todo` on Ray, `workers` tasks at a time; write each part as
-    soon as its last task is back. `given`: key -> the path as the images table writes it."""
-    task = _propose_task.options(max_retries=cfg.max_retries, retry_exceptions=False)
+    soon as its last task is back. `given`: key -> the path as the images table writes it.
+    Returns the node each finished task ran on."""
+    import ray
+
+    task = ray.remote(_propose_task).options(max_retries=cfg.max_retries, retry_exceptions=False,
+                                             **raycluster.TASK_OPTIONS)
+    nodes: list[str] = []
     per_part = cfg.images_per_part
     # The task queue: (part, index of the chunk's first image, rows), parts in order, so a killed
     # run leaves the earliest parts finished.
@@ -437,7 +268,8 @@ def _run_parts(rows: list[tuple], todo: list[int], size: dict[int, int], out: Pa
             ready, _ = ray.wait(list(pending), num_returns=1)
             p, s, chunk = pending.pop(ready[0])
             try:
-                got = ray.get(ready[0])
+                got, node = ray.get(ready[0])
+                nodes.append(node)
             except ray.exceptions.RayTaskError:         # our code raised: a bug, not a bad image
                 raise
             except ray.exceptions.RayError as e:         # the worker died on every retry
@@ -451,42 +283,52 @@ def _run_parts(rows: list[tuple], todo: list[int], size: dict[int, int], out: Pa
             bar.update(len(got))
             if len(results[p]) == size[p]:
                 write_part(out, p, [results[p].pop(i) for i in sorted(results[p])], fp)
+    return nodes
 
 
-def run(images_path: Path, out: Path, cfg: ProposalsConfig, *, num_workers: int | None = None,
+def _table_rows(images: pa.Table) -> tuple[list[tuple], dict[str, str]]:
+    """(key, location a worker opens, width, height) per image, and key -> path as the table gives
+    it. Relative local paths are made absolute (a worker's working folder is not the driver's)."""
+    keys, table_paths = images.column("key").to_pylist(), images.column("path").to_pylist()
+    opened = [p if storage.is_url(p) else str(Path(p).absolute()) for p in table_paths]
+    rows = list(zip(keys, opened, images.column("width").to_pylist(), images.column("height").to_pylist()))
+    return rows, dict(zip(keys, table_paths))
+
+
+def run(images_path: str | Path, out: str | Path, cfg: ProposalsConfig, *, num_workers: int | None = None,
         ray_address: str | None = None, progress: bool = True) -> dict:
     """The whole stage; returns the summary written to `out/summary.json`, plus, under `"run"`,
     what varies between runs and is only logged: parts written and skipped, workers, Ray address,
-    seconds.
+    tasks per node, seconds. `images_path` and `out` are paths or URLs.
 
     Uses the Ray runtime the caller started, if any; otherwise starts a local one (or joins
     `ray_address` / RAY_ADDRESS) and shuts it down at the end."""
     t0 = time.perf_counter()
-    images = contracts.read_table(images_path, contracts.IMAGES)
+    images = storage.read_table(images_path, contracts.IMAGES)
     fp = fingerprint(images, cfg)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = str(out)
+    storage.makedirs(out)
     n_parts = -(-images.num_rows // cfg.images_per_part)
     done = finished_parts(out, n_parts, fp)
-    keys, table_paths = images.column("key").to_pylist(), images.column("path").to_pylist()
-    rows = list(zip(keys, [str(Path(p).absolute()) for p in table_paths],
-                    images.column("width").to_pylist(), images.column("height").to_pylist()))
+    rows, given = _table_rows(images)
     todo = [i for i in range(n_parts) if i not in done]
 
     size = {p: min((p + 1) * cfg.images_per_part, len(rows)) - p * cfg.images_per_part for p in todo}
-    workers = 0
+    workers, nodes = 0, []
     if todo:
-        started = _start_ray(ray_address, num_workers)
+        import ray
+
+        started = raycluster.start(ray_address, num_workers, module=__name__)
         try:
             workers = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-            _run_parts(rows, todo, size, out, cfg, fp, workers, progress, dict(zip(keys, table_paths)))
+            nodes = _run_parts(rows, todo, size, out, cfg, fp, workers, progress, given)
         finally:
             if started:
-                ray.shutdown()
+                raycluster.stop()
 
     records = [r for i in range(n_parts)
-               for r in json.loads((out / f"{part_name(i)}.json").read_text())["images"]]
-    write_failures(out, records, dict(zip(keys, table_paths)))
+               for r in json.loads(storage.read_text(storage.join(out, f"{part_name(i)}.json")))["images"]]
+    write_failures(out, records, given)
     summary = {
         **summarize(records),
         "parts": n_parts,
@@ -494,11 +336,12 @@ def run(images_path: Path, out: Path, cfg: ProposalsConfig, *, num_workers: int 
         "settings": output_settings(cfg),
         "opencv": cv2.__version__,
     }
-    write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    storage.write_text(storage.join(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
     seconds = time.perf_counter() - t0
     run_info = {
         "parts_written": len(todo), "parts_skipped": len(done), "workers": workers,
-        "ray_address": ray_address or os.environ.get("RAY_ADDRESS") or "local",
+        "ray_address": raycluster.address_of(ray_address) or "local",
+        "tasks_per_node": raycluster.count_nodes(nodes),
         "seconds": round(seconds, 3),
         "images_per_second": round(sum(size.values()) / seconds, 3) if seconds > 0 else 0.0,
         **{k: getattr(cfg, k) for k in SPEED_ONLY},
@@ -508,29 +351,35 @@ def run(images_path: Path, out: Path, cfg: ProposalsConfig, *, num_workers: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.proposals", description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", required=True, type=Path, help="images table (parquet)")
-    p.add_argument("--out", required=True, type=Path, help="folder of proposal parts, summary, failures")
-    p.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else a local one)")
+    p = cli.parser("python -m pipeline.proposals", __doc__)
+    p.add_argument("--images", required=True, help="images table (parquet): a path or URL (s3://...)")
+    p.add_argument("--out", required=True, help="folder or URL prefix of the proposal parts, summary, failures")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-workers", type=int, help="local: CPUs for Ray (default: all usable); "
                                                    "cluster: tasks at once (default: its CPUs)")
     p.add_argument("--params", type=Path, help="params.yaml to read the 'proposals' section from")
     args = p.parse_args(argv)
     if args.num_workers is not None and args.num_workers < 1:
         p.error("--num-workers must be >= 1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging(args.log_level)
     cfg = load_section(ProposalsConfig, "proposals", args.params)
-    s = run(args.images, args.out, cfg, num_workers=args.num_workers, ray_address=args.ray_address)
+    try:
+        s = run(args.images, args.out, cfg, num_workers=args.num_workers, ray_address=args.ray_address)
+    except (storage.StorageError, FileNotFoundError, ConnectionError) as e:   # a Ray task's cause too; a bad --ray-address
+        log.error("%s", getattr(e, "cause", None) or e)
+        return 1
     b = s["boxes_per_image"]
-    print(f"{s['images']} images, {s['boxes']} boxes (per image: mean {b['mean']}, median {b['median']}, "
-          f"min {b['min']}, max {b['max']}); paths {s['paths']}; failures {s['failures'] or 'none'}; "
-          f"parts written {s['run']['parts_written']}, skipped {s['run']['parts_skipped']}; {s['run']['seconds']} s")
+    log.info("wrote proposals of %d images to %s: %d boxes (per image: mean %s, median %s, min %s, max %s); "
+             "paths %s; failures %s; parts written %d, skipped %d; %s s", s["images"], args.out, s["boxes"],
+             b["mean"], b["median"], b["min"], b["max"], s["paths"], s["failures"] or "none",
+             s["run"]["parts_written"], s["run"]["parts_skipped"], s["run"]["seconds"])
     return 0
 
 
 if __name__ == "__main__":
     # Run the function of the importable module, not of __main__: Ray ships `__main__`'s functions
-    # by value (with the C library handle), and workers must return `pipeline.proposals` classes.
+    # by value (with the C library handle), and workers must return the importable modules' classes
+    # (`pipeline.selective_search.ImageResult`).
     from pipeline.proposals import main as _main
 
     sys.exit(_main())

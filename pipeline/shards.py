@@ -3,7 +3,9 @@
     python -m pipeline.shards --images data/openimage_mini/images.parquet --proposals data/proposals \
         --out data/shards [--samples-per-shard 256] [--ray-address ADDR] [--num-workers N] [--params params.yaml]
 
-Layout of `--out`:
+Every location may be a local path or an object-store URL (`s3://bucket/prefix`, see
+`pipeline.storage`); so may the images table's `path` column. Layout of `--out` (the shard set,
+defined in `pipeline.shardset`):
 
     train-000000.tar                     samples {__key__, jpg, json}: the JPEG bytes
     train-000000.proposals.parquet       the proposals (PROPOSALS contract) of exactly that shard's keys
@@ -25,8 +27,11 @@ Images are assigned to shards by a seeded permutation, so neighbouring images of
 end up in different shards. Pixel frame: the stored one (EXIF orientation is not applied), the same
 frame as the images table and the proposals.
 
-Each shard is one Ray task; its three files are written under temporary names and renamed when
-complete, the stamp last, so a killed run never leaves a shard that looks finished. The stamp holds
+Each shard is one Ray task (started or joined by `pipeline.raycluster`); its three files are
+written under temporary names (keys on object storage) and renamed when complete, the stamp last.
+A run that writes any shard first removes `index.json` and writes it again only after every shard
+is written and the whole set validated (`shardset.validate`), so a killed run never leaves a shard,
+or a set, that looks finished. The stamp holds
 a hash of everything the shard is built from: its images-table rows, the sha256 of each image's
 bytes, its proposal rows, the proposals stage's failures, the settings, the decoding policy and
 Pillow's version; and the shard's index entry (counts, checksums, failures). A rerun reuses a shard
@@ -38,13 +43,11 @@ byte-identical outputs; the run's timing goes to the log.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
 import io
 import json
 import logging
-import os
 import sys
 import tarfile
 import time
@@ -54,19 +57,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 
-from pipeline import contracts
+from pipeline import cli, contracts, raycluster, shardset, storage
 from pipeline import images as image_io
-from pipeline.files import atomic_path, write_text
 from pipeline.params import as_dict, load_section, override
+from pipeline.shardset import SHARD_PATTERN, proposals_name, stamp_name  # noqa: F401 - the shard set's names
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 log = logging.getLogger(__name__)
 
-SHARD_PATTERN = "train-{:06d}.tar"
-PROPOSALS_SUFFIX = ".proposals.parquet"
-STAMP_SUFFIX = ".stamp.json"
 FAILURE_REASONS = image_io.FAILURE_REASONS + (
     "proposals_failed",     # listed in the proposals stage's failures.csv (its reason in `detail`)
 )
@@ -82,11 +80,6 @@ class ShardsConfig:
     jpeg_quality: int = 95        # only for sources that are not JPEG
 
 
-def proposals_name(shard_name: str) -> str:
-    """'train-000003.tar' -> 'train-000003.proposals.parquet'."""
-    return shard_name.removesuffix(".tar") + PROPOSALS_SUFFIX
-
-
 def plan_shards(keys: list[str], samples_per_shard: int, seed: int) -> list[list[str]]:
     """Keys shuffled by `seed` and cut into shards of `samples_per_shard` (the last may be smaller)."""
     if samples_per_shard < 1:
@@ -94,11 +87,6 @@ def plan_shards(keys: list[str], samples_per_shard: int, seed: int) -> list[list
     order = np.random.default_rng(seed).permutation(len(keys))
     shuffled = [keys[i] for i in order]
     return [shuffled[i:i + samples_per_shard] for i in range(0, len(shuffled), samples_per_shard)]
-
-
-def stamp_name(shard_name: str) -> str:
-    """'train-000003.tar' -> 'train-000003.stamp.json'."""
-    return shard_name.removesuffix(".tar") + STAMP_SUFFIX
 
 
 def shard_bytes(data: bytes, width: int, height: int, quality: int) -> tuple[bytes, bool]:
@@ -116,14 +104,6 @@ def shard_bytes(data: bytes, width: int, height: int, quality: int) -> tuple[byt
             return data, False
         rgb = image_io.to_rgb(im)
     return image_io.encode_jpeg(rgb, quality), True
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -154,78 +134,95 @@ def inputs_stamp(name: str, rows: list[dict], proposals: pa.Table, failed: dict[
     return h.hexdigest()
 
 
-def file_digest(path: str) -> str:
-    try:
-        return image_io.sha256_bytes(Path(path).read_bytes())
-    except OSError:
-        return "missing"
+def _pack(tar: tarfile.TarFile, rows: list[dict], failed: dict[str, str], jpeg_quality: int,
+          digests: dict[str, str]) -> tuple[list[str], list[dict], int]:
+    """Pack the images of `rows` into `tar` (members `shardset.member_names`); returns the keys
+    written, the failures, and how many were re-encoded. Fills `digests` (key -> sha256 of the file)."""
+    written, failures, reencoded = [], [], 0
+    for r in rows:
+        key = r["key"]
+        if key in failed:
+            failures.append({"key": key, "path": r["path"], "reason": "proposals_failed",
+                             "detail": f"the proposals stage failed it: {failed[key]}"})
+            continue
+        try:
+            data = image_io.read_bytes(r["path"])
+        except image_io.ImageFailure as f:
+            digests[key] = "missing"
+            failures.append({"key": key, "path": r["path"], "reason": f.reason, "detail": f.detail})
+            continue
+        digests[key] = image_io.sha256_bytes(data)
+        try:
+            data, re = shard_bytes(data, r["width"], r["height"], jpeg_quality)
+        except image_io.ImageFailure as f:
+            failures.append({"key": key, "path": r["path"], "reason": f.reason, "detail": f.detail})
+            continue
+        reencoded += re
+        meta = {k: r[k] for k in shardset.META_FIELDS}
+        image_member, meta_member = shardset.member_names(key)
+        _add(tar, image_member, data)
+        _add(tar, meta_member, json.dumps(meta, sort_keys=True).encode())
+        written.append(key)
+    return written, failures, reencoded
 
 
-def write_shard(name: str, rows: list[dict], proposals: pa.Table, out: Path, jpeg_quality: int,
+def write_shard(name: str, rows: list[dict], proposals: pa.Table, out: str | Path, jpeg_quality: int,
                 failed: dict[str, str] | None = None) -> dict:
-    """Write one shard (tar, proposal table, then its stamp) atomically; return its index entry.
+    """Write one shard (tar, sidecar, then its stamp) atomically into `out` (path or URL); return
+    its index entry.
 
     `rows` are images-table rows in shard order; `proposals` holds their proposals in that order;
     `failed`: key -> reason of the images the proposals stage failed (not packed)."""
     failed = failed or {}
-    failures, written, digests = [], [], {}
-    tar_path, prop_path = out / name, out / proposals_name(name)
-    reencoded = 0
-    with atomic_path(tar_path) as tmp:
+    digests: dict[str, str] = {}
+    tar_loc, prop_loc = storage.join(out, name), storage.join(out, proposals_name(name))
+    with storage.atomic_write(tar_loc) as tmp:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for r in rows:
-                key = r["key"]
-                if key in failed:
-                    failures.append({"key": key, "path": r["path"], "reason": "proposals_failed",
-                                     "detail": f"the proposals stage failed it: {failed[key]}"})
-                    continue
-                try:
-                    data = image_io.read_bytes(r["path"])
-                except image_io.ImageFailure as f:
-                    digests[key] = "missing"
-                    failures.append({"key": key, "path": r["path"], "reason": f.reason, "detail": f.detail})
-                    continue
-                digests[key] = image_io.sha256_bytes(data)
-                try:
-                    data, re = shard_bytes(data, r["width"], r["height"], jpeg_quality)
-                except image_io.ImageFailure as f:
-                    failures.append({"key": key, "path": r["path"], "reason": f.reason, "detail": f.detail})
-                    continue
-                reencoded += re
-                meta = {k: r[k] for k in ("key", "source", "image_id", "width", "height")}
-                _add(tar, f"{key}.jpg", data)
-                _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-                written.append(key)
+            written, failures, reencoded = _pack(tar, rows, failed, jpeg_quality, digests)
+        tar_sha = storage.sha256(tmp)
     # `proposals` comes in shard order, then rank (split_proposals): the table reads like the tar.
     mine = proposals.filter(pc.is_in(proposals.column("key"), value_set=pa.array(written, pa.string())))
-    contracts.write_table(mine, prop_path, contracts.PROPOSALS)
-    entry = {
-        "name": name, "samples": len(written), "boxes": mine.num_rows, "reencoded": reencoded,
-        "sha256": sha256_of(tar_path), "proposals": prop_path.name, "proposals_sha256": sha256_of(prop_path),
-        "failures": failures,
-    }
+    storage.write_table(mine, prop_loc, contracts.PROPOSALS)
+    entry = dict(zip(shardset.ENTRY_FIELDS, (
+        name, len(written), mine.num_rows, reencoded, tar_sha, proposals_name(name), storage.sha256(prop_loc),
+        failures)))
     stamp = inputs_stamp(name, rows, proposals, failed, digests, jpeg_quality)
-    write_text(out / stamp_name(name), json.dumps({"inputs": stamp, "entry": entry}, indent=1) + "\n")
+    stamp_doc = json.dumps({"inputs": stamp, "entry": entry}, indent=1) + "\n"
+    storage.write_text(storage.join(out, stamp_name(name)), stamp_doc)
     return entry
 
 
-def finished_entry(name: str, rows: list[dict], proposals: pa.Table, failed: dict[str, str], out: Path,
+def _shard_task(name: str, rows: list[dict], proposals: pa.Table, out: str, jpeg_quality: int,
+                failed: dict[str, str]) -> tuple[dict, str]:
+    """A Ray task: one shard; returns its entry and the node it ran on."""
+    return write_shard(name, rows, proposals, out, jpeg_quality, failed), raycluster.node_id()
+
+
+def _digest(path: str) -> str:
+    try:
+        return storage.sha256(path)
+    except OSError:
+        return "missing"
+
+
+def finished_entry(name: str, rows: list[dict], proposals: pa.Table, failed: dict[str, str], out: str | Path,
                    jpeg_quality: int) -> dict | None:
     """The index entry of a shard a previous run completed from the same inputs (as its stamp
     recorded it, failures included), or None: a file missing, a checksum off, or any input changed
     (rows, image bytes, proposals, the proposals stage's failures, settings, decoding policy)."""
-    tar_path, prop_path, stamp_path = out / name, out / proposals_name(name), out / stamp_name(name)
-    if not (tar_path.is_file() and prop_path.is_file() and stamp_path.is_file()):
+    tar_loc, prop_loc = storage.join(out, name), storage.join(out, proposals_name(name))
+    stamp_loc = storage.join(out, stamp_name(name))
+    if not all(storage.isfile(p) for p in (tar_loc, prop_loc, stamp_loc)):
         return None
     try:
-        stamp = json.loads(stamp_path.read_text())
+        stamp = json.loads(storage.read_text(stamp_loc))
         entry = stamp["entry"]
     except (ValueError, KeyError, TypeError):
         return None
-    digests = {r["key"]: file_digest(r["path"]) for r in rows if r["key"] not in failed}
+    digests = {r["key"]: _digest(r["path"]) for r in rows if r["key"] not in failed}
     if stamp.get("inputs") != inputs_stamp(name, rows, proposals, failed, digests, jpeg_quality):
         return None
-    if sha256_of(tar_path) != entry.get("sha256") or sha256_of(prop_path) != entry.get("proposals_sha256"):
+    if _digest(tar_loc) != entry.get("sha256") or _digest(prop_loc) != entry.get("proposals_sha256"):
         return None
     return entry
 
@@ -242,119 +239,134 @@ def split_proposals(proposals: pa.Table, plan: list[list[str]]) -> list[pa.Table
     return [t.slice(bounds[i], bounds[i + 1] - bounds[i]) for i in range(len(plan))]
 
 
-def read_proposal_parts(folder: Path) -> pa.Table:
-    """All proposal parts (`part-*.parquet`) of a proposals stage output."""
-    parts = sorted(Path(folder).glob("part-*.parquet"))
-    if not parts:
-        raise FileNotFoundError(f"no proposal parts (part-*.parquet) in {folder}; run pipeline.proposals first")
-    return contracts.read_tables(parts, contracts.PROPOSALS)
+def _start_over_unless_same_plan(out: str, plan_hash: str) -> None:
+    """A previous run's shards are reused only if they come from the same plan; temporaries of a
+    killed run are removed."""
+    storage.makedirs(out)
+    plan_loc = storage.join(out, shardset.PLAN_NAME)
+    if storage.isfile(plan_loc) and storage.read_text(plan_loc).strip() != plan_hash:
+        for p in storage.glob(storage.join(out, shardset.SHARD_PREFIX + "*")) + [storage.join(out, shardset.INDEX_NAME)]:
+            storage.remove(p)
+    storage.write_text(plan_loc, plan_hash + "\n")
+    for stale in storage.stale_temporaries(out, "train-"):
+        storage.remove(stale)
 
 
-def read_proposal_failures(folder: Path) -> dict[str, str]:
-    """key -> reason of the images the proposals stage failed (its `failures.csv`; none if absent)."""
-    path = Path(folder) / "failures.csv"
-    if not path.is_file():
-        log.warning("%s has no failures.csv: no image is known to have failed the proposals stage", folder)
-        return {}
-    cols = ["key", "path", "reason", "detail"]
-    t = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-        column_types={c: pa.string() for c in cols}, include_columns=cols, strings_can_be_null=False))
-    return dict(zip(t.column("key").to_pylist(), t.column("reason").to_pylist()))
-
-
-def run(images_path: Path, proposals_dir: Path, out: Path, cfg: ShardsConfig,
-        ray_address: str | None = None, num_workers: int | None = None, progress: bool = True) -> dict:
-    """The whole stage; returns the index written to `out/index.json`."""
+def _run_tasks(todo: list[tuple], out: str, cfg: ShardsConfig, ray_address: str | None,
+               num_workers: int | None, progress: bool) -> tuple[dict[str, dict], dict[str, int]]:
+    """Write the shards of `todo` [(name, rows, proposals, failed)] as Ray tasks; returns their
+    entries by name and the count of tasks per node."""
     import ray
     from tqdm import tqdm
 
+    entries, nodes = {}, []
+    started = raycluster.start(ray_address, num_workers, module=__name__)
+    try:
+        task = ray.remote(max_retries=3, retry_exceptions=False, **raycluster.TASK_OPTIONS)(_shard_task)
+        pending = {task.remote(name, rows, props, out, cfg.jpeg_quality, failed): name
+                   for name, rows, props, failed in todo}
+        with tqdm(total=len(pending), desc="shards", unit="shard", disable=not progress) as bar:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                entry, node = ray.get(ready[0])
+                entries[pending.pop(ready[0])] = entry
+                nodes.append(node)
+                bar.update()
+    finally:
+        if started:
+            raycluster.stop()
+    return entries, raycluster.count_nodes(nodes)
+
+
+def run(images_path: str | Path, proposals_dir: str | Path, out: str | Path, cfg: ShardsConfig,
+        ray_address: str | None = None, num_workers: int | None = None, progress: bool = True) -> dict:
+    """The whole stage; returns the index written to `out/index.json` (locations: paths or URLs)."""
+    from pipeline import proposals as proposals_stage
+
     t0 = time.perf_counter()
-    images = contracts.read_table(images_path, contracts.IMAGES)
-    proposals = read_proposal_parts(proposals_dir)
+    images = storage.read_table(images_path, contracts.IMAGES)
+    proposals = proposals_stage.read_parts(proposals_dir)
     rows = {r["key"]: r for r in images.to_pylist()}
     plan = plan_shards(list(rows), cfg.samples_per_shard, cfg.seed)
-    names = [SHARD_PATTERN.format(i) for i in range(len(plan))]
-
-    # A previous run's shards are reused only if they come from the same plan.
+    names = [shardset.shard_name(i) for i in range(len(plan))]
     plan_doc = json.dumps({"settings": as_dict(cfg), "shards": plan}, sort_keys=True)
-    plan_hash = hashlib.sha256(plan_doc.encode()).hexdigest()
-    out.mkdir(parents=True, exist_ok=True)
-    plan_file = out / "plan.sha256"
-    if plan_file.is_file() and plan_file.read_text().strip() != plan_hash:
-        for p in list(out.glob("train-*")) + [out / "index.json"]:
-            p.unlink(missing_ok=True)
-    write_text(plan_file, plan_hash + "\n")
-    for stale in out.glob(".train-*.tmp-*"):  # temporaries of a killed run
-        stale.unlink()
+    # Tasks write to an absolute location: a worker's working folder is not the driver's.
+    out = str(out) if storage.is_url(out) else str(storage.local_path(out).resolve())
+    _start_over_unless_same_plan(out, hashlib.sha256(plan_doc.encode()).hexdigest())
 
-    failed = read_proposal_failures(proposals_dir)
-    failed_of = {name: {k: failed[k] for k in keys if k in failed} for name, keys in zip(names, plan)}
+    failed = proposals_stage.read_failures(proposals_dir)
     per_shard = dict(zip(names, split_proposals(proposals, plan)))
     entries: dict[str, dict] = {}
     todo = []
     for name, keys in zip(names, plan):
-        done = finished_entry(name, [rows[k] for k in keys], per_shard[name], failed_of[name], out, cfg.jpeg_quality)
+        shard_rows, shard_failed = [rows[k] for k in keys], {k: failed[k] for k in keys if k in failed}
+        done = finished_entry(name, shard_rows, per_shard[name], shard_failed, out, cfg.jpeg_quality)
         if done is not None:
             entries[name] = done
         else:
-            todo.append((name, keys))
-
+            todo.append((name, shard_rows, per_shard[name], shard_failed))
+    nodes: dict[str, int] = {}
+    index_loc = storage.join(out, shardset.INDEX_NAME)
     if todo:
-        address = ray_address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            ray.init(num_cpus=num_workers or os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        try:
-            task = ray.remote(max_retries=3, retry_exceptions=False, num_cpus=1)(write_shard)
-            pending = {task.remote(name, [rows[k] for k in keys], per_shard[name], out.resolve(), cfg.jpeg_quality,
-                                   failed_of[name]): name
-                       for name, keys in todo}
-            with tqdm(total=len(pending), desc="shards", unit="shard", disable=not progress) as bar:
-                while pending:
-                    ready, _ = ray.wait(list(pending), num_returns=1)
-                    entry = ray.get(ready[0])
-                    entries[pending.pop(ready[0])] = entry
-                    bar.update()
-        finally:
-            ray.shutdown()
+        # While shards change, the set is unfinished: no index (a reader must not take a mix of old
+        # and new shards, or a killed rerun's set, for a finished one).
+        if storage.exists(index_loc):
+            storage.remove(index_loc)
+        written, nodes = _run_tasks(todo, out, cfg, ray_address, num_workers, progress)
+        entries.update(written)
+    index = make_index([entries[n] for n in names], cfg, images_path)
+    shardset.validate(out, index=index, read_tars=False)       # every listed file there, tables sound
+    storage.write_text(index_loc, json.dumps(index, indent=2) + "\n")   # last
+    # What varies between runs of the same inputs stays out of index.json (DVC hashes the folder,
+    # and a changed hash reruns every pre-training run): logged instead.
+    log.info("shards run (not in index.json): %s", json.dumps(
+        {"written": len(todo), "reused": len(names) - len(todo), "tasks_per_node": nodes,
+         "ray_address": raycluster.address_of(ray_address) or "local",
+         "seconds": round(time.perf_counter() - t0, 3)}))
+    return index
 
-    shards = [entries[n] for n in names]
+
+def make_index(shards: list[dict], cfg: ShardsConfig, images_path: str | Path) -> dict:
+    """The content of index.json (`shardset.INDEX_FIELDS`) from the shards' entries, in order."""
     index = {
         "shards": shards,
         "total_samples": sum(s["samples"] for s in shards),
         "total_boxes": sum(s["boxes"] for s in shards),
         "failures": [f for s in shards for f in s["failures"]],
-        "failure_reasons": dict(sorted(collections.Counter(f["reason"] for s in shards for f in s["failures"]).items())),
+        "failure_reasons": dict(sorted(collections.Counter(
+            f["reason"] for s in shards for f in s["failures"]).items())),
         "settings": as_dict(cfg),
         "images_table": str(images_path),
     }
-    write_text(out / "index.json", json.dumps(index, indent=2) + "\n")
-    # What varies between runs of the same inputs stays out of index.json (DVC hashes the folder,
-    # and a changed hash reruns every pre-training run): logged instead.
-    log.info("shards run (not in index.json): %s", json.dumps(
-        {"written": len(todo), "reused": len(names) - len(todo), "seconds": round(time.perf_counter() - t0, 3)}))
+    assert tuple(index) == shardset.INDEX_FIELDS
     return index
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.shards", description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", required=True, type=Path, help="images table (parquet)")
-    p.add_argument("--proposals", required=True, type=Path, help="folder of proposal parts")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--samples-per-shard", type=int)
-    p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
-    p.add_argument("--num-workers", type=int, help="CPUs of the local Ray cluster (default: all)")
+    p = cli.parser("python -m pipeline.shards", __doc__)
+    p.add_argument("--images", required=True, help="images table (parquet): a path or URL (s3://...)")
+    p.add_argument("--proposals", required=True, help="folder or URL prefix of the proposal parts")
+    p.add_argument("--out", required=True, help="shard set folder or URL prefix (s3://bucket/shards)")
+    p.add_argument("--samples-per-shard", type=int,
+                   help="samples per shard (default: params.yaml shards.samples_per_shard)")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-workers", type=int, help="CPUs of the local Ray (default: all usable)")
     p.add_argument("--params", type=Path, help="params.yaml to read the 'shards' section from")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging(args.log_level)
     cfg = override(load_section(ShardsConfig, "shards", args.params), samples_per_shard=args.samples_per_shard)
-    index = run(args.images, args.proposals, args.out, cfg, args.ray_address, args.num_workers)
-    print(f"{len(index['shards'])} shards, {index['total_samples']} samples, {index['total_boxes']} proposals, "
-          f"{len(index['failures'])} failures")
+    try:
+        index = run(args.images, args.proposals, args.out, cfg, args.ray_address, args.num_workers)
+    except (storage.StorageError, FileNotFoundError, ConnectionError) as e:   # a Ray task's cause too; a bad --ray-address
+        log.error("%s", getattr(e, "cause", None) or e)
+        return 1
+    log.info("wrote %d shards to %s: %d samples, %d proposals, %d failures", len(index["shards"]), args.out,
+             index["total_samples"], index["total_boxes"], len(index["failures"]))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, not __main__'s: Ray ships `__main__`'s functions by value.
+    from pipeline.shards import main as _main
+
+    sys.exit(_main())

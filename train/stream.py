@@ -1,7 +1,11 @@
 """The streaming input pipeline: WebDataset shards + proposal tables -> batches of views.
 
-    urls, total = read_index("data/shards")
-    loader = make_loader(urls, LoaderConfig(), seed=0, epoch=e, total_samples=total)
+    shards, total = read_index("data/shards")          # or "s3://bucket/shards"
+    loader = make_loader(shards, LoaderConfig(), seed=0, epoch=e, total_samples=total)
+
+The shard set's layout (tar members, sidecar names, `index.json`) is `pipeline.shardset`'s; shards
+are local paths or object-store URLs, read through `pipeline.storage` (credentials and endpoint
+from the environment, e.g. `AWS_ENDPOINT_URL`), so several machines can stream one shard set.
     for batch in loader: ...
 
 One function, `make_stream`, builds the whole chain; each stage says what the stream holds after
@@ -35,9 +39,9 @@ Bad data never hangs the stream nor kills it for one image:
   over PIL's pixel limit, ...) is skipped, counted and logged once per worker with its shard and
   key; `loader.max_sample_failures` failures in a row (a bug, or shards of junk) stop the worker
   with a `ShardDataError`;
-- a missing or unreadable `index.json`, shard listed in it or proposal table is a `ShardDataError`
-  naming the file (rebuild the shards: `dvc repro shards`). A sample without proposals in its
-  shard's table uses the whole-image box.
+- a missing or unreadable `index.json`, shard listed in it or proposal table (one that breaks the
+  proposals contract included) is a `ShardDataError` naming the file (rebuild the shards: `dvc
+  repro shards`). A sample without proposals in its shard's table uses the whole-image box.
 
 Multi-process training (DDP) needs the resampled mode: in the exact mode ranks holding unequal
 shares of the shards (or of their undecodable samples) would run unequal numbers of steps and
@@ -47,35 +51,26 @@ consumer that does not synchronise per batch (the rank from `RANK`/`WORLD_SIZE`,
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import random
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import webdataset as wds
 
 from pipeline import images as image_io
+from pipeline import shardset, storage
 from pipeline.params import ParamsError
+from pipeline.shardset import REBUILD, ShardDataError  # noqa: F401 - the stream's errors
 from train.views import ViewConfig, make_views
 
 log = logging.getLogger(__name__)
-
-PROPOSALS_SUFFIX = ".proposals.parquet"   # pipeline.shards writes train-%06d.proposals.parquet
-REBUILD = "rebuild the shards with `dvc repro shards` (python -m pipeline.shards)"
-
-
-class ShardDataError(RuntimeError):
-    """Shards the stream cannot use: a missing or unreadable index, shard or proposal table, or a
-    worker that read nothing usable for too long. The message names the files and what to do."""
 
 
 @dataclass(frozen=True)
@@ -155,13 +150,15 @@ def _position(rank: int, world: int, start_batch: int) -> _Position:
 
 
 class ShardSource(torch.utils.data.IterableDataset):
-    """Stream of {"url"}: resampled per (rank, worker), or each shard once, dealt to ranks then workers."""
+    """Stream of {"shard"} (a path or URL): resampled per (rank, worker), or each shard once,
+    dealt to ranks then workers."""
 
-    def __init__(self, urls: list[str], resampled: bool, seed: int, epoch: int, start_batch: int):
+    def __init__(self, shards: list[str], resampled: bool, seed: int, epoch: int, start_batch: int):
         super().__init__()
-        if not urls:
+        if not shards:
             raise ValueError("no shards given: build them with `python -m pipeline.shards`")
-        self.urls, self.resampled, self.seed, self.epoch, self.start_batch = list(urls), resampled, seed, epoch, start_batch
+        self.shards, self.resampled, self.seed, self.epoch = list(shards), resampled, seed, epoch
+        self.start_batch = start_batch
         self.rank, self.world = process_rank()
 
     def __iter__(self) -> Iterator[dict]:
@@ -169,74 +166,63 @@ class ShardSource(torch.utils.data.IterableDataset):
         if self.resampled:
             rng = random.Random(_seed(self.seed, self.epoch, pos.rank, pos.worker, 1))
             while True:
-                yield {"url": rng.choice(self.urls), "_pos": pos}
+                yield {"shard": rng.choice(self.shards), "_pos": pos}
         else:
-            order = list(self.urls)
+            order = list(self.shards)
             random.Random(_seed(self.seed, self.epoch, 2)).shuffle(order)   # the same on every rank
-            for url in order[pos.rank::pos.world][pos.worker::pos.workers]:   # ranks, then workers
-                yield {"url": url, "_pos": pos}
+            for shard in order[pos.rank::pos.world][pos.worker::pos.workers]:   # ranks, then workers
+                yield {"shard": shard, "_pos": pos}
 
 
 def read_shards(src: Iterator[dict], stats: dict, max_failures: int = 8) -> Iterator[dict]:
-    """{"url"} -> {"__key__", "__url__", "jpg": bytes, "json": dict}; a broken shard is reported and
-    skipped, and `max_failures` broken shards in a row (any error; a shard read to its end resets
-    the count) are a ShardDataError naming them."""
+    """{"shard"} -> {"__key__", "__url__" (the shard's path or URL), "jpg": bytes, "json": bytes},
+    read by `pipeline.shardset.samples`; a broken shard is reported and skipped, and
+    `max_failures` broken shards in a row (any error; a shard read to its end resets the count) are
+    a ShardDataError naming them."""
     failed: list[str] = []
     for item in src:
-        url, position = item["url"], 0
+        shard, position = item["shard"], 0
         try:
-            with tarfile.open(url, mode="r|*") as tar:
-                current: dict = {}
-                for member in tar:
-                    if not member.isreg():
-                        continue
-                    key, _, ext = member.name.partition(".")
-                    if current and current["__key__"] != key:
-                        yield current
-                        position += 1
-                        current = {}
-                    current.setdefault("__key__", key)
-                    current["__url__"] = url
-                    current["_pos"] = item["_pos"]
-                    current[ext] = tar.extractfile(member).read()
-                if current:
-                    yield current
+            with storage.open(shard, "rb") as f:
+                for sample in shardset.samples(f):
+                    sample["__url__"], sample["_pos"] = shard, item["_pos"]
+                    yield sample
                     position += 1
-        except (OSError, tarfile.TarError, EOFError) as e:
+        except Exception as e:  # noqa: BLE001 - OSError, tar errors, and what an object store raises mid-read
             stats["errors"] += 1
-            failed.append(url)
+            failed.append(shard)
             log.warning("corrupt shard %s at sample %d: %s (skipped; %d so far in this worker)",
-                        url, position, e, stats["errors"])
+                        shard, position, e, stats["errors"])
             if len(failed) >= max_failures:
                 pos = item["_pos"]
                 names = ", ".join(dict.fromkeys(failed))
                 raise ShardDataError(
                     f"loader worker {pos.worker} of rank {pos.rank} failed to read {len(failed)} shards in a row "
                     f"(loader.max_shard_failures: {max_failures}): {names}; last error, at sample {position} "
-                    f"of {url}: {type(e).__name__}: {e}. Check that the shards exist and are readable, or "
+                    f"of {shard}: {type(e).__name__}: {e}. Check that the shards exist and are readable, or "
                     f"{REBUILD}") from e
         else:
             failed.clear()
 
 
 def join_proposals(src: Iterator[dict]) -> Iterator[dict]:
-    """+ "proposals": (n, 4) float32 boxes by rank, from the parquet table beside the sample's shard."""
-    cached_url, table = None, {}
+    """+ "proposals": (n, 4) float32 boxes by rank, from the shard's sidecar (validated against the
+    proposals contract: a table that breaks it is a ShardDataError naming it)."""
+    cached_shard, table = None, {}
     for sample in src:
-        url = sample["__url__"]
-        if url != cached_url:
-            cached_url, table = url, {}
-            path = Path(url[: -len(".tar")] + PROPOSALS_SUFFIX)
+        shard = sample["__url__"]
+        if shard != cached_shard:
+            cached_shard, table = shard, {}
+            path = shardset.sidecar_of(shard)
             try:
-                t = pq.read_table(path, columns=["key", "x1", "y1", "x2", "y2", "rank"]).sort_by(
-                    [("key", "ascending"), ("rank", "ascending")])
+                t = shardset.read_sidecar(path).sort_by([("key", "ascending"), ("rank", "ascending")])
                 keys = t.column("key").to_numpy(zero_copy_only=False)
                 xy = np.stack([t.column(c).to_numpy() for c in ("x1", "y1", "x2", "y2")], axis=1).astype(np.float32)
                 starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
                 for s, e in zip(starts, np.r_[starts[1:], len(keys)]):
                     table[keys[s]] = xy[s:e]
-            except Exception as e:      # missing, truncated, not parquet, wrong columns
-                raise ShardDataError(f"cannot read the proposal table {path} of shard {url}: "
+            except Exception as e:      # missing, truncated, not parquet, breaks the contract
+                raise ShardDataError(f"cannot read the proposal table {path} of shard {shard}: "
                                      f"{type(e).__name__}: {e}; {REBUILD}") from e
         sample["proposals"] = table.get(sample["__key__"], np.zeros((0, 4), np.float32))
         yield sample
@@ -277,7 +263,7 @@ def decode_views(src: Iterator[dict], cfg: LoaderConfig, seed: int, epoch: int, 
         pos = sample["_pos"]
         rng = np.random.default_rng(_seed(seed, epoch, pos.rank, pos.worker, 4, i))
         try:
-            with image_io.open_image(sample["jpg"]) as im:
+            with image_io.open_image(sample[shardset.IMAGE_MEMBER]) as im:
                 v = make_views(im, sample["proposals"], rng, cfg.views)
         except Exception as e:       # truncated, not an image, DecompressionBombError, ...: this sample only
             stats["errors"] += 1
@@ -332,7 +318,7 @@ def batches_per_worker(cfg: LoaderConfig, total_samples: int, world: int) -> int
     return max(1, math.ceil(samples / (world * max(cfg.workers, 1) * cfg.batch_size)))
 
 
-def make_stream(urls: list[str], cfg: LoaderConfig, *, seed: int, epoch: int = 0, total_samples: int = 0,
+def make_stream(shards: list[str], cfg: LoaderConfig, *, seed: int, epoch: int = 0, total_samples: int = 0,
                 world: int = 1, start_batch: int = 0) -> wds.DataPipeline:
     """The whole input pipeline as one IterableDataset; each yielded item is a batch.
 
@@ -345,7 +331,7 @@ def make_stream(urls: list[str], cfg: LoaderConfig, *, seed: int, epoch: int = 0
         raise ValueError("resuming inside an epoch needs the resampled mode (loader.resampled: true)")
     stats = {"errors": 0}
     stages = [
-        ShardSource(urls, cfg.resampled, seed, epoch, start_batch),   # {"url"}
+        ShardSource(shards, cfg.resampled, seed, epoch, start_batch),   # {"shard"}
         partial(read_shards, stats=stats, max_failures=cfg.max_shard_failures),  # raw samples {jpg, json}
         join_proposals,                                                        # + proposals (n, 4)
         partial(shuffle, bufsize=cfg.shuffle_buffer, seed=seed, epoch=epoch),  # shuffled raw samples
@@ -375,11 +361,11 @@ class _EpochLimit(torch.utils.data.IterableDataset):
                 break
 
 
-def make_loader(urls: list[str], cfg: LoaderConfig, *, seed: int, epoch: int = 0, total_samples: int = 0,
+def make_loader(shards: list[str], cfg: LoaderConfig, *, seed: int, epoch: int = 0, total_samples: int = 0,
                 world: int = 1, start_batch: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader over `make_stream` (the stream batches; the loader only runs the workers).
     `pin_memory` (set by the trainer on CUDA) makes the host-to-GPU copies asynchronous."""
-    stream = make_stream(urls, cfg, seed=seed, epoch=epoch, total_samples=total_samples, world=world,
+    stream = make_stream(shards, cfg, seed=seed, epoch=epoch, total_samples=total_samples, world=world,
                          start_batch=start_batch)
     return torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=cfg.workers,
@@ -443,20 +429,7 @@ def _exit_with(trainer_pid: int) -> None:
 
 
 def read_index(folder: str | Path) -> tuple[list[str], int]:
-    """(shard paths, total samples) from a shards folder's index.json; a missing or unreadable
-    index, or a listed shard or proposal table that is not there, is a ShardDataError naming it."""
-    folder = Path(folder)
-    path = folder / "index.json"
-    try:
-        index = json.loads(path.read_text())
-        urls = [str(folder / s["name"]) for s in index["shards"] if s["samples"] > 0]
-        total = int(index["total_samples"])
-    except FileNotFoundError as e:
-        raise ShardDataError(f"no shard index {path}: {REBUILD}") from e
-    except Exception as e:      # unreadable, not JSON, missing keys
-        raise ShardDataError(f"cannot read the shard index {path}: {type(e).__name__}: {e}; {REBUILD}") from e
-    missing = [p for url in urls for p in (url, url[: -len(".tar")] + PROPOSALS_SUFFIX) if not os.path.isfile(p)]
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise ShardDataError(f"{path} lists files that are not there: {', '.join(missing[:5])}{more}; {REBUILD}")
-    return urls, total
+    """(shard locations, total samples) of a shard set (a folder or URL prefix) from its
+    index.json; a missing or unreadable index, or a listed shard or sidecar that is not there, is
+    a ShardDataError naming it."""
+    return shardset.shards(folder)

@@ -14,7 +14,9 @@ import pytest
 from PIL import Image
 
 from pipeline import contracts as C
-from pipeline.shards import ShardsConfig, plan_shards, proposals_name, run, split_proposals
+from pipeline.shards import ShardsConfig, plan_shards, run, split_proposals
+from pipeline import shardset
+from pipeline.shardset import proposals_name
 
 
 def make_inputs(root: Path, n: int = 23) -> tuple[Path, Path, dict[str, bytes]]:
@@ -314,3 +316,60 @@ def test_stamp_covers_every_input_of_a_shard():
         inputs_stamp("train-000000.tar", rows[::-1], props, {}, digests, 95),
     ]
     assert len({base, *variants}) == len(variants) + 1
+
+
+def test_the_shard_set_reads_back_and_its_validator_catches_what_breaks_it(built, tmp_path):
+    """`shardset` reads what `pipeline.shards` wrote (index, shards, sidecars, samples) and its
+    validator refuses a shard set whose files disagree with index.json."""
+    import shutil
+
+    root, index, sources = built
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    assert shardset.validate(out, checksums=True) == index
+    found, total = shardset.shards(out)
+    assert found == [str(out / s["name"]) for s in index["shards"] if s["samples"]] and total == 24
+    assert shardset.sidecars(out) == [str(out / proposals_name(s["name"])) for s in index["shards"]]
+    with open(found[0], "rb") as f:
+        first = list(shardset.samples(f))
+    assert [sorted(s) for s in first] == [["__key__", "jpg", "json"]] * index["shards"][0]["samples"]
+    assert all(set(json.loads(s["json"])) == set(shardset.META_FIELDS) for s in first)
+
+    tar = out / index["shards"][0]["name"]
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 2] ^= 0xFF                                  # one byte of an image flipped
+    tar.write_bytes(bytes(data))
+    with pytest.raises(shardset.ShardDataError, match=rf"{tar} does not match its sha256"):
+        shardset.validate(out, checksums=True)
+    shutil.copy(root / "out" / tar.name, tar)
+    side = out / index["shards"][1]["proposals"]
+    other = C.read_table(out / index["shards"][2]["proposals"], C.PROPOSALS)
+    C.write_table(pa.concat_tables([C.read_table(side, C.PROPOSALS), other]), side, C.PROPOSALS)
+    with pytest.raises(shardset.ShardDataError, match=rf"{side} holds keys not in the shard"):
+        shardset.validate(out)
+
+
+def test_a_rerun_that_rebuilds_shards_hides_the_index_until_the_set_is_whole(tmp_path: Path, monkeypatch):
+    """Changed inputs under the same plan: the old index.json goes before the first shard is
+    rewritten, so a reader never takes a mix of old and new shards (or a killed rerun's set) for a
+    finished set; the rerun that completes writes it again."""
+    from pipeline import shards as shards_mod
+
+    images, props, _ = make_inputs(tmp_path, n=8)
+    out, cfg = tmp_path / "out", ShardsConfig(samples_per_shard=4, seed=0)
+    first = run(images, props, out, cfg, num_workers=1, progress=False)
+    t = C.read_table(props / "part-00000.parquet", C.PROPOSALS).to_pylist()
+    t[0]["x2"] += 5.0
+    C.write_table(pa.Table.from_pylist(t), props / "part-00000.parquet", C.PROPOSALS)
+
+    def killed(*args, **kwargs):
+        assert not (out / "index.json").exists()      # gone before any shard is rewritten
+        raise KeyboardInterrupt
+    monkeypatch.setattr(shards_mod, "_run_tasks", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(images, props, out, cfg, num_workers=1, progress=False)
+    assert not (out / "index.json").exists()
+    monkeypatch.undo()
+    again = run(images, props, out, cfg, num_workers=1, progress=False)
+    assert json.loads((out / "index.json").read_text()) == again != first
+    assert [s["name"] for s in again["shards"]] == [s["name"] for s in first["shards"]]

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from pipeline.shards import SHARD_PATTERN
+from pipeline.shardset import SHARD_PATTERN
 from train.stream import LoaderConfig, batches_per_worker, make_loader, make_stream, read_index
 from train.views import ViewConfig
 

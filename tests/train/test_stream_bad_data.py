@@ -14,8 +14,8 @@ from PIL import Image
 
 import train.stream as stream
 from pipeline.params import ParamsError
-from pipeline.shards import SHARD_PATTERN
-from train.stream import (PROPOSALS_SUFFIX, LoaderConfig, ShardDataError, batches_per_worker, make_loader,
+from pipeline.shardset import PROPOSALS_SUFFIX, SHARD_PATTERN
+from train.stream import (LoaderConfig, ShardDataError, batches_per_worker, make_loader,
                           make_stream, read_index)
 from train.views import ViewConfig
 
@@ -103,6 +103,22 @@ def test_missing_or_unreadable_index_and_proposal_tables_are_errors_naming_the_f
     sidecar.write_bytes(sidecar.read_bytes()[:100])                 # truncated parquet
     with pytest.raises(ShardDataError, match=rf"proposal table {sidecar}.*dvc repro shards"):
         list(make_stream(urls, small(resampled=False), seed=0))
+
+
+def test_a_sidecar_that_breaks_the_proposals_contract_is_an_error_naming_it(copy):
+    """The stream validates the proposal table it reads: boxes with x2 < x1 (readable parquet, the
+    right columns) are refused, not cut into views."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sidecar = copy / SHARD_PATTERN.format(1).replace(".tar", PROPOSALS_SUFFIX)
+    t = pq.read_table(sidecar)
+    assert t.num_rows > 0
+    flipped = t.set_column(t.schema.get_field_index("x2"), "x2", pa.compute.subtract(t.column("x1"), 1.0))
+    pq.write_table(flipped, sidecar)
+    shards, _ = read_index(copy)
+    with pytest.raises(ShardDataError, match=rf"proposal table {sidecar}.*breaks its contract.*dvc repro shards"):
+        list(make_stream(shards, small(resampled=False), seed=0))
 
 
 # ------------------------------------------------------------------------- samples that cannot be decoded
