@@ -92,24 +92,20 @@ def colour_features(boxes, paths) -> np.ndarray:
 
 
 def random_resnet_features(boxes, paths, seed: int = 0) -> np.ndarray:
+    """Region features of a seeded random ResNet-18: RoIAlign 14x14 on C4, res5, average pooling
+    (`eval.backbone.c4_roialign14_res5`, the pre-training region head)."""
     import torch
-    import torchvision
-    from torchvision.ops import roi_align
 
-    torch.manual_seed(seed)
-    net = torchvision.models.resnet18(weights=None).eval()
-    c4 = torch.nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    from eval.backbone import ResNetStages, build_resnet, c4_roialign14_res5, to_input
+
+    stages = ResNetStages(build_resnet("resnet18", "random", seed=seed)).eval()
     feats = []
     with torch.no_grad():
         for key, g in boxes.groupby("key", sort=False):
             im = cv2.cvtColor(cv2.imread(paths[key]), cv2.COLOR_BGR2RGB)
-            x = (torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255 - mean) / std
-            fm = c4(x)
+            x = to_input(torch.from_numpy(im).permute(2, 0, 1)[None])
             rois = torch.tensor(g[["x1", "y1", "x2", "y2"]].to_numpy(), dtype=torch.float32)
-            r = roi_align(fm, [rois], output_size=14, spatial_scale=1 / 16, sampling_ratio=2, aligned=True)
-            feats.append((g.index.to_numpy(), net.layer4(r).mean((2, 3)).numpy()))
+            feats.append((g.index.to_numpy(), c4_roialign14_res5(stages, x, [rois]).numpy()))
     out = np.zeros((len(boxes), 512), np.float32)
     for idx, f in feats:
         out[boxes.index.get_indexer(idx)] = f

@@ -10,13 +10,13 @@ the reference the paper plots beside the trained models.
     stages = ResNetStages(net).eval()           # forward(x) -> {"C2": ..., "C5": ...}
     feats = REGION_FEATURES["c5_roialign7"](stages, images, boxes)   # (n_boxes, 2048)
 
-Layer names follow the paper (and detectron2): C2 = `layer1` (stride 4), C3 = `layer2` (8),
-C4 = `layer3` (16), C5 = `layer4` (32). Images are RGB, scaled to [0, 1] and normalised with the
-ImageNet mean/std (torchvision's and MoCo's detection convention).
+The architectures, the stage split (C2 = `layer1` at stride 4 ... C5 = `layer4` at 32, the paper's
+and detectron2's names), the ImageNet mean/std and the region features are pre-training's own,
+from `train.resnet`: an evaluation sees the network exactly as training built it.
 
 Region features are RoIAlign (torchvision `roi_align`, `aligned=True`, adaptive sampling: the
 ROIAlignV2 of detectron2) of a box on a feature map followed by average pooling over the output
-grid. Two ways of reaching C5, as a registry:
+grid (`train.resnet.region_features`). Two ways of reaching C5, as a registry:
 - `c5_roialign7`: RoIAlign 7x7 on the C5 map (stride 32), then average pooling. The paper's
   O-KNN wording ("object-level features from the C5 block ... RoI Align with a size of 7x7 and
   average pooling"); it treats every backbone alike, whatever head it was trained with.
@@ -34,23 +34,14 @@ import torch
 import torch.nn as nn
 import torchvision
 from PIL import Image
-from torchvision.ops import roi_align
 
 from pipeline import images as image_io
+from train.dist import resolve_device  # noqa: F401 (the evaluations take it from here)
+from train.resnet import (  # ARCHS, LAYERS, STRIDES: the evaluations take them from here
+    ARCHS, LAYERS, STRIDES, make_resnet, normalize, out_channels, region_features, stages as resnet_stages, stem,
+)
 
-ARCHS: dict[str, Callable[..., torchvision.models.ResNet]] = {
-    "resnet18": torchvision.models.resnet18,
-    "resnet34": torchvision.models.resnet34,
-    "resnet50": torchvision.models.resnet50,
-    "resnet101": torchvision.models.resnet101,
-    "resnet152": torchvision.models.resnet152,
-}
-LAYERS = ("C2", "C3", "C4", "C5")
-STRIDES = {"C2": 4, "C3": 8, "C4": 16, "C5": 32}
 RANDOM = "random"
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ------------------------------------------------------------------------------ loading
@@ -67,7 +58,7 @@ def build_resnet(arch: str, backbone: str | Path, seed: int = 0) -> torchvision.
         raise ValueError(f"unknown --arch {arch!r}; valid: {sorted(ARCHS)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = ARCHS[arch](weights=None)
+        net = make_resnet(arch)
     if str(backbone) == RANDOM:
         return net
     path = Path(backbone)
@@ -98,13 +89,6 @@ def load_backbone_state(net: nn.Module, state: dict, where: str = "state_dict") 
         )
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda if available else cpu; anything else as torch.device(name)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 class ResNetStages(nn.Module):
     """The C2..C5 maps of a torchvision ResNet, each computed only when asked for.
 
@@ -115,8 +99,8 @@ class ResNetStages(nn.Module):
 
     def __init__(self, net: torchvision.models.ResNet):
         super().__init__()
-        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        self.blocks = nn.ModuleDict({"C2": net.layer1, "C3": net.layer2, "C4": net.layer3, "C5": net.layer4})
+        self.stem = stem(net)
+        self.blocks = nn.ModuleDict(resnet_stages(net))
         self.strides = dict(STRIDES)
         self.channels = {name: out_channels(block) for name, block in self.blocks.items()}
 
@@ -129,12 +113,6 @@ class ResNetStages(nn.Module):
             if name in layers:
                 out[name] = x
         return out
-
-
-def out_channels(block: nn.Sequential) -> int:
-    """Channels out of a ResNet stage (BasicBlock or Bottleneck)."""
-    last = block[-1]
-    return (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
 
 
 # ------------------------------------------------------------------------------ images
@@ -162,26 +140,21 @@ def resize_rgb(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def to_input(images: torch.Tensor) -> torch.Tensor:
     """Bx3xHxW uint8 (any device) -> float, ImageNet-normalised."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
+    return normalize(images, 255.0)
 
 
 # ------------------------------------------------------------------------------ region features
 
 
 def pool_boxes(fmap: torch.Tensor, boxes: list[torch.Tensor], stride: int, output_size: int) -> torch.Tensor:
-    """RoIAlign (aligned, adaptive sampling) of image-pixel `boxes` (one Nx4 x1y1x2y2 tensor per
-    image of the batch) on `fmap` (BxCxhxw, `stride` pixels per cell), averaged over the
-    output_size x output_size grid -> (sum N)xC.
+    """RoIAlign of image-pixel `boxes` (one Nx4 x1y1x2y2 tensor per image of the batch) on `fmap`
+    (BxCxhxw, `stride` pixels per cell), averaged over the output_size x output_size grid ->
+    (sum N)xC: `train.resnet.region_features` without a head.
 
     When a box's sides are multiples of output_size * stride pixels and start on the stride grid,
     every sample point falls on a cell centre, so this is exactly the mean of the cells the box
     covers (the probes rely on this)."""
-    boxes = [b.to(fmap.device, fmap.dtype) for b in boxes]
-    r = roi_align(fmap, boxes, output_size=output_size, spatial_scale=1.0 / stride,
-                  sampling_ratio=0, aligned=True)
-    return r.mean(dim=(2, 3))
+    return region_features(fmap, boxes, stride, output_size)
 
 
 def c5_roialign7(stages: nn.Module, images: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
@@ -190,11 +163,10 @@ def c5_roialign7(stages: nn.Module, images: torch.Tensor, boxes: list[torch.Tens
 
 
 def c4_roialign14_res5(stages: ResNetStages, images: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
+    """RoIAlign 14x14 on C4, res5 on the crops (7x7 out), average pooling: the region head of
+    pre-training (`train.model.RegionEncoder`), through the same function."""
     c4 = stages(images, ("C4",))["C4"]                       # B x C4 x H/16 x W/16
-    boxes = [b.to(c4.device, c4.dtype) for b in boxes]
-    crops = roi_align(c4, boxes, output_size=14, spatial_scale=1.0 / stages.strides["C4"],
-                      sampling_ratio=0, aligned=True)          # N x C4 x 14 x 14
-    return stages.blocks["C5"](crops).mean(dim=(2, 3))       # N x C5 (res5 halves to 7x7)
+    return region_features(c4, boxes, stages.strides["C4"], 14, head=stages.blocks["C5"])   # N x C5
 
 
 REGION_FEATURES: dict[str, Callable[..., torch.Tensor]] = {

@@ -10,7 +10,6 @@ of the same seed) and the final backbone's O-KNN into `reports/oknn_curve.png`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from eval.backbone import ARCHS, ResNetStages, build_resnet, resolve_device
 from eval.oknn import OknnConfig, run_oknn
+from pipeline import cli
 from pipeline.files import write_text
 from pipeline.params import load_section
 
@@ -37,15 +37,15 @@ def snapshot_steps(folder: Path) -> list[tuple[int, Path]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.curve", description=__doc__.split("\n\n")[0])
+    p = cli.parser("python -m eval.curve", __doc__)
     p.add_argument("--snapshots", required=True, type=Path, help="a run's snapshots folder (step<N>/backbone.pth)")
-    p.add_argument("--arch", required=True, choices=sorted(ARCHS))
+    p.add_argument("--arch", required=True, choices=sorted(ARCHS), help="the snapshots' ResNet")
     p.add_argument("--coco-root", required=True, type=Path, help="COCO 2017 layout, as for eval.oknn")
     p.add_argument("--out", required=True, type=Path, help="result JSON")
     p.add_argument("--params", type=Path, help="params.yaml to read the 'oknn' section from")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging(args.log_level)
     cfg = load_section(OknnConfig, "oknn", args.params)
     device = resolve_device(args.device)
     found = snapshot_steps(args.snapshots)
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("step %d: O-KNN top-1 %.2f", step, r["top1"])
     write_text(args.out, json.dumps({"snapshots": str(args.snapshots), "arch": args.arch, "points": points},
                                     indent=2) + "\n")
+    log.info("wrote %s: O-KNN at %d snapshot steps (%s)", args.out, len(points), ", ".join(str(s) for s, _ in found))
     return 0
 
 

@@ -46,7 +46,6 @@ What runs (the paper's settings, and whose setting fills each gap it leaves):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -62,6 +61,11 @@ from eval.backbone import (
     ARCHS, ResNetStages, build_resnet, load_rgb, region_feature, resize_rgb, resize_shape,
     resolve_device, to_input,
 )
+# The k-NN search and vote, re-exported: eval.neighbours, the tests and benchmarks import them from here.
+from eval.knn import knn_classify, knn_search, knn_vote, topk_accuracy  # noqa: F401 - re-exported
+# Object selection and disturbing, re-exported: the tests import them from here.
+from eval.oknn_objects import box_mask, disturb, eligible, pick_donors, select_bank  # noqa: F401 - re-exported
+from pipeline import cli
 from pipeline.files import write_text
 from pipeline.params import as_dict, load_section
 from pipeline.readers import read_coco
@@ -85,73 +89,6 @@ class OknnConfig:
     bank_chunk: int = 65536         # bank rows per search step
     query_chunk: int = 1024         # query rows per search step
     seed: int = 0                   # bank choice, disturbing images, the random backbone
-
-
-# ------------------------------------------------------------------------------ object selection
-
-
-def eligible(boxes: np.ndarray, is_group: np.ndarray, min_box_size: float) -> dict[str, np.ndarray]:
-    """Masks over boxes (n x 4, x1y1x2y2): 'keep', and why the others are skipped."""
-    side = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-    crowd = is_group.astype(bool)
-    tiny = ~crowd & (side < min_box_size)
-    return {"keep": ~crowd & ~tiny, "crowd": crowd, "tiny": tiny}
-
-
-def select_bank(image: np.ndarray, label: np.ndarray, per_image: int, seed: int) -> np.ndarray:
-    """Sorted indices of at most `per_image` objects per image.
-
-    Round r takes the r-th object (random order) of every class present in the image; within a
-    round the classes go rarest first (by count over all `label`). So an image of 12 people and
-    one dog gives the dog and one person before a second person.
-    """
-    if per_image < 1:
-        raise ValueError(f"per_image must be >= 1, got {per_image}")
-    n = len(image)
-    if n == 0:
-        return np.zeros(0, np.int64)
-    rng = np.random.default_rng(seed)
-    # rank of each object within its (image, class) group, in a random order
-    order = np.lexsort((rng.random(n), label, image))
-    new_group = np.ones(n, bool)
-    new_group[1:] = (image[order][1:] != image[order][:-1]) | (label[order][1:] != label[order][:-1])
-    group_start = np.maximum.accumulate(np.where(new_group, np.arange(n), 0))
-    rank = np.empty(n, np.int64)
-    rank[order] = np.arange(n) - group_start
-    # per image: round, then rarest class first (random among equally frequent ones)
-    freq = np.bincount(label)[label]
-    final = np.lexsort((rng.random(n), label, freq, rank, image))
-    new_image = np.ones(n, bool)
-    new_image[1:] = image[final][1:] != image[final][:-1]
-    pos = np.arange(n) - np.maximum.accumulate(np.where(new_image, np.arange(n), 0))
-    return np.sort(final[pos < per_image])
-
-
-# ------------------------------------------------------------------------------ disturbing
-
-
-def box_mask(height: int, width: int, boxes: np.ndarray) -> np.ndarray:
-    """HxW bool, True on every pixel a box touches (floor of the start to ceil of the end)."""
-    mask = np.zeros((height, width), bool)
-    for x1, y1, x2, y2 in np.asarray(boxes, np.float64).reshape(-1, 4):
-        mask[max(int(np.floor(y1)), 0):int(np.ceil(y2)), max(int(np.floor(x1)), 0):int(np.ceil(x2))] = True
-    return mask
-
-
-def disturb(image: np.ndarray, boxes: np.ndarray, donor: np.ndarray) -> np.ndarray:
-    """`image` (HxWx3) with every pixel outside `boxes` taken from `donor` (same size)."""
-    if donor.shape != image.shape:
-        raise ValueError(f"donor shape {donor.shape} differs from the image's {image.shape}")
-    keep = box_mask(image.shape[0], image.shape[1], boxes)
-    return np.where(keep[..., None], image, donor)
-
-
-def pick_donors(n: int, seed: int) -> np.ndarray:
-    """For each of n images, another image index (uniform over the n - 1 others)."""
-    if n < 2:
-        raise ValueError("disturbing needs at least two images")
-    d = np.random.default_rng(seed).integers(0, n - 1, size=n)
-    return d + (d >= np.arange(n))
 
 
 # ------------------------------------------------------------------------------ feature extraction
@@ -196,14 +133,17 @@ def _collate(items):
 
 @torch.inference_mode()
 def extract(stages: torch.nn.Module, feature: str, dataset: RegionImages, rows: list[np.ndarray],
-            n_rows: int, cfg: OknnConfig, device: torch.device) -> np.ndarray:
-    """L2-normalised region features, n_rows x C (float32); image i's boxes fill rows[i]."""
+            n_rows: int, cfg: OknnConfig, device: torch.device, what: str = "features") -> np.ndarray:
+    """L2-normalised region features, n_rows x C (float32); image i's boxes fill rows[i]. Logs its
+    progress (`what`: which extraction) at every `PROGRESS_STEPS`-th of the images."""
     fn = region_feature(feature)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=shape_batches(dataset.shapes, cfg.batch_size), collate_fn=_collate,
         num_workers=cfg.workers, pin_memory=device.type == "cuda")
     out = None
+    progress = Progress(what, len(dataset))
     for images, boxes, index in loader:
+        progress.update(len(index))
         x = to_input(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
         f = F.normalize(fn(stages, x, boxes).float(), dim=1)
         f = f.cpu().numpy()                                   # boxes of the batch x C
@@ -215,63 +155,26 @@ def extract(stages: torch.nn.Module, feature: str, dataset: RegionImages, rows: 
     return out
 
 
-# ------------------------------------------------------------------------------ kNN
+PROGRESS_STEPS = 10        # progress lines per extraction (every 10% of its images)
 
 
-@torch.no_grad()
-def knn_search(bank, queries, k: int, bank_chunk: int = 65536, query_chunk: int = 1024,
-               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """The k most cosine-similar bank rows of each query: (Q x k similarities, Q x k bank indices),
-    best first.
+class Progress:
+    """Logs `done/total images (percent)` of a long extraction each time another
+    1/PROGRESS_STEPS of it is done (COCO's bank is 118k images), and at the end, with the rate."""
 
-    bank: N x D (numpy, a memmap, or a CPU tensor; read one chunk at a time), queries: Q x D.
-    Peak memory beyond the inputs: the queries on `device`, one bank chunk and one
-    query_chunk x bank_chunk similarity block; each bank chunk is read once.
-    """
-    device = torch.device(device)
-    n = len(bank)
-    k = min(k, n)
-    q = F.normalize(torch.as_tensor(np.asarray(queries) if not torch.is_tensor(queries) else queries)
-                    .to(device, torch.float32), dim=1)                        # Q x D
-    best_s = torch.full((len(q), k), -float("inf"), device=device)           # Q x k
-    best_i = torch.full((len(q), k), -1, dtype=torch.long, device=device)    # Q x k
-    for b0 in range(0, n, bank_chunk):
-        chunk = bank[b0:b0 + bank_chunk]
-        b = F.normalize(torch.as_tensor(np.ascontiguousarray(chunk) if not torch.is_tensor(chunk) else chunk)
-                        .to(device, torch.float32), dim=1)                    # B x D
-        kk = min(k, len(b))
-        for q0 in range(0, len(q), query_chunk):
-            sim = q[q0:q0 + query_chunk] @ b.T                                # q x B
-            cs, ci = sim.topk(kk, dim=1)
-            ms = torch.cat([best_s[q0:q0 + query_chunk], cs], dim=1)         # q x (k + kk)
-            mi = torch.cat([best_i[q0:q0 + query_chunk], ci + b0], dim=1)
-            top, pos = ms.topk(k, dim=1)
-            best_s[q0:q0 + query_chunk] = top
-            best_i[q0:q0 + query_chunk] = mi.gather(1, pos)
-    return best_s, best_i
+    def __init__(self, what: str, total: int, steps: int = PROGRESS_STEPS):
+        self.what, self.total, self.steps = what, total, steps
+        self.done, self.next_mark, self.t0 = 0, 1, time.perf_counter()
 
-
-def knn_vote(sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, temperature: float) -> torch.Tensor:
-    """Class scores Q x C: each neighbour adds exp(sim / T) to its class."""
-    scores = torch.zeros(len(sims), num_classes, dtype=torch.float64, device=sims.device)
-    return scores.scatter_add_(1, neighbour_labels, (sims.double() / temperature).exp())
-
-
-def topk_accuracy(scores: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, float]:
-    """Percent of rows whose target is among the `k` highest scores, for each k. A class without
-    a vote (score 0) never counts as predicted, whatever order topk gives to the ties at 0."""
-    top_scores, top = scores.topk(min(max(ks), scores.shape[1]), dim=1)
-    hit = (top == targets.to(top.device)[:, None]) & (top_scores > 0)
-    return {k: 100.0 * hit[:, :k].any(dim=1).double().mean().item() for k in ks}
-
-
-def knn_classify(bank, bank_labels: np.ndarray, queries, query_labels: np.ndarray, num_classes: int,
-                 cfg: OknnConfig, device: torch.device | str = "cpu") -> dict[int, float]:
-    """Top-1/top-5 accuracy (percent) of the weighted kNN vote of `queries` over the bank."""
-    sims, idx = knn_search(bank, queries, cfg.k, cfg.bank_chunk, cfg.query_chunk, device)
-    labels = torch.as_tensor(bank_labels, dtype=torch.long, device=idx.device)[idx]
-    scores = knn_vote(sims, labels, num_classes, cfg.temperature)
-    return topk_accuracy(scores, torch.as_tensor(query_labels, dtype=torch.long))
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.next_mark > self.steps or self.done * self.steps < self.next_mark * self.total:
+            return
+        while self.next_mark <= self.steps and self.done * self.steps >= self.next_mark * self.total:
+            self.next_mark += 1
+        seconds = time.perf_counter() - self.t0
+        log.info("O-KNN %s: %d/%d images (%.0f%%), %.1f images/s", self.what, self.done, self.total,
+                 100.0 * self.done / max(self.total, 1), self.done / max(seconds, 1e-9))
 
 
 # ------------------------------------------------------------------------------ the whole evaluation
@@ -334,7 +237,7 @@ def object_cells(split: Split, select: np.ndarray, cfg: OknnConfig, stride: int)
 
 
 def split_features(stages: torch.nn.Module, split: Split, select: np.ndarray, cfg: OknnConfig,
-                   device: torch.device, donors: np.ndarray | None = None) -> np.ndarray:
+                   device: torch.device, donors: np.ndarray | None = None, what: str = "features") -> np.ndarray:
     """Features of the objects `select` (indices into split's objects, sorted), one row each;
     with `donors` (an image index per image of the split), on the disturbed images."""
     ims, boxes, rows = split.by_image(select)
@@ -343,12 +246,14 @@ def split_features(stages: torch.nn.Module, split: Split, select: np.ndarray, cf
     shapes = [all_shapes[i] for i in ims]
     donor_paths = None if donors is None else [split.paths[d] for d in donors[ims]]
     dataset = RegionImages([split.paths[i] for i in ims], sizes, shapes, boxes, donor_paths)
-    return extract(stages, cfg.feature, dataset, rows, len(select), cfg, device)
+    return extract(stages, cfg.feature, dataset, rows, len(select), cfg, device, what)
 
 
-def run_oknn(stages: torch.nn.Module, coco_root: Path, cfg: OknnConfig, device: torch.device) -> dict:
+def run_oknn(stages: torch.nn.Module, coco_root: Path, cfg: OknnConfig, device: torch.device,
+             neighbours: Path | None = None) -> dict:
     """O-KNN and disturbed O-KNN of `stages` on a COCO-layout folder; the JSON-ready result, with
-    the seconds of each step under `time_s` (`main` logs them and leaves them out of the file)."""
+    the seconds of each step under `time_s` (`main` logs them and leaves them out of the file).
+    With `neighbours`, each query's nearest bank objects go to that parquet file (eval.neighbours)."""
     t0 = time.perf_counter()
     train = read_split(coco_root, "train2017", cfg.min_box_size)
     val = read_split(coco_root, "val2017", cfg.min_box_size)
@@ -361,27 +266,40 @@ def run_oknn(stages: torch.nn.Module, coco_root: Path, cfg: OknnConfig, device: 
 
     # channels-last convolutions: 1.6x faster for ResNet-18 on a CPU (same features up to rounding)
     stages = stages.to(device, memory_format=torch.channels_last).eval()
-    t = time.perf_counter()
-    bank = split_features(stages, train, bank_sel, cfg, device)
-    times["extract_bank"] = time.perf_counter() - t
-    t = time.perf_counter()
-    q = split_features(stages, val, queries, cfg, device)
-    times["extract_queries"] = time.perf_counter() - t
-    t = time.perf_counter()
-    qd = split_features(stages, val, queries, cfg, device, donors=pick_donors(len(val.paths), cfg.seed))
-    times["extract_disturbed"] = time.perf_counter() - t
+    jobs = {"extract_bank": (train, bank_sel, None, "bank (train2017)"),
+            "extract_queries": (val, queries, None, "queries (val2017)"),
+            "extract_disturbed": (val, queries, pick_donors(len(val.paths), cfg.seed), "disturbed queries")}
+    feats = {}
+    for name, (split, select, donors, what) in jobs.items():
+        t = time.perf_counter()
+        feats[name] = split_features(stages, split, select, cfg, device, donors, what)
+        times[name] = time.perf_counter() - t
+    bank, q, qd = feats["extract_bank"], feats["extract_queries"], feats["extract_disturbed"]
 
     t = time.perf_counter()
     acc = knn_classify(bank, bank_y[bank_sel], q, query_y, len(classes), cfg, device)
     dacc = knn_classify(bank, bank_y[bank_sel], qd, query_y, len(classes), cfg, device)
     times["search"] = time.perf_counter() - t
+    if neighbours is not None:
+        from eval.neighbours import write_neighbours
+
+        write_neighbours(neighbours, bank, q, train, val, bank_sel, classes, cfg, device, coco_root)
+    return {"top1": acc[1], "top5": acc[5], "disturbed_top1": dacc[1], "disturbed_top5": dacc[5],
+            **protocol(stages, train, val, bank_sel, bank_y, query_y, classes, cfg), "feature_dim": int(bank.shape[1]),
+            "skipped": {"train": train.skipped, "val": val.skipped},
+            "time_s": {k: round(v, 2) for k, v in times.items()}, "settings": as_dict(cfg)}
+
+
+def protocol(stages, train: Split, val: Split, bank_sel: np.ndarray, bank_y: np.ndarray, query_y: np.ndarray,
+             classes: np.ndarray, cfg: OknnConfig) -> dict:
+    """The protocol, beside the numbers it produced: feature, k, fed image sizes, the objects' size
+    in C5 cells, the prior, and the bank's and queries' sizes."""
     share = np.bincount(bank_y[bank_sel], minlength=len(classes)) / max(len(bank_sel), 1)
     query_share = np.bincount(query_y, minlength=len(classes)) / max(len(query_y), 1)
     fed = [min(hw) for hw in fed_shapes(train, cfg) + fed_shapes(val, cfg)]
     c5 = stages.strides["C5"]
+    queries = np.arange(len(val.image))
     return {
-        "top1": acc[1], "top5": acc[5], "disturbed_top1": dacc[1], "disturbed_top5": dacc[5],
-        # the protocol, beside the numbers it produced
         "feature": cfg.feature, "k": int(cfg.k),
         "image_size": {"min_size": int(cfg.min_size), "max_size": int(cfg.max_size),
                        "shorter_side_min": int(min(fed)), "shorter_side_max": int(max(fed))},
@@ -395,37 +313,36 @@ def run_oknn(stages: torch.nn.Module, coco_root: Path, cfg: OknnConfig, device: 
         "bank_objects": int(len(bank_sel)), "bank_images": int(len(np.unique(train.image[bank_sel]))),
         "bank_largest_class_share": float(share.max()),
         "queries": int(len(queries)), "query_images": int(len(np.unique(val.image))),
-        "classes": int(len(classes)), "feature_dim": int(bank.shape[1]),
-        "skipped": {"train": train.skipped, "val": val.skipped},
-        "time_s": {k: round(v, 2) for k, v in times.items()},
-        "settings": as_dict(cfg),
+        "classes": int(len(classes)),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.oknn", description=__doc__.split("\n\n")[0])
+    p = cli.parser("python -m eval.oknn", __doc__)
     p.add_argument("--backbone", required=True, help="ResNet state_dict file, or 'random'")
-    p.add_argument("--arch", required=True, choices=sorted(ARCHS))
+    p.add_argument("--arch", required=True, choices=sorted(ARCHS), help="the backbone's ResNet")
     p.add_argument("--coco-root", required=True, type=Path,
                    help="COCO 2017 layout: annotations/instances_{train,val}2017.json, train2017/, val2017/")
     p.add_argument("--out", required=True, type=Path, help="result JSON")
     p.add_argument("--params", type=Path, help="params.yaml to read the 'oknn' section from")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging(args.log_level)
     cfg = load_section(OknnConfig, "oknn", args.params)
     region_feature(cfg.feature)  # an unknown name fails before any work
     device = resolve_device(args.device)
     stages = ResNetStages(build_resnet(args.arch, args.backbone, seed=cfg.seed))
-    result = {"backbone": str(args.backbone), "arch": args.arch, **run_oknn(stages, args.coco_root, cfg, device)}
+    result = {"backbone": str(args.backbone), "arch": args.arch, **run_oknn(stages, args.coco_root, cfg, device,
+                                                                        args.out.with_name("oknn_neighbours.parquet"))}
     result["device"] = str(device)
     # seconds vary between runs of the same inputs: logged, never in the output DVC hashes
     times = result.pop("time_s")
     write_text(args.out, json.dumps(result, indent=2) + "\n")
     log.info("O-KNN seconds (not in %s): %s", args.out, json.dumps(times))
-    print(f"O-KNN top-1 {result['top1']:.2f} top-5 {result['top5']:.2f}; disturbed top-1 "
-          f"{result['disturbed_top1']:.2f} top-5 {result['disturbed_top5']:.2f} "
-          f"({result['bank_objects']} bank objects, {result['queries']} queries) -> {args.out}")
+    log.info("wrote %s (and %s): O-KNN top-1 %.2f top-5 %.2f; disturbed top-1 %.2f top-5 %.2f (%d bank objects, "
+             "%d queries)", args.out, args.out.with_name("oknn_neighbours.parquet").name, result["top1"],
+             result["top5"], result["disturbed_top1"], result["disturbed_top5"], result["bank_objects"],
+             result["queries"])
     return 0
 
 

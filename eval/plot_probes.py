@@ -8,19 +8,23 @@ line per JSON, labelled with its `name` (set by `eval.probes --name`).
 """
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 from eval.probes import plot_probes
+from pipeline import cli
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.plot_probes", description=__doc__.split("\n\n")[0])
+    p = cli.parser("python -m eval.plot_probes", __doc__)
     p.add_argument("inputs", nargs="+", type=Path, help="probes JSON files, one per backbone")
     p.add_argument("--out", required=True, type=Path, help="folder for cr.png and mcs.png")
     args = p.parse_args(argv)
+    cli.setup_logging(args.log_level)
     results = []
     for path in args.inputs:
         if not path.is_file():
@@ -29,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         if "cr" not in r or "mcs" not in r:
             raise ValueError(f"{path}: not a probes result (needs 'cr' and 'mcs')")
         results.append(r)
-    for written in plot_probes(results, args.out):
-        print(written)
+    written = plot_probes(results, args.out)
+    log.info("wrote %s: CR and MCS plots of %d backbone(s)", ", ".join(str(w) for w in written), len(results))
     return 0
 
 

@@ -45,8 +45,8 @@ a side; the crops are near the synthetic objects' size and the embedded pre-trai
 """
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -60,12 +60,14 @@ import torch.nn as nn
 from eval.backbone import (
     ARCHS, LAYERS, ResNetStages, build_resnet, load_rgb, pool_boxes, resize_rgb, resolve_device, to_input,
 )
-from pipeline import contracts
+from pipeline import cli, contracts
 from pipeline.files import write_text
 from pipeline.params import as_dict, load_section
 from pipeline.readers import read_coco
 
 GRID_CENTRE = 4   # index of the centre cell among the 3x3 cells, row-major
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -363,9 +365,9 @@ def plot_probes(results: list[dict], out_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.probes", description=__doc__.split("\n\n")[0])
+    p = cli.parser("python -m eval.probes", __doc__)
     p.add_argument("--backbone", required=True, help="ResNet state_dict file, or 'random'")
-    p.add_argument("--arch", required=True, choices=sorted(ARCHS))
+    p.add_argument("--arch", required=True, choices=sorted(ARCHS), help="the backbone's ResNet")
     p.add_argument("--images", type=Path, help="OpenImage-MINI images table (data/openimage_mini/images.parquet)")
     p.add_argument("--boxes", type=Path, help="OpenImage-MINI boxes table (data/openimage_mini/boxes.parquet)")
     p.add_argument("--coco-root", type=Path, help="instead of --images/--boxes: COCO 2017 layout (val2017 is used)")
@@ -375,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", type=Path, help="params.yaml to read the 'probes' section from")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     args = p.parse_args(argv)
+    cli.setup_logging(args.log_level)
     tables = (args.images, args.boxes)
     if not (all(tables) and args.coco_root is None or args.coco_root and not any(tables)):
         p.error("give either --images and --boxes (OpenImage-MINI) or --coco-root")
@@ -388,12 +391,12 @@ def main(argv: list[str] | None = None) -> int:
     write_text(args.out, json.dumps(result, indent=2) + "\n")
     if args.plots:
         plot_probes([result], args.plots)
-    print("layer   " + "  ".join(f"{n:>6}" for n in cfg.layers))
     for m in ("cr", "mcs"):
-        print(f"{m.upper():<7} " + "  ".join(f"{result[m][n]:6.3f}" for n in cfg.layers))
-    for m in ("cr", "mcs"):
-        print(f"{m.upper() + ' 1px':<7} " + "  ".join(f"{result['control'][m][n]:6.3f}" for n in cfg.layers)
-              + "   (the one-pixel control)")
+        log.info("%s per layer: %s; one-pixel control: %s", m.upper(),
+                 ", ".join(f"{n} {result[m][n]:.3f}" for n in cfg.layers),
+                 ", ".join(f"{n} {result['control'][m][n]:.3f}" for n in cfg.layers))
+    log.info("wrote %s%s: CR and MCS of %s over %d layers", args.out,
+             f" and {args.plots}/cr.png, mcs.png" if args.plots else "", result["name"], len(cfg.layers))
     return 0
 
 

@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from pipeline import cli
 from pipeline.files import write_text
+
+log = logging.getLogger(__name__)
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -101,14 +105,16 @@ def parse_set(text: str) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.voc", description=__doc__.split("\n\n")[0])
+    p = cli.parser("python -m eval.voc", __doc__)
     p.add_argument("--voc-root", required=True, type=Path, help="folder holding VOC2007/ and VOC2012/")
     p.add_argument("--sets", required=True, nargs="+", type=parse_set, help="YEAR:SPLIT ...")
     p.add_argument("--out", required=True, type=Path, help="COCO-format JSON to write")
     args = p.parse_args(argv)
+    cli.setup_logging(args.log_level)
     coco = voc_to_coco(args.voc_root, args.sets)
     write_text(args.out, json.dumps(coco) + "\n")
-    print(f"{len(coco['images'])} images, {len(coco['annotations'])} boxes -> {args.out}")
+    log.info("wrote %s: %d images, %d boxes of VOC %s in COCO format", args.out, len(coco["images"]),
+             len(coco["annotations"]), " ".join(f"{y}:{s}" for y, s in args.sets))
     return 0
 
 

@@ -32,7 +32,6 @@ after a rerun with the downloaded images: the selection depends only on the CSVs
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -48,7 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import contracts
+from pipeline import cli, contracts
 from pipeline.categories import COCO_OPENIMAGES_CSV, read_class_mapping, read_openimages_classes
 from pipeline.files import atomic_path, write_text
 from pipeline.params import as_dict, load_section, override
@@ -203,6 +202,120 @@ def coco_caps(coco_annotations: Path, coco_ids: list[int], group_weight: int) ->
     return caps, table_stats(coco.boxes, coco.images.num_rows)
 
 
+@dataclass
+class Pool:
+    """The OpenImages pool as the selection sees it: validated box rows, one image index per row,
+    per-image COCO-class counts, and COCO's caps (criterion 2) and Table 2 statistics."""
+
+    rows: pa.Table              # validated OpenImages box rows
+    rejects: pa.Table           # rejected CSV rows
+    image_ids: pa.Array         # distinct ImageIDs (the image index space)
+    row_image: np.ndarray       # image index of each row
+    mids: list[str]             # MIDs that map to a COCO class, sorted
+    counts: SparseCounts
+    caps: np.ndarray
+    coco_stats: dict
+    order_key: np.ndarray       # each image's rank among the sorted ImageIDs
+
+
+def _require_files(coco_annotations: Path, openimages_boxes: Path) -> None:
+    for path, what in ((coco_annotations, "COCO annotation file (--coco-annotations)"),
+                       (openimages_boxes, "OpenImages box file (--openimages-boxes)")):
+        if not Path(path).is_file():  # before any long read, so the error comes at once
+            raise FileNotFoundError(f"{what} {path} does not exist")
+
+
+def read_pool(coco_annotations: Path, openimages_boxes: Path, openimages_classes: Path, cmap,
+              group_weight: int) -> Pool:
+    """Read both sides. COCO (the caps of criterion 2) is parsed in another process while this one
+    reads the OpenImages CSV: JSON parsing holds the GIL, and the two reads take about as long."""
+    coco_ids = cmap.coco_ids()
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        coco_job = pool.submit(coco_caps, Path(coco_annotations), coco_ids, group_weight)
+
+        # OpenImages: validated rows, image index and COCO class index per row.
+        norm, oi_rejects = read_openimages_boxes(openimages_boxes, openimages_classes)
+        enc = pc.dictionary_encode(norm.column("image_id")).combine_chunks()
+        image_ids = enc.dictionary
+        img = enc.indices.to_numpy(zero_copy_only=False)
+        mids = sorted(cmap.mid_to_coco)
+        mid_cls = np.array([coco_ids.index(cmap.mid_to_coco[m]) for m in mids], dtype=np.int32)
+        mid_idx = pc.fill_null(pc.index_in(norm.column("label"), value_set=pa.array(mids)), -1).to_numpy(zero_copy_only=False)
+        row_cls = np.where(mid_idx >= 0, mid_cls[np.maximum(mid_idx, 0)], -1).astype(np.int32)
+        row_w = np.where(norm.column("is_group").to_numpy(zero_copy_only=False), group_weight, 1)
+        counts = SparseCounts.from_rows(img, row_cls, row_w, len(image_ids), len(coco_ids))
+        caps, coco_stats = coco_job.result()
+    order_key = np.empty(len(image_ids), dtype=np.int64)
+    order_key[pc.sort_indices(image_ids).to_numpy()] = np.arange(len(image_ids))
+    return Pool(norm, oi_rejects, image_ids, img, mids, counts, caps, coco_stats, order_key)
+
+
+def check_criteria(counts: SparseCounts, chosen: np.ndarray, used: np.ndarray, caps: np.ndarray) -> dict:
+    """The paper's two criteria and maximality, checked on the result; a failure is a bug."""
+    left_out = np.setdiff1d(counts.eligible(), chosen)
+    criteria = {
+        "every_image_has_a_coco_class": bool(np.all(np.diff(counts.ptr)[chosen] > 0)),
+        "no_coco_class_over_its_coco_count": bool(np.all(used <= caps)),
+        "maximal": bool(np.all(violations_if_added(counts, used, caps)[left_out])),
+    }
+    if not all(criteria.values()):  # a bug, never a data problem
+        raise AssertionError(f"OpenImage-MINI selection breaks its criteria: {criteria}")
+    return criteria
+
+
+def write_pixel_tables(sel_rows: pa.Table, images: Path, openimages_boxes: Path, source: str,
+                       chosen_ids: list, mids: list[str], cmap, out: Path) -> ReadResult:
+    """images.parquet and boxes.parquet of the selection (boxes keep their MID as `label` and carry
+    the mapped COCO id as `category_id`, else -1); returns the tables with the file rejects."""
+    res = attach_images(sel_rows, images, source=source, boxes_csv=str(openimages_boxes), image_ids=chosen_ids)
+    cat = pc.fill_null(pc.index_in(res.boxes.column("label"), value_set=pa.array(mids)), -1).to_numpy(zero_copy_only=False)
+    coco_of_mid = np.array([cmap.mid_to_coco[m] for m in mids] + [-1], dtype=np.int32)
+    boxes = res.boxes.set_column(res.boxes.schema.get_field_index("category_id"), "category_id",
+                                 pa.array(coco_of_mid[cat], pa.int32()))
+    contracts.write_table(res.images, out / "images.parquet", contracts.IMAGES)
+    contracts.write_table(boxes, out / "boxes.parquet", contracts.BOXES)
+    return ReadResult(res.images, boxes, res.rejects)
+
+
+def class_count_table(sel_labels, cmap, classes: dict, caps: np.ndarray, used: np.ndarray) -> pa.Table:
+    """Per-class counts: COCO classes (summed over their MIDs), then every other MID of the sample."""
+    coco_ids = cmap.coco_ids()
+    mid_counts = {r["values"]: r["counts"] for r in pc.value_counts(sel_labels).to_pylist()}
+    other = sorted(m for m in mid_counts if m not in cmap.mid_to_coco)
+    return pa.table({
+        "label": [cmap.coco_names[c] for c in coco_ids] + other,
+        "name": [cmap.coco_names[c] for c in coco_ids] + [classes[m] for m in other],
+        "coco_id": pa.array(coco_ids + [-1] * len(other), pa.int32()),
+        "coco_count": pa.array(caps.tolist() + [0] * len(other), pa.int64()),
+        "sample_count": pa.array(used.tolist() + [mid_counts[m] for m in other], pa.int64()),
+    })
+
+
+def sample_stats(pool: Pool, sel_rows: pa.Table, chosen: np.ndarray, used: np.ndarray, criteria: dict,
+                 rejects: pa.Table, res: ReadResult | None, cfg: SampleConfig, mapping: Path) -> dict:
+    """stats.json: the Table 2 columns for COCO and the sample, the pool, the criteria checks, the
+    rejected rows and the settings (with the mapping's checksum)."""
+    stats = {
+        "coco": pool.coco_stats,
+        "openimage_mini": table_stats(pa.table({"key": sel_rows.column("image_id"),
+                                                "label": sel_rows.column("label")}), len(chosen)),
+        "openimages_pool": {
+            "num_images": int(len(pool.image_ids)),
+            "num_rows": int(pool.rows.num_rows + pool.rejects.num_rows),
+            "eligible_images": int(len(pool.counts.eligible())),
+        },
+        "criteria": criteria,
+        "coco_classes_at_their_cap": int(np.sum((used == pool.caps) & (pool.caps > 0))),
+        "rejected_rows": reject_counts(rejects),
+        "pixel_tables": res is not None,
+        "settings": {**as_dict(cfg), "mapping": Path(mapping).name,
+                     "mapping_sha256": hashlib.sha256(Path(mapping).read_bytes()).hexdigest()},
+    }
+    if res is not None:
+        stats["openimage_mini"]["images_with_file"] = res.images.num_rows
+    return stats
+
+
 def run(
     coco_annotations: Path,
     openimages_boxes: Path,
@@ -215,105 +328,37 @@ def run(
     """The whole stage; returns the statistics written to `out/stats.json`, plus the timing under
     `"run"` (logged, never written: DVC hashes `out`, and the report stage depends on stats.json)."""
     t0 = time.perf_counter()
-    for path, what in ((coco_annotations, "COCO annotation file (--coco-annotations)"),
-                       (openimages_boxes, "OpenImages box file (--openimages-boxes)")):
-        if not Path(path).is_file():  # before any long read, so the error comes at once
-            raise FileNotFoundError(f"{what} {path} does not exist")
+    _require_files(coco_annotations, openimages_boxes)
     classes = read_openimages_classes(openimages_classes)
     cmap = read_class_mapping(mapping, classes)
-    coco_ids = cmap.coco_ids()
-    n_cls = len(coco_ids)
-
-    # COCO (the caps of criterion 2) is parsed in another process while this one reads the
-    # OpenImages CSV: JSON parsing holds the GIL, and the two reads take about as long.
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        coco_job = pool.submit(coco_caps, Path(coco_annotations), coco_ids, cfg.group_weight)
-
-        # OpenImages: validated rows, image index and COCO class index per row.
-        norm, oi_rejects = read_openimages_boxes(openimages_boxes, openimages_classes)
-        enc = pc.dictionary_encode(norm.column("image_id")).combine_chunks()
-        image_ids = enc.dictionary
-        img = enc.indices.to_numpy(zero_copy_only=False)
-        mids = sorted(cmap.mid_to_coco)
-        mid_cls = np.array([coco_ids.index(cmap.mid_to_coco[m]) for m in mids], dtype=np.int32)
-        mid_idx = pc.fill_null(pc.index_in(norm.column("label"), value_set=pa.array(mids)), -1).to_numpy(zero_copy_only=False)
-        row_cls = np.where(mid_idx >= 0, mid_cls[np.maximum(mid_idx, 0)], -1).astype(np.int32)
-        row_w = np.where(norm.column("is_group").to_numpy(zero_copy_only=False), cfg.group_weight, 1)
-        counts = SparseCounts.from_rows(img, row_cls, row_w, len(image_ids), n_cls)
-        caps, coco_stats = coco_job.result()
-    order_key = np.empty(len(image_ids), dtype=np.int64)
-    order_key[pc.sort_indices(image_ids).to_numpy()] = np.arange(len(image_ids))
+    pool = read_pool(coco_annotations, openimages_boxes, openimages_classes, cmap, cfg.group_weight)
     t_read = time.perf_counter() - t0
 
-    chosen = select(counts, caps, order_key, cfg.seed)
-    used = counts.totals(chosen, n_cls)
-    left_out = np.setdiff1d(counts.eligible(), chosen)
-    criteria = {
-        "every_image_has_a_coco_class": bool(np.all(np.diff(counts.ptr)[chosen] > 0)),
-        "no_coco_class_over_its_coco_count": bool(np.all(used <= caps)),
-        "maximal": bool(np.all(violations_if_added(counts, used, caps)[left_out])),
-    }
-    if not all(criteria.values()):  # a bug, never a data problem
-        raise AssertionError(f"OpenImage-MINI selection breaks its criteria: {criteria}")
+    chosen = select(pool.counts, pool.caps, pool.order_key, cfg.seed)
+    used = pool.counts.totals(chosen, len(cmap.coco_ids()))
+    criteria = check_criteria(pool.counts, chosen, used, pool.caps)
 
-    chosen_ids = image_ids.take(pa.array(chosen)).to_pylist()
-    is_chosen = np.zeros(len(image_ids), dtype=bool)
+    chosen_ids = pool.image_ids.take(pa.array(chosen)).to_pylist()
+    is_chosen = np.zeros(len(pool.image_ids), dtype=bool)
     is_chosen[chosen] = True
-    sel_rows = norm.filter(pa.array(is_chosen[img]))
+    sel_rows = pool.rows.filter(pa.array(is_chosen[pool.row_image]))
     source = openimages_source(Path(openimages_boxes))
-    split = source.removeprefix("openimages_")
 
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "image_ids.txt", "".join(f"{split}/{i}\n" for i in chosen_ids))
-
-    rejects = oi_rejects
-    tables_written = openimages_images is not None
-    if tables_written:
-        res = attach_images(sel_rows, openimages_images, source=source, boxes_csv=str(openimages_boxes),
-                            image_ids=chosen_ids)
-        cat = pc.fill_null(pc.index_in(res.boxes.column("label"), value_set=pa.array(mids)), -1).to_numpy(zero_copy_only=False)
-        coco_of_mid = np.array([cmap.mid_to_coco[m] for m in mids] + [-1], dtype=np.int32)
-        boxes = res.boxes.set_column(res.boxes.schema.get_field_index("category_id"), "category_id",
-                                     pa.array(coco_of_mid[cat], pa.int32()))
-        res = ReadResult(res.images, boxes, res.rejects)
-        rejects = pa.concat_tables([oi_rejects, res.rejects])
-        contracts.write_table(res.images, out / "images.parquet", contracts.IMAGES)
-        contracts.write_table(res.boxes, out / "boxes.parquet", contracts.BOXES)
+    write_text(out / "image_ids.txt", "".join(f"{source.removeprefix('openimages_')}/{i}\n" for i in chosen_ids))
+    rejects, res = pool.rejects, None
+    if openimages_images is not None:
+        res = write_pixel_tables(sel_rows, openimages_images, openimages_boxes, source, chosen_ids, pool.mids,
+                                 cmap, out)
+        rejects = pa.concat_tables([pool.rejects, res.rejects])
     contracts.write_table(rejects, out / "rejects.parquet", contracts.REJECTS)
 
-    # Per-class counts: COCO classes (summed over their MIDs), then every other MID of the sample.
-    sel_labels = sel_rows.column("label")
-    mid_counts = {r["values"]: r["counts"] for r in pc.value_counts(sel_labels).to_pylist()}
-    other = sorted(m for m in mid_counts if m not in cmap.mid_to_coco)
-    class_counts = pa.table({
-        "label": [cmap.coco_names[c] for c in coco_ids] + other,
-        "name": [cmap.coco_names[c] for c in coco_ids] + [classes[m] for m in other],
-        "coco_id": pa.array(coco_ids + [-1] * len(other), pa.int32()),
-        "coco_count": pa.array(caps.tolist() + [0] * len(other), pa.int64()),
-        "sample_count": pa.array(used.tolist() + [mid_counts[m] for m in other], pa.int64()),
-    })
+    class_counts = class_count_table(sel_rows.column("label"), cmap, classes, pool.caps, used)
     with atomic_path(out / "class_counts.parquet") as tmp:
         pq.write_table(class_counts, tmp)
     plot_distribution(class_counts, out / "class_distribution.png")
 
-    sample_boxes = pa.table({"key": sel_rows.column("image_id"), "label": sel_labels})
-    stats = {
-        "coco": coco_stats,
-        "openimage_mini": table_stats(sample_boxes, len(chosen)),
-        "openimages_pool": {
-            "num_images": int(len(image_ids)),
-            "num_rows": int(norm.num_rows + oi_rejects.num_rows),
-            "eligible_images": int(len(counts.eligible())),
-        },
-        "criteria": criteria,
-        "coco_classes_at_their_cap": int(np.sum((used == caps) & (caps > 0))),
-        "rejected_rows": reject_counts(rejects),
-        "pixel_tables": tables_written,
-        "settings": {**as_dict(cfg), "mapping": Path(mapping).name,
-                     "mapping_sha256": hashlib.sha256(Path(mapping).read_bytes()).hexdigest()},
-    }
-    if tables_written:
-        stats["openimage_mini"]["images_with_file"] = res.images.num_rows
+    stats = sample_stats(pool, sel_rows, chosen, used, criteria, rejects, res, cfg, mapping)
     write_text(out / "stats.json", json.dumps(stats, indent=2) + "\n")
     seconds = {"read": round(t_read, 3), "total": round(time.perf_counter() - t0, 3)}
     log.info("sample run (not in stats.json): %s", json.dumps({"seconds": seconds}))
@@ -321,28 +366,30 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.sample", description=__doc__.split("\n\n")[0])
+    p = cli.parser("python -m pipeline.sample", __doc__)
     p.add_argument("--coco-annotations", required=True, type=Path, help="COCO instances_train2017.json")
     p.add_argument("--openimages-boxes", required=True, type=Path, help="oidv6-train-annotations-bbox.csv")
     p.add_argument("--openimages-classes", required=True, type=Path, help="class-descriptions-boxable.csv")
     p.add_argument("--openimages-images", type=Path, help="folder of <ImageID>.jpg (omit before downloading)")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="output folder (tables, stats.json, image_ids.txt, plot)")
     p.add_argument("--mapping", type=Path, default=COCO_OPENIMAGES_CSV, help="COCO <-> OpenImages class table")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="overrides sample.seed (the order of the greedy pass)")
     p.add_argument("--params", type=Path, help="params.yaml to read the 'sample' section from")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging(args.log_level)
     cfg = override(load_section(SampleConfig, "sample", args.params), seed=args.seed)
     stats = run(args.coco_annotations, args.openimages_boxes, args.openimages_classes, args.out, cfg,
                 mapping=args.mapping, openimages_images=args.openimages_images)
-    print("                 #Imgs  #Obj/Img  #Cat/Img  #Cat")
     for name in ("openimage_mini", "coco"):
         s = stats[name]
-        print(f"{name:>15} {s['num_images']:>7} {s['objects_per_image']:>9.2f} "
-              f"{s['categories_per_image']:>9.2f} {s['num_categories']:>5}")
-    print(f"criteria: {stats['criteria']}; rejected rows: {sum(stats['rejected_rows'].values())}")
+        log.info("%s: %d images, %.2f objects and %.2f categories per image, %d categories", name,
+                 s["num_images"], s["objects_per_image"], s["categories_per_image"], s["num_categories"])
     if not stats["pixel_tables"]:
-        print(f"download the images listed in {args.out / 'image_ids.txt'}, then rerun with --openimages-images")
+        log.warning("download the images listed in %s, then rerun with --openimages-images",
+                    args.out / "image_ids.txt")
+    log.info("wrote %s: %d images of %d eligible; criteria %s; %d rejected rows", args.out,
+             stats["openimage_mini"]["num_images"], stats["openimages_pool"]["eligible_images"],
+             stats["criteria"], sum(stats["rejected_rows"].values()))
     return 0
 
 

@@ -31,10 +31,6 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
-def is_main() -> bool:
-    return rank() == 0
-
-
 def init_from_env(device: torch.device) -> bool:
     """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); False when not launched by it."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1 or is_initialized():
@@ -42,6 +38,24 @@ def init_from_env(device: torch.device) -> bool:
     backend = "nccl" if device.type == "cuda" else "gloo"
     torch_dist.init_process_group(backend=backend)
     return True
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda if available else cpu; anything else as torch.device(name)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def init_device(name: str = "auto") -> torch.device:
+    """This process's device (`resolve_device`; on CUDA the GPU of LOCAL_RANK, made current),
+    after joining torchrun's process group when launched by it (`init_from_env`)."""
+    device = resolve_device(name)
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+    init_from_env(device)
+    return device
 
 
 def barrier() -> None:
@@ -57,15 +71,6 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(x) for _ in range(world_size())]
     torch_dist.all_gather(out, x.contiguous())
     return torch.cat(out, dim=0)
-
-
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of `x` over ranks (a copy); `x` itself on one process."""
-    if not is_initialized() or world_size() == 1:
-        return x
-    y = x.detach().clone()
-    torch_dist.all_reduce(y)
-    return y / world_size()
 
 
 @torch.no_grad()

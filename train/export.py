@@ -17,19 +17,22 @@ Writes in `--out`:
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
+import logging
 import pickle
 import sys
 from pathlib import Path
 
 import torch
 
+from pipeline import cli
 from pipeline.files import atomic_path, write_text
 
 C4_NAMES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
+
+log = logging.getLogger(__name__)
 
 
 def backbone_from_checkpoint(state: dict) -> dict[str, torch.Tensor]:
@@ -103,18 +106,21 @@ def write_export(backbone: dict[str, torch.Tensor], out: Path, info: dict) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n\n")[0])
+    p = cli.parser("python -m train.export", __doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="a train.pretrain checkpoint")
     src.add_argument("--random", action="store_true", help="a randomly initialised network instead")
     p.add_argument("--arch", help="with --random: resnet18, resnet50, ...")
     p.add_argument("--seed", type=int, default=0, help="with --random: the initialisation seed")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="export folder (backbone.pth, backbone_detectron2.pkl, "
+                                                           "export.json)")
     args = p.parse_args(argv)
+    cli.setup_logging(args.log_level)
     if args.random and not args.arch:
         p.error("--random needs --arch")
     info = export(None if args.random else args.checkpoint, args.out, args.arch, args.seed)
-    print(f"exported {info['keys']} tensors of a {info['arch']} ({info['method']}, step {info['step']}) to {args.out}")
+    log.info("wrote %s: %d tensors of a %s (%s, step %s)", args.out, info["keys"], info["arch"], info["method"],
+             info["step"])
     return 0
 
 

@@ -9,14 +9,17 @@ machine; several machines are launched by hand with torchrun, see train.pretrain
 """
 from __future__ import annotations
 
-import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 
 import yaml
 
+from pipeline import cli
 from pipeline.params import ParamsError
+
+log = logging.getLogger(__name__)
 
 
 def nproc_per_node(params: Path | None) -> int:
@@ -30,11 +33,16 @@ def nproc_per_node(params: Path | None) -> int:
     return n
 
 
+def _parser(add_help: bool = True):
+    """The options the launcher reads itself; every argument (these too) goes on to `train.pretrain`."""
+    p = cli.parser("python -m train.launch", __doc__, add_help=add_help)
+    p.add_argument("--params", type=Path, help="params.yaml: pretrain.nproc_per_node processes (passed on too)")
+    return p
+
+
 def command(argv: list[str]) -> list[str]:
     """The command line that runs `train.pretrain` with `argv` on this machine."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--params", type=Path)
-    args, _ = p.parse_known_args(argv)
+    args, _ = _parser(add_help=False).parse_known_args(argv)
     n = nproc_per_node(args.params)
     if n == 1:
         return [sys.executable, "-m", "train.pretrain", *argv]
@@ -44,11 +52,11 @@ def command(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
+    args, _ = _parser().parse_known_args(argv)     # -h: this help (the run's options: python -m train.pretrain -h)
+    cli.setup_logging(args.log_level)
     cmd = command(argv)
-    print("train.launch:", " ".join(cmd), file=sys.stderr, flush=True)
+    log.info("running %s (it writes the run folder)", " ".join(cmd))
+    logging.shutdown()
     os.execv(cmd[0], cmd)           # this process becomes the trainer (signals and exit status pass through)
 
 

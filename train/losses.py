@@ -34,12 +34,13 @@ class Queue(nn.Module):
     """A FIFO memory of L2-normalised features (MoCo's queue; the paper's memory bank {z-}).
 
     Keys from every rank are gathered and enqueued in rank order, so every rank holds the same
-    queue. `init="random"` (MoCo): it starts as random unit vectors and all of it serves as
-    negatives from the first step. `init="empty"`: only the slots written so far are negatives.
-    On a short schedule the random start is a trap: against random negatives the loss falls
-    fastest by mapping every region to one direction, and once the queue holds those identical
-    keys InfoNCE has no gradient left (the embedded runs collapsed within their first steps).
-    `filled` counts the slots written so far (the "queue fill" metric).
+    queue. `init="random"` (the default, MoCo's): it starts as random unit vectors and all of it
+    serves as negatives from the first step. `init="empty"`: only the slots written so far are
+    negatives. The empty start is the remedy where a random start collapses, which a very short
+    schedule with a large learning rate can do: against random negatives the loss falls fastest by
+    mapping every region to one direction, and once the queue holds those identical keys InfoNCE
+    has no gradient left. The end-of-run health check of the pre-training reports such a collapse
+    (`collapsed keys`). `filled` counts the slots written so far (the "queue fill" metric).
     """
 
     def __init__(self, size: int, dim: int, init: str = "random"):

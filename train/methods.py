@@ -43,10 +43,8 @@ from train.augment import (
 )
 from train.losses import Queue, batch_top1, byol_loss, chance_loss, info_nce, key_spread, queue_top1
 from train.model import MLP, RegionEncoder, bn_segments, momentum_copy, momentum_update, region_segments, use_split_batch_norm
+from train.resnet import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD
 from train.shuffle_bn import shuffled_forward
-
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 
 NO_REGION_AUGMENT = AugmentConfig(prc=False, prm=False, rbj=False, compose=False)
 

@@ -4,7 +4,8 @@
 
 - backbone: a torchvision ResNet (`weights=None`: never a download), stem to res4 (C4, stride 16);
 - RoIAlign on C4: 14x14 output, aligned=True, spatial scale 1/16 (the MoCo/SoCo C4 setting);
-- head: res5 (stride 2: 14x14 -> 7x7) and global average pooling, one vector per region;
+- head: res5 (stride 2: 14x14 -> 7x7) and global average pooling, one vector per region
+  (`train.resnet.region_features`, the same function the evaluations use);
 - projector: an MLP. For the InfoNCE methods (d3ssl, mocov2) MoCo v2's: Linear-ReLU-Linear,
   hidden = the C5 width, 128 out. For the BYOL-style soco, SoCo's: Linear-BN-ReLU-Linear, 4096
   hidden, 256 out (and a predictor of the same shape). The paper says "an MLP projector" only.
@@ -15,8 +16,8 @@ groups of its batch separately (MoCo's SplitBatchNorm, its single-GPU stand-in f
 the image batch in `groups` chunks, the regions by the chunk their image is in. This is what
 shuffle-BN (train.methods) needs on one process.
 
-RoI coordinates stay float32 under autocast (bf16 would round coordinates of 128-256 to 1 px and
-an image index past 256): RoIAlign runs in float32 and its output is cast to the feature dtype.
+RoI coordinates stay float32 under autocast (`train.resnet.align`): RoIAlign runs in float32 and
+its output is cast to the feature dtype.
 
 ResNet-50 for real runs; the embedded CPU default uses a smaller ResNet through the same code
 (`arch`). `backbone_state_dict()` returns the weights as a plain torchvision ResNet state_dict.
@@ -31,21 +32,8 @@ from contextvars import ContextVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
-from torchvision.ops import roi_align
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
-
-
-def make_resnet(arch: str) -> torchvision.models.ResNet:
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; valid: {list(ARCHS)}")
-    return getattr(torchvision.models, arch)(weights=None)
-
-
-def c5_channels(arch: str) -> int:
-    return 512 if arch in ("resnet18", "resnet34") else 2048
-
+from train.resnet import C4_TRUNK, STRIDES, c4_trunk, make_resnet, out_channels, region_features
 
 # ------------------------------------------------------------------------------ split batch norm
 
@@ -152,10 +140,10 @@ class RegionEncoder(nn.Module):
                  proj_bn: bool = False, roi_size: int = 14):
         super().__init__()
         net = make_resnet(arch)
-        self.c4 = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3)
+        self.c4 = c4_trunk(net)
         self.res5 = net.layer4
         self.roi_size = roi_size
-        width = c5_channels(arch)
+        width = out_channels(net.layer4)
         self.projector = MLP(width, proj_hidden or width, proj_dim, proj_bn)
         self.arch = arch
         use_split_batch_norm(self)
@@ -168,11 +156,8 @@ class RegionEncoder(nn.Module):
             c4 = self.c4(images)                                        # B x C4 x H/16 x W/16
         index = torch.arange(images.shape[0], device=images.device, dtype=torch.float32)[:, None].expand_as(valid)
         rois = torch.cat([index[valid][:, None], boxes[valid].float()], dim=1)   # N x 5, float32
-        with torch.autocast(c4.device.type, enabled=False):
-            r = roi_align(c4.float(), rois, output_size=self.roi_size, spatial_scale=1 / 16,
-                          sampling_ratio=0, aligned=True).to(c4.dtype)  # N x C4 x 14 x 14
         with bn_segments(region_segments(valid, groups) if groups > 1 else None):
-            h = self.res5(r).mean(dim=(2, 3))                          # N x C5
+            h = region_features(c4, rois, STRIDES["C4"], self.roi_size, head=self.res5)   # N x C5
             return self.projector(h)
 
     def images(self, images: torch.Tensor, groups: int = 1) -> torch.Tensor:
@@ -183,9 +168,8 @@ class RegionEncoder(nn.Module):
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """The backbone as a torchvision ResNet state_dict (every key but `fc.*`)."""
-        names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3"]
         out = {}
-        for name, module in zip(names, self.c4):
+        for name, module in zip(C4_TRUNK, self.c4):
             for k, v in module.state_dict().items():
                 out[f"{name}.{k}"] = v.detach().clone()
         for k, v in self.res5.state_dict().items():

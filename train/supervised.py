@@ -16,7 +16,6 @@ random horizontal flip. Writes the backbone as the trainer's export does (`backb
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import sys
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import contracts
+from pipeline import cli, contracts
 from pipeline import images as image_io
 from pipeline.params import override
 from train.methods import MEAN, STD
@@ -54,7 +53,11 @@ def load_labelled(images: Path, boxes: Path, size: int) -> tuple[np.ndarray, lis
         g = by_key.get(row["key"])
         if g is None:
             continue
-        rgb, _ = image_io.decode(row["path"])
+        try:
+            rgb, _ = image_io.decode(row["path"], row["width"], row["height"])
+        except image_io.ImageFailure as e:
+            raise ValueError(f"{images}: row key {row['key']!r}, {row['path']}: {e}; rebuild the images table "
+                             "from the files (its width and height scale the boxes)") from None
         xs.append(np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR)))
         scale = np.array([size / row["width"], size / row["height"]] * 2, np.float32)
         bs.append(g[["x1", "y1", "x2", "y2"]].to_numpy(np.float32) * scale)
@@ -116,7 +119,7 @@ def train_supervised(images: Path, boxes: Path, cfg: PretrainConfig, pretrain_sa
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.supervised", description=__doc__.split("\n\n")[0])
+    p = cli.parser("python -m train.supervised", __doc__)
     p.add_argument("--images", required=True, type=Path, help="pre-training images table (images.parquet)")
     p.add_argument("--boxes", required=True, type=Path, help="their boxes table (boxes.parquet)")
     p.add_argument("--out", required=True, type=Path, help="export folder (backbone.pth, ...)")
@@ -125,13 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrain-samples", type=int,
                    help="images per pre-training epoch (the shards' total; default: the labelled images)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging(args.log_level)
     cfg = override(load_config(args.params), seed=args.seed)
     net = train_supervised(args.images, args.boxes, cfg, args.pretrain_samples)
     from train.export import write_export
 
-    write_export(net.backbone_state_dict(), args.out, {"method": "supervised", "arch": cfg.arch, "step": None})
-    log.info("wrote %s", args.out)
+    info = write_export(net.backbone_state_dict(), args.out, {"method": "supervised", "arch": cfg.arch, "step": None})
+    log.info("wrote %s: the supervised %s backbone (%d tensors)", args.out, cfg.arch, info["keys"])
     return 0
 
 

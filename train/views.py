@@ -45,9 +45,10 @@ class ColourConfig:
 
 
 BLUR_REFERENCE_SIZE = 224
-"""BYOL/SoCo give the blur sigma (0.1-2.0 px, kernel 23 px) for 224 px views. At other view sizes the
-sigma is scaled by size / 224 so that the blur removes the same share of the image's detail: 2 px on
-a 64 px view would blur like 7 px at 224, wiping out the texture the miniature's classes are made of."""
+"""BYOL (appendix B) gives the blur sigma (0.1-2.0 px, kernel 23 px) for 224 px views, and SoCo
+follows it; the paper is silent on the blur. Scaling the sigma by size / 224 at other view sizes is
+our choice, so that the blur removes the same share of the image's detail: 2 px on a 64 px view
+would blur like 7 px at 224, wiping out the texture the miniature's classes are made of."""
 
 
 @dataclass(frozen=True)

@@ -75,3 +75,35 @@ def test_pool_boxes_is_the_cell_mean_on_the_grid():
 def test_resize_shape():
     assert resize_shape(480, 640, 320, 533) == (320, 427)
     assert resize_shape(100, 1000, 320, 533) == (53, 533)
+
+
+def test_eval_region_head_is_the_pretraining_one():
+    """c4_roialign14_res5 of an exported backbone gives the features the pre-training region
+    encoder computed (before its projector), box for box."""
+    from train.model import RegionEncoder
+
+    torch.manual_seed(0)
+    enc = RegionEncoder("resnet18", proj_dim=8).eval()
+    enc.projector = torch.nn.Identity()
+    net = torchvision.models.resnet18(weights=None)
+    net.load_state_dict(enc.backbone_state_dict(), strict=False)
+    stages = ResNetStages(net).eval()
+    x = torch.randn(2, 3, 96, 128)
+    boxes = torch.tensor([[[0.0, 0.0, 64.0, 64.0], [10.0, 20.0, 90.0, 80.0]],
+                          [[5.0, 5.0, 120.0, 90.0], [0.0, 0.0, 1.0, 1.0]]])
+    valid = torch.tensor([[True, True], [True, False]])
+    with torch.no_grad():
+        want = enc.regions(x, boxes, valid)
+        got = region_feature("c4_roialign14_res5")(stages, x, [boxes[0], boxes[1, :1]])
+    assert want.shape == got.shape == (3, 512)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluation_normalises_images_as_training_does():
+    """The same pixels reach the backbone as the same input in pre-training and in evaluation."""
+    import train.methods
+    from eval.backbone import to_input
+
+    pixels = torch.randint(0, 256, (1, 3, 4, 4), dtype=torch.uint8)
+    trained = train.methods.prepare({"x1": pixels}, torch.device("cpu"))["x1"]
+    torch.testing.assert_close(to_input(pixels), trained, rtol=1e-5, atol=1e-5)

@@ -1,5 +1,5 @@
 """Detection fine-tuning: it learns on a tiny generated set (AP far above the untrained heads'),
-the data, the schedule, the presets and the C4 structure."""
+the data (the shared COCO box rule), the schedule, the presets and the C4 structure."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from PIL import Image
 
 from eval.backbone import build_resnet
 from eval.detect import (
-    PRESETS, CocoDetection, DetectConfig, Schedule, build_detector, evaluate, lr_factor, main, preset, train,
+    CocoDetection, DetectConfig, Schedule, build_detector, evaluate, lr_factor, main, preset, schedule_of, train,
 )
 
 CLASSES = {1: "square", 2: "disc"}
@@ -77,7 +77,7 @@ def test_fine_tuning_learns(shapes):
     model = build_detector(build_resnet("resnet18", "random", seed=0), 2, TINY)
     cfg = DetectConfig(workers=0, log_every=20)
     before = evaluate(model, val_set, TINY, torch.device("cpu"))["bbox"]
-    rows = train(model, train_set, TINY, cfg, torch.device("cpu"), log=lambda *_: None)
+    rows = train(model, train_set, TINY, cfg, torch.device("cpu"))
     after = evaluate(model, val_set, TINY, torch.device("cpu"))["bbox"]
     assert [r["iter"] for r in rows] == [20, 40, 60]
     assert before["AP50"] < 5.0
@@ -120,6 +120,61 @@ def test_crowd_boxes_are_not_trained_on(tmp_path):
     assert len(CocoDetection(ann, images, train=False, with_masks=False)) == 2
 
 
+def test_targets_follow_the_readers_box_rule(tmp_path):
+    """The boxes pipeline.readers keeps are the targets, and only they: a box reaching 5 px out
+    is left out, one 0.5 px over the edge is clipped, a sub-pixel box is kept, a zero-width one
+    is not; the masks stay with their boxes."""
+    ann, images = make_shapes_set(tmp_path, "s", 1, seed=4)
+    data = json.loads(ann.read_text())
+    extra = [([120, 60, 13, 20], 1), ([100.5, 100, 28, 20], 2), ([40, 40, 0.5, 0.5], 1), ([70, 70, 0, 8], 2)]
+    for bbox, cat in extra:
+        x, y, w, h = bbox
+        data["annotations"].append({"id": len(data["annotations"]) + 1, "image_id": 1, "category_id": cat,
+                                    "bbox": bbox, "area": w * h, "iscrowd": 0,
+                                    "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
+    ann.write_text(json.dumps(data))
+    n_shapes = len(data["annotations"]) - len(extra)
+    ds = CocoDetection(ann, images, train=False, with_masks=True)
+    _, t = ds[0]
+    assert t["boxes"][n_shapes:].tolist() == [[100.5, 100.0, 128.0, 120.0], [40.0, 40.0, 40.5, 40.5]]
+    assert t["labels"][n_shapes:].tolist() == [2, 1]
+    assert len(t["masks"]) == n_shapes + 2
+    assert t["masks"][n_shapes][110, 110] == 1 and t["masks"][n_shapes][110, 90] == 0   # the clipped box's polygon
+
+
+def test_a_read_only_decoded_image_is_not_shared_with_torch(shapes, monkeypatch):
+    """The decoded image may be a read-only array (np.asarray of a PIL image): torch.from_numpy
+    on it warns (once per process) and shares memory torch could write to."""
+    import eval.detection.data as data
+
+    (train_ann, train_dir), _ = shapes
+    ds = CocoDetection(train_ann, train_dir, train=True, with_masks=True)
+    load = data.load_rgb
+
+    def read_only(path):
+        a = load(path)
+        a.flags.writeable = False
+        return a
+
+    from_numpy = torch.from_numpy
+
+    def checked(a):
+        assert a.flags.writeable, "torch.from_numpy on a read-only array"
+        return from_numpy(a)
+
+    monkeypatch.setattr(data, "load_rgb", read_only)
+    monkeypatch.setattr(torch, "from_numpy", checked)
+    x, t = ds[0]
+    assert x.shape == (3, 128, 128) and len(t["masks"]) == len(t["boxes"])
+
+
+def test_a_missing_image_file_is_named(tmp_path):
+    ann, images = make_shapes_set(tmp_path, "s", 2, seed=5)
+    (images / "0001.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 listed image.*0001\.png"):
+        CocoDetection(ann, images, train=False, with_masks=False)
+
+
 def test_c4_structure_and_mask_head_share_res5():
     sch = replace(TINY, masks=True)
     model = build_detector(build_resnet("resnet18", "random"), 5, sch)
@@ -151,11 +206,12 @@ def test_lr_schedule():
     assert lr_factor(50, s) == pytest.approx(0.1) and lr_factor(59, s) == pytest.approx(0.01)
 
 
-def test_presets():
-    assert PRESETS["coco_1x"].max_iter == 90000 and PRESETS["coco_1x"].steps == (60000, 80000)
-    assert PRESETS["coco_1x"].masks and not PRESETS["voc_24k"].masks
-    assert PRESETS["voc_24k"].max_iter == 24000 and PRESETS["voc_24k"].steps == (18000, 22000)
-    assert all(p.ims_per_batch == 16 and p.base_lr == 0.02 for n, p in PRESETS.items() if n in ("coco_1x", "voc_24k"))
+def test_max_iter_cuts_the_schedule():
+    cut = schedule_of(DetectConfig(preset="coco_1x", max_iter=500))
+    assert (cut.max_iter, cut.steps, cut.warmup_iters) == (500, (), 500)
+    cut = schedule_of(DetectConfig(preset="voc_24k", max_iter=20000))
+    assert (cut.max_iter, cut.steps, cut.warmup_iters) == (20000, (18000,), 100)
+    assert schedule_of(DetectConfig(preset="voc_24k")) == preset("voc_24k")
     with pytest.raises(ValueError, match="coco_1x.*short"):
         preset("coco_2x")
 
@@ -169,10 +225,10 @@ def test_unknown_preset_on_the_command_line(tmp_path):
 def test_detect_stage_writes_metrics(shapes, tmp_path):
     (train_ann, train_dir), (val_ann, val_dir) = shapes
     params = tmp_path / "params.yaml"
-    params.write_text("detect:\n  preset: short\n  workers: 0\n  log_every: 1\n")
+    params.write_text("detect:\n  preset: short\n  workers: 0\n  log_every: 1\n  max_iter: 2\n")
     import eval.detect as detect
 
-    tiny = replace(TINY, max_iter=2, precise_bn_iters=1, masks=True)
+    tiny = replace(TINY, precise_bn_iters=1, masks=True)
     old = dict(detect.PRESETS)
     detect.PRESETS["short"] = tiny
     try:
@@ -184,7 +240,8 @@ def test_detect_stage_writes_metrics(shapes, tmp_path):
         detect.PRESETS.update(old)
     m = json.loads((tmp_path / "det" / "metrics.json").read_text())
     assert set(m["bbox"]) >= {"AP", "AP50", "AP75"} and set(m["segm"]) >= {"AP", "AP50", "AP75"}
-    assert m["preset"] == "short" and m["schedule"]["max_iter"] == 2 and m["classes"] == 2
+    assert m["preset"] == "short" and m["classes"] == 2
+    assert (m["schedule"]["max_iter"], m["schedule"]["steps"], m["schedule"]["warmup_iters"]) == (2, [], 2)
     log = (tmp_path / "det" / "train_log.csv").read_text().splitlines()
     assert log[0].startswith("iter,lr,loss") and len(log) == 3
     assert "time_s" not in m          # seconds are printed: DVC hashes this file

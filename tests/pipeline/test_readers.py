@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipeline import contracts as C
 from pipeline.readers import (
-    ReaderError, attach_images, read_coco, read_openimages, read_openimages_boxes,
+    ReaderError, attach_images, coco_tables, load_coco, main, read_coco, read_openimages, read_openimages_boxes,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -99,6 +99,26 @@ def test_coco_bad_rows_are_counted_by_reason(coco_files):
     assert by_row[("annotations", 7)] == "unknown_label"
     assert by_row[("images", 2)] == "missing_image"
     C.conform(res.rejects, C.REJECTS)
+
+
+def test_coco_boxes_know_their_annotation(coco_files):
+    """Each boxes row names the annotation it came from (what masks need): the kept ones, in order."""
+    ann, images = coco_files
+    tables = coco_tables(load_coco(ann), ann, images)
+    assert tables.annotation_rows.tolist() == [0, 1, 2, 10, 11]
+    for row, box in zip(tables.annotation_rows, tables.result.boxes.to_pylist()):
+        a = COCO_DOC["annotations"][row]
+        assert box["category_id"] == a["category_id"] and box["is_group"] == bool(a["iscrowd"])
+        assert box["y1"] == pytest.approx(max(a["bbox"][1], 0.0))
+
+
+def test_coco_stage_writes_the_tables_and_logs_a_summary(coco_files, tmp_path, caplog):
+    ann, images = coco_files
+    with caplog.at_level("INFO", logger="pipeline.readers"):
+        assert main(["coco", "--annotations", str(ann), "--images", str(images), "--out", str(tmp_path / "t")]) == 0
+    assert C.read_table(tmp_path / "t" / "boxes.parquet", C.BOXES).num_rows == 5
+    assert json.loads((tmp_path / "t" / "summary.json").read_text())["rejected"] == 8
+    assert any("5 boxes" in r.getMessage() and "8 rejected" in r.getMessage() for r in caplog.records)
 
 
 def test_coco_missing_file_and_key_are_named(tmp_path: Path):

@@ -24,6 +24,7 @@ from train.methods import DEFAULTS, METHODS, build, prepare
 from train.model import RegionEncoder, SplitBatchNorm2d, bn_segments, chunk_sizes
 from train.shuffle_bn import shuffled_forward
 from train.stream import LoaderConfig, make_stream, read_index
+from train.trainer import use_sync_batchnorm
 from train.views import ViewConfig
 
 from tests.train.test_pretrain import write_params as tiny_params
@@ -93,15 +94,15 @@ def test_loss_falls_on_a_fixed_batch(name, device, shards, monkeypatch):
 def test_bf16_autocast_keeps_rois_float32(device, monkeypatch):
     """Under bf16 autocast the backbone runs in bf16, but RoIAlign gets float32 features and exact
     float32 RoIs (bf16 would round 33.3 px to 33.25 and an image index past 256)."""
-    import train.model as model
+    import train.resnet as resnet
 
     seen = {}
-    real = model.roi_align
+    real = resnet.roi_align
 
     def spy(x, rois, **kw):
         seen.update(x=x.dtype, rois=rois.dtype, values=rois.detach().clone())
         return real(x, rois, **kw)
-    monkeypatch.setattr(model, "roi_align", spy)
+    monkeypatch.setattr(resnet, "roi_align", spy)
     torch.manual_seed(0)
     enc = RegionEncoder("resnet18", 32, 16, roi_size=7).to(device)
     enc.c4.register_forward_hook(lambda m, i, o: seen.update(c4=o.dtype))
@@ -185,7 +186,7 @@ def test_sync_batchnorm_conversion(device, request):
         request.getfixturevalue("one_rank_group")
     torch.manual_seed(0)
     method = build("soco", "resnet18", tiny_cfg("soco"), roi_size=7).to(device)
-    method.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method.student)
+    use_sync_batchnorm(method)
     bns = [m for m in method.student.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert bns and all(isinstance(m, torch.nn.SyncBatchNorm) for m in bns)
     assert not any(isinstance(m, SplitBatchNorm2d) for m in method.student.modules())
@@ -291,7 +292,7 @@ def test_pretrain_epoch_checkpoint_resume_export(device, shards, tmp_path, caplo
     assert state["step"] == 3
     if device.type == "cuda":
         assert state["rng"][0]["cuda"], "the checkpoint holds no CUDA RNG state"
-    with caplog.at_level(logging.INFO, logger="train.pretrain"):
+    with caplog.at_level(logging.INFO, logger="train"):
         assert main(["--shards", str(shards), "--out", str(run), "--method", "d3ssl", "--params", str(params),
                      "--device", device.type, "--resume"]) == 0
     assert "resumed from step 3" in caplog.text

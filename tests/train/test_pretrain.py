@@ -64,12 +64,36 @@ def test_a_loader_key_error_names_the_loader_section(tmp_path):
         load_config(p)
     assert f"{p}:loader: unknown key(s) ['batch_sise']" in str(e.value)
     assert "pretrain.loader" not in str(e.value)
-    p.write_text("loader:\n  workers: many\n")
+    p.write_text("pretrain: {}\nloader:\n  workers: many\n")
     with pytest.raises(ParamsError, match=rf"{p}:loader\.workers: expected an integer"):
         load_config(p)
-    p.write_text("loader: [1, 2]\n")
+    p.write_text("pretrain: {}\nloader: [1, 2]\n")
     with pytest.raises(ParamsError, match=rf"{p}:loader: expected a mapping of LoaderConfig settings"):
         load_config(p)
+
+
+def test_a_params_file_without_a_pretrain_section_is_an_error_not_the_defaults(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("loader:\n  batch_size: 8\nmethods: {}\n")
+    with pytest.raises(ParamsError, match=rf"{p}: no section pretrain \(present: \['loader', 'methods'\]\)"):
+        load_config(p)
+    p.write_text("pretrain: {}\n")                      # explicit: the defaults
+    assert load_config(p).arch == "resnet50" and load_config(None) == load_config(p)
+
+
+def test_dvclive_logs_in_a_git_repository_without_commits(tmp_path, monkeypatch, caplog):
+    import subprocess as sp
+
+    from train.runlog import open_live
+
+    sp.run(["git", "init", "-q", str(tmp_path)], check=True)
+    monkeypatch.chdir(tmp_path)
+    live = open_live(tmp_path / "dvclive", resume=False)
+    live.log_metric("train/loss", 1.5)
+    live.next_step()
+    live.end()
+    assert "without a git revision" in caplog.text
+    assert (tmp_path / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv").read_text().split()[-1] == "1.5"
 
 
 @pytest.mark.parametrize("body", ["pretrain: 3\n", "pretrain: [1, 2]\n"])

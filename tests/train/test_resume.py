@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.train.test_pretrain import write_params
-from train import launch, pretrain
+from train import checkpoint, launch, pretrain
 from train.pretrain import ResumeError, load_config, method_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,7 +71,7 @@ def test_a_rerun_resumes_automatically_and_equals_an_undisturbed_run(shards, cut
     params, _ = cut_run
     run_dir = copy_run(cut_run, tmp_path)
     assert state(run_dir)["step"] == CUT and (run_dir / "stamp.json").is_file()
-    with caplog.at_level(logging.INFO, logger="train.pretrain"):
+    with caplog.at_level(logging.INFO, logger="train"):
         summary = run(shards, run_dir, params, max_steps=WHOLE)       # the rerun: no flag
     assert f"resumed from step {CUT}" in caplog.text
     run(shards, tmp_path / "whole", params, max_steps=WHOLE)
@@ -92,7 +92,7 @@ def test_resume_without_a_checkpoint_is_an_error(shards, tmp_path, caplog):
         run(shards, tmp_path / "none", params, resume="require", max_steps=1)
     args = ["--shards", str(shards), "--out", str(tmp_path / "none"), "--method", METHOD, "--params", str(params),
             "--device", "cpu", "--resume"]
-    with caplog.at_level(logging.ERROR, logger="train.pretrain"):
+    with caplog.at_level(logging.ERROR, logger="train"):
         assert pretrain.main(args) == 2
     assert "no checkpoint" in caplog.text and not (tmp_path / "none" / "checkpoint.pt").exists()
 
@@ -106,7 +106,7 @@ def test_resume_across_a_changed_batch_size_is_refused_naming_it(shards, cut_run
         run(shards, run_dir, params, resume="require", max_steps=WHOLE, loader={"workers": 1})
     assert state(run_dir)["step"] == CUT                          # untouched
     # a setting that does not change what is trained resumes (max_steps here)
-    with caplog.at_level(logging.INFO, logger="train.pretrain"):
+    with caplog.at_level(logging.INFO, logger="train"):
         run(shards, run_dir, params, resume="require", max_steps=CUT + 1)
     assert f"resumed from step {CUT}" in caplog.text and state(run_dir)["step"] == CUT + 1
 
@@ -120,9 +120,9 @@ def test_a_stamp_mismatch_starts_clean_and_says_why(shards, cut_run, tmp_path, c
         cfg["base_lr"] = 0.1
         why = f"base_lr was {pretrain.load_config(params).base_lr}, is now 0.1"
     else:
-        monkeypatch.setattr(pretrain, "code_version", lambda: "another version")
-        why = "the code version (train/ sources) differs"
-    with caplog.at_level(logging.INFO, logger="train.pretrain"):
+        monkeypatch.setattr(checkpoint, "code_version", lambda: "another version")
+        why = "the code version (the sources train.pretrain imports) differs"
+    with caplog.at_level(logging.INFO, logger="train"):
         summary = run(shards, run_dir, params, **cfg)
     assert "resumed from" not in caplog.text
     assert f"its stamp differs ({why}); starting clean" in caplog.text
@@ -134,8 +134,8 @@ def test_a_stamp_mismatch_starts_clean_and_says_why(shards, cut_run, tmp_path, c
 def test_checkpoints_come_every_checkpoint_minutes_too(shards, tmp_path, monkeypatch):
     params = tiny_params(tmp_path / "params.yaml")
     saved = []
-    real = pretrain.save_checkpoint
-    monkeypatch.setattr(pretrain, "save_checkpoint", lambda path, m, o, pos, *a: (saved.append(pos.step),
+    real = checkpoint.save_checkpoint
+    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda path, m, o, pos, *a: (saved.append(pos.step),
                                                                                     real(path, m, o, pos, *a)))
     run(shards, tmp_path / "off", params, max_steps=2)
     assert saved == [2]                                           # only the stop
@@ -172,3 +172,32 @@ def test_launcher_runs_two_gloo_ranks_that_checkpoint_and_resume(shards, tmp_pat
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resumed from step 2" in out.stderr and state(tmp_path / "ddp")["step"] == 3
     assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["ranks_identical"]
+
+
+def test_the_checkpoint_clock_syncs_ranks_only_every_few_steps(monkeypatch):
+    """One process reads its clock every step; more processes broadcast rank 0's verdict, and only
+    at steps that are multiples of `every`, the same steps on every rank."""
+    calls = []
+    monkeypatch.setattr(checkpoint.dist, "broadcast", lambda x, src=0: (calls.append(int(x.item())), x)[1])
+    now = [1000.0]
+    monkeypatch.setattr(checkpoint.time, "monotonic", lambda: now[0])
+    clock = checkpoint.CheckpointClock(1.0, world=2, device=torch.device("cpu"), every=5)
+    now[0] += 61                                               # past the minute
+    assert [s for s in range(1, 13) if clock.due(s)] == [5, 10]
+    assert calls == [1, 1]                                     # two broadcasts in 12 steps
+    clock.reset()
+    assert not clock.due(15) and calls == [1, 1, 0]
+    single = checkpoint.CheckpointClock(1.0, world=1, device=torch.device("cpu"), every=5)
+    now[0] += 61
+    assert single.due(1) and single.due(3) and calls == [1, 1, 0]   # no broadcast on one process
+    assert not checkpoint.CheckpointClock(0, world=2, device=torch.device("cpu")).due(20)   # off
+
+
+def test_stamp_json_is_written_once_per_stamp(tmp_path):
+    path = tmp_path / "stamp.json"
+    stamp = {"params": "a", "shards": "b", "code": "c", "settings": {"seed": 0}}
+    assert checkpoint.write_stamp(path, stamp)
+    assert not checkpoint.write_stamp(path, stamp)              # the run's next checkpoints: untouched
+    assert json.loads(path.read_text()) == stamp
+    assert checkpoint.write_stamp(path, {**stamp, "code": "d"})
+    assert json.loads(path.read_text())["code"] == "d"

@@ -89,14 +89,14 @@ def test_split_batch_norm_uses_each_groups_statistics_and_keeps_the_state_dict()
 
 def test_rois_stay_float32_under_bf16_autocast(monkeypatch):
     """Box coordinates must not be rounded to bf16 (1 px steps at 128-256, inexact image indices)."""
-    import train.model as model
+    import train.resnet as resnet
     seen = {}
-    real = model.roi_align
+    real = resnet.roi_align
 
     def spy(inp, rois, **kw):
         seen["dtype"], seen["rois"] = rois.dtype, rois.clone()
         return real(inp, rois, **kw)
-    monkeypatch.setattr(model, "roi_align", spy)
+    monkeypatch.setattr(resnet, "roi_align", spy)
     enc = RegionEncoder("resnet18", proj_dim=8, roi_size=2).eval()
     boxes = torch.tensor([[[1.3, 2.7, 200.9, 255.1]]]).expand(300, 1, 4).contiguous()
     with torch.autocast("cpu", dtype=torch.bfloat16):

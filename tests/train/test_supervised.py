@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
+import pytest
 import torch
 import torchvision
 from PIL import Image
@@ -12,7 +13,7 @@ from PIL import Image
 from pipeline import contracts
 from train.pretrain import PretrainConfig
 from train.stream import LoaderConfig
-from train.supervised import main, steps_of, train_supervised
+from train.supervised import load_labelled, main, steps_of, train_supervised
 from train.views import ViewConfig
 
 
@@ -59,3 +60,11 @@ def test_the_stage_writes_an_export_that_loads_into_torchvision(tmp_path):
     state = torch.load(tmp_path / "export" / "backbone.pth", weights_only=True)
     missing, unexpected = torchvision.models.resnet18(weights=None).load_state_dict(state, strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+
+
+def test_an_image_whose_size_disagrees_with_its_table_row_is_an_error_naming_it(tmp_path):
+    images, boxes = labelled_set(tmp_path, n=2)
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "im1.jpg")     # the table says 64x48
+    with pytest.raises(ValueError, match=r"images.parquet: row key 'im1', .*im1.jpg: size_mismatch: file is 40x40, "
+                                         r"the images table says 64x48; rebuild the images table"):
+        load_labelled(images, boxes, 32)

@@ -1,0 +1,117 @@
+"""What a pre-training run logs: per-step metrics (dvclive under RUN_DIR/dvclive, rank 0) with a
+progress bar, and the end-of-run health check.
+
+Besides the loss terms, every step logs the learning rate, the teacher momentum, images/s, the
+queue fill and the loader's errors. `health` judges the last `HEALTH_WINDOW` steps: a loss at its
+chance level ln(queue + 1) per InfoNCE term means the method learned nothing; a key spread near 0
+means the keys collapsed to one point.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+HEALTH_WINDOW = 20        # steps averaged for the end-of-run health check
+AT_CHANCE = 0.95          # loss / chance level at or above this: the queue method learned nothing
+COLLAPSED = 0.1           # key spread (1: spread over the sphere, 0: one point) below this: collapse
+
+
+def health(recent: list[dict]) -> dict:
+    """The end-of-run check over the last steps: loss against its chance level ln(queue + 1) per
+    InfoNCE term, the positive's rank-1 accuracy, the key spread; `problems` says what is wrong."""
+    if not recent:
+        return {"steps": 0, "problems": []}
+    mean = {k: float(np.nanmean([r[k] for r in recent])) if not all(np.isnan(r[k]) for r in recent) else None
+            for k in ("loss", "chance", "top1", "key_std")}
+    out = {"steps": len(recent), **mean, "loss_over_chance": None, "problems": []}
+    if mean["chance"]:
+        out["loss_over_chance"] = mean["loss"] / mean["chance"]
+        if out["loss_over_chance"] >= AT_CHANCE:
+            out["problems"].append(f"ends at chance: loss {mean['loss']:.3f} against the chance level "
+                                   f"{mean['chance']:.3f} (ln(queue + 1) per InfoNCE term), rank-1 accuracy "
+                                   f"{mean['top1']:.3f}")
+    if mean["key_std"] is not None and mean["key_std"] < COLLAPSED:
+        out["problems"].append(f"collapsed keys: spread {mean['key_std']:.3f} (1 = spread over the sphere, 0 = one point)")
+    return out
+
+
+def open_live(path: Path, resume: bool):
+    """A dvclive logger at `path`, also inside a git repository that has no commit yet.
+
+    dvclive 3.49 asks git for the current revision when it starts and raises on a repository with
+    no commit (a fresh `git init`, or a copy of the project). The metrics do not need a revision,
+    so there it logs as outside any repository (no experiment reference), and says so.
+    """
+    from dvclive import Live
+    from scmrepo.exceptions import SCMError
+
+    try:
+        return Live(str(path), resume=resume, save_dvc_exp=False, dvcyaml=None)
+    except SCMError as e:
+        log.warning("dvclive: %s; logging %s without a git revision", e, path)
+        return _live_without_git()(str(path), resume=resume, save_dvc_exp=False, dvcyaml=None)
+
+
+def _live_without_git():
+    """dvclive's `Live` with its repository set-up as dvclive runs it where there is no repository
+    (no DVC repo, no git revision, no experiment reference): metrics and plots only."""
+    from dvclive import Live
+    from dvclive.dvc import get_exp_name
+
+    class LiveWithoutGit(Live):
+        def _init_dvc(self):
+            self._dvc_repo = None
+            self._exp_name = get_exp_name(self._exp_name, None, self._baseline_rev)
+            self._dvc_file = self._init_dvc_file()
+
+    return LiveWithoutGit
+
+
+class StepLog:
+    """Rank 0's per-step logs: dvclive metrics under RUN_DIR/dvclive and the progress bar."""
+
+    def __init__(self, run, progress: bool):
+        """`run`: the rank's `train.pretrain.Trainer` (its out, name, cfg, rank, world, schedule, position, method)."""
+        from tqdm import tqdm
+
+        self.run = run
+        self.live = open_live(run.out / "dvclive", resume=run.resumed and run.pos.step > 0) if run.rank == 0 else None
+        if self.live is not None:
+            for k, v in {"method": run.name, "arch": run.cfg.arch, "world_size": run.world,
+                         "steps": run.sched.total_steps}.items():
+                self.live.log_param(k, v)
+        self.bar = tqdm(total=min(run.sched.stop, run.sched.total_steps), initial=run.pos.step, desc=run.name,
+                        unit="step", disable=not (progress and run.rank == 0))
+        self.t_last, self.seen = time.perf_counter(), 0
+
+    def step(self, batch: dict, lr: float, loss: torch.Tensor, terms: dict) -> None:
+        self.seen += len(batch["key"])
+        self.bar.update()
+        live, method = self.live, self.run.method
+        if live is None:
+            return
+        now = time.perf_counter()
+        live.log_metric("train/loss", loss.item())
+        if self.run.recent[-1]["chance"]:
+            live.log_metric("train/loss_chance", self.run.recent[-1]["chance"])
+        for k, v in terms.items():
+            live.log_metric(f"train/{k}", float(v))
+        live.log_metric("train/lr", lr)
+        live.log_metric("train/momentum", method.last_momentum)
+        live.log_metric("train/queue_fill", method.queue_fill())
+        live.log_metric("train/images_per_s", self.seen * self.run.world / max(now - self.t_last, 1e-9))
+        live.log_metric("train/loader_errors", int(batch["errors"]))
+        live.next_step()
+        self.t_last, self.seen = now, 0
+        self.bar.set_postfix(loss=f"{loss.item():.3f}")
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.live is not None:
+            self.live.end()
