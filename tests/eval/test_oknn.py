@@ -54,6 +54,26 @@ def test_vote_weights_by_similarity_and_temperature():
     assert scores[0, 2].item() == 0.0
 
 
+def test_k_from_params_decides_the_vote(tmp_path):
+    """One bank row of class 0 right on the query and five of class 1 a little further: the
+    nearest two neighbours say 0 (exp(1 / 0.07) > exp(cos 10 deg / 0.07)), three or more say 1
+    (exp(cos 10 deg / 0.07) + exp(cos 11 deg / 0.07) > exp(1 / 0.07)).
+    The k of params.yaml (or, without the key, the default) is the k that votes."""
+    deg = np.deg2rad
+    angles = [0.0, 10, 11, 12, 13, 14] + list(np.linspace(170, 180, 18))
+    bank = np.stack([np.cos(deg(angles)), np.sin(deg(angles))], 1).astype(np.float32)
+    bank_y = np.array([0] + [1] * 5 + [2] * 18)
+    query, target = np.array([[1.0, 0.0]], np.float32), np.array([0])
+    params = tmp_path / "params.yaml"
+    for k, top1 in ((1, 100.0), (2, 100.0), (3, 0.0), (24, 0.0)):
+        params.write_text(f"oknn:\n  k: {k}\n")
+        cfg = load_section(OknnConfig, "oknn", params)
+        assert knn_classify(bank, bank_y, query, target, 3, cfg)[1] == top1, k
+    params.write_text("oknn:\n  temperature: 0.07\n")
+    cfg = load_section(OknnConfig, "oknn", params)
+    assert cfg.k >= 3 and knn_classify(bank, bank_y, query, target, 3, cfg) == {1: 0.0, 5: 100.0}
+
+
 def test_topk_accuracy_known_answers():
     scores = torch.tensor([[0.1, 0.5, 0.4], [0.7, 0.2, 0.1], [0.2, 0.3, 0.5], [0.5, 0.3, 0.2]])
     targets = torch.tensor([1, 1, 0, 0])     # ranks 1, 2, 3, 1
@@ -167,7 +187,7 @@ def test_shape_batches_never_mix_shapes():
 
 def test_oknn_stage_on_embedded_data(tiny_synth, tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text("oknn:\n  min_size: 96\n  max_size: 160\n  per_image: 3\n  workers: 0\n  batch_size: 4\n")
+    params.write_text("oknn:\n  min_size: 96\n  max_size: 160\n  per_image: 3\n  workers: 0\n  batch_size: 4\n  k: 7\n")
     out = tmp_path / "oknn.json"
     assert main(["--backbone", "random", "--arch", "resnet18", "--coco-root", str(tiny_synth / "coco"),
                  "--out", str(out), "--params", str(params), "--device", "cpu"]) == 0
@@ -176,9 +196,9 @@ def test_oknn_stage_on_embedded_data(tiny_synth, tmp_path):
         assert 0.0 <= r[key] <= 100.0
     assert r["top5"] >= r["top1"] and r["disturbed_top5"] >= r["disturbed_top1"]
     assert r["top5"] > 0.0
-    assert r["settings"]["per_image"] == 3 and r["settings"]["k"] == 20 and r["feature_dim"] == 512
-    # the protocol is written beside the numbers
-    assert r["feature"] == "c5_roialign7" and r["k"] == 20
+    assert r["settings"]["per_image"] == 3 and r["settings"]["k"] == 7 and r["feature_dim"] == 512
+    # the protocol is written beside the numbers: k as params.yaml set it
+    assert r["feature"] == "c5_roialign7" and r["k"] == 7
     assert r["image_size"]["min_size"] == 96 and r["image_size"]["max_size"] == 160
     assert r["image_size"]["shorter_side_min"] <= r["image_size"]["shorter_side_max"] <= 96
     for side in ("bank", "queries"):

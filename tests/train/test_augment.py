@@ -8,7 +8,7 @@ import torch
 
 from train.augment import (
     AugmentConfig, apply_box_jitter, apply_cutout, apply_prc, apply_prm, apply_rbj, background_donors, compose,
-    depositioning_boxes, intersection_area, prc_mask, rect_masks, region_views, sample_box_jitter, sample_cutout,
+    depositioning_boxes, prc_mask, rect_masks, region_views, sample_box_jitter, sample_cutout,
     sample_prc, sample_prm, sample_rbj, sample_shift, shift_images, shift_px,
 )
 
@@ -45,20 +45,30 @@ def test_prc_cutouts_keep_aspect_and_size_ratio_inside_their_proposal(batch):
         assert (cuts[..., :2] >= boxes[..., :2] - 1e-4).all() and (cuts[..., 2:] <= boxes[..., 2:] + 1e-4).all()
 
 
-def test_prc_restore_pairs_follow_the_large_to_small_overlap_rule(batch):
-    _, boxes, valid = batch
-    cfg = AugmentConfig(prc_p=1.0, prc_overlap=0.1)
-    areas = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-    for seed in range(10):
-        p = sample_prc(boxes, valid, cfg, torch.Generator().manual_seed(seed))
-        cover = intersection_area(p["cuts"], boxes) / areas[:, None, :]
-        B, K = valid.shape
-        for b in range(B):
-            for i in range(K):
-                for j in range(K):
-                    smaller = (areas[b, j] < areas[b, i]) or (areas[b, j] == areas[b, i] and j > i)
-                    want = bool(valid[b, i] and valid[b, j] and i != j and smaller and cover[b, i, j] > 0.1)
-                    assert bool(p["restore"][b, i, j]) == want
+def test_prc_restore_pairs_by_hand():
+    """Cutouts of half the proposal's side (prc_size 0.5): wherever a cutout lands in its proposal,
+    the shares below hold, so the restore pairs are known by hand for every seed.
+
+    0 (0,0,40,40), area 1600: its 20x20 cutout covers >= 20x19 of 1 = 24% of 1 (and <= 25.6%).
+    1 (0,0,40,39), area 1560, smaller than 0: its 20x19.5 cutout covers 24% of 0, but 0 is larger
+      (processed first), so (1, 0) is never a restore pair.
+    2 (60,60,70,70): touches nothing. 3 (5,5,35,35): overlapped by 0's cutout, but not valid.
+    4 (38,0,100,40), area 2480, the largest: its cutout reaches at most 2 px into 0 and 1 (< 3%).
+    5, 6 (100,0,140,40): the same box, area 1600 like 0; ties go by index, so 5 before 6 and 0
+      before both; 5's cutout covers 25% of 6.
+    """
+    boxes = torch.tensor([[[0, 0, 40, 40], [0, 0, 40, 39], [60, 60, 70, 70], [5, 5, 35, 35], [38, 0, 100, 40],
+                           [100, 0, 140, 40], [100, 0, 140, 40]]], dtype=torch.float32)
+    valid = torch.tensor([[True, True, True, False, True, True, True]])
+    for overlap, want in ((0.1, {(0, 1), (5, 6)}), (0.2, {(0, 1), (5, 6)}), (0.3, set())):
+        cfg = AugmentConfig(prc_p=1.0, prc_size=(0.5, 0.5), prc_overlap=overlap)
+        for seed in range(10):
+            p = sample_prc(boxes, valid, cfg, torch.Generator().manual_seed(seed))
+            got = {tuple(ij) for ij in p["restore"][0].nonzero().tolist()}
+            assert got == want, (overlap, seed, got)
+    # a proposal without a cutout restores nothing
+    p = sample_prc(boxes, valid, AugmentConfig(prc_p=0.0, prc_size=(0.5, 0.5), prc_overlap=0.1), torch.Generator())
+    assert not p["restore"].any()
 
 
 def test_prc_restores_the_overlapped_part_of_a_smaller_proposal():

@@ -1,6 +1,7 @@
 """Every method trains on tiny images on the CPU: its loss falls on a fixed batch."""
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -43,7 +44,47 @@ def test_loss_falls_on_a_fixed_batch(name, fixed_batch, monkeypatch):
     if name == "d3ssl_dc":
         assert set(terms) == {"loss_dc", "loss_dc_chance", "top1", "key_std"}
     assert 0.0 <= float(terms["top1"]) <= 1.0 and float(terms["key_std"]) > 0.1
-    assert method.teacher is not method.student
+
+
+@pytest.mark.parametrize("name,keys_of", [("d3ssl", "teacher_regions"), ("mocov2", "teacher_images")])
+@pytest.mark.parametrize("init", ["empty", "random"])
+def test_training_steps_run_the_queue_first_in_first_out(name, keys_of, init, fixed_batch, monkeypatch):
+    """Real training steps with the queue on: every step's teacher keys enter the queue (L2-normalised,
+    oldest overwritten, the pointer wrapping), and the losses of the next step use exactly the
+    queue as it was before that step as their negatives. A reference FIFO kept here says what the
+    queue must hold."""
+    import train.methods as methods
+    torch.manual_seed(0)
+    n = int(fixed_batch["valid"].sum()) if name == "d3ssl" else len(fixed_batch["valid"])
+    size = 5 * n                                   # 2n keys a step: the pointer wraps in the third step
+    cfg = replace(DEFAULTS[name], queue_size=size, proj_hidden=32, queue_init=init)
+    method = build(name, "resnet18", cfg, roi_size=2, bn_splits=2)
+    negatives, keys = [], []
+    real_nce, real_keys = methods.info_nce, getattr(method, keys_of)
+    monkeypatch.setattr(methods, "info_nce",
+                        lambda q, k, neg, t: negatives.append(neg.clone()) or real_nce(q, k, neg, t))
+    monkeypatch.setattr(method, keys_of, lambda *a: keys.append(real_keys(*a)) or keys[-1])
+    ref, ptr, filled = method.queue.features.clone(), 0, 0
+    opt = torch.optim.SGD(method.trainable(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    for step in range(4):
+        negatives.clear(), keys.clear()
+        loss, terms = method(fixed_batch, g, step / 4)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        before = ref[:filled] if init == "empty" and filled < size else ref
+        assert len(negatives) >= 2 and all(torch.equal(neg, before) for neg in negatives), step
+        chance = [v for k, v in terms.items() if k.endswith("_chance")][0]
+        assert chance == pytest.approx(2 * math.log(len(before) + 1))
+        if init == "empty" and step == 0:
+            assert loss.item() == 0.0             # no negatives yet: the positive is the only candidate
+        assert len(keys) == 2 and sum(len(k) for k in keys) == 2 * n
+        for row in torch.nn.functional.normalize(torch.cat(keys).float(), dim=1):
+            ref[ptr], ptr, filled = row, (ptr + 1) % size, min(size, filled + 1)
+        assert (int(method.queue.ptr), int(method.queue.filled)) == (ptr, filled), step
+        assert torch.allclose(method.queue.features, ref, atol=1e-6), step
+    assert ptr == 8 * n % size and filled == size
 
 
 def test_unknown_method_is_named():
