@@ -21,20 +21,27 @@ Reads, for each model and seed, `REPORTS/<model>/seed<s>/oknn.json`, `probes.jso
   against each SSL method on O-KNN;
 - the pre-training runs' health (`pretrain.json` beside the results: loss against its chance level,
   rank-1 accuracy, key spread), with a warning for every run that ended at chance or collapsed;
-- `oknn_curve.png` (beside OUT): O-KNN top-1 against pre-training step per method, seed 0, from
-  the snapshots the runs keep (`oknn_curve.json`, eval.curve);
+- the curves a reader compares, every method on one plot each (mean line, min-max band over the
+  seeds; eval.report_plots): `OUT_loss.png` (pre-training loss against step, from the curves
+  under `--runs`: the trainlog stage's copies or the runs' dvclive logs) and `OUT_oknn.png`
+  (O-KNN top-1 against step: the random start, the curve stage's snapshots, the final backbones), with their means in `OUT_loss.csv` and
+  `OUT_oknn.csv` for `dvc plots show`;
 - `OUT_cr.png` / `OUT_mcs.png`: the probes over layers, one line per model (mean over seeds).
 Every number is mean and sample standard deviation over the seeds (percent for accuracies and AP).
 """
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import math
 import sys
 from pathlib import Path
 
+from eval.report_plots import plot_curves, plot_means
+from pipeline import cli
 from pipeline.files import write_text
+
+log = logging.getLogger(__name__)
 
 TABLE4 = ("top1", "top5", "disturbed_top1", "disturbed_top5")
 TABLE1 = ("AP", "AP50", "AP75")
@@ -195,23 +202,21 @@ def health_problems(reports: Path, models: list[str], seeds: list[int]) -> list[
     return out
 
 
-def render(results: dict, orderings: list[dict], stats: dict | None, seeds: list[int], plots: list[str],
-           protocol: list[str] = (), problems: list[str] = (), curve: str | None = None,
-           settings: dict | None = None) -> str:
-    settings = settings or {}
-    models = list(results)
-    lines = [f"# Results on the embedded data ({len(seeds)} seeds: {', '.join(map(str, seeds))}; mean ± std)", ""]
-    lines += ["## Object-level kNN (like Table 4)", "",
-              "| model | O-KNN top-1 | O-KNN top-5 | disturbed top-1 | disturbed top-5 |", "|---|---|---|---|---|"]
-    for m in models:
+def _oknn_section(results: dict, protocol: list[str]) -> list[str]:
+    lines = ["## Object-level kNN (like Table 4)", "",
+             "| model | O-KNN top-1 | O-KNN top-5 | disturbed top-1 | disturbed top-5 |", "|---|---|---|---|---|"]
+    for m in results:
         lines.append(f"| {m} | " + " | ".join(fmt(results[m][f"oknn_{k}"]) for k in TABLE4) + " |")
-    first = results[models[0]]
+    first = next(iter(results.values()))
     lines += ["", f"The floor: answering the label of a random bank object, without looking at the image, "
               f"gives {first['oknn_prior_top1']['mean']:.2f} top-1 ({first['oknn_classes']['mean']:.0f} classes; "
               "the bank is class-balanced, so it holds the queries' frequent classes less often than they occur)."]
-    lines += ["", "Protocol: " + "; ".join(protocol) + "."] if protocol else []
-    lines += ["", "## De-positioning ablation (like Table 7; probes at C5)", "",
-              "| model | CR ↓ | MCS ↑ | AP ↑ | control CR | control MCS |", "|---|---|---|---|---|---|"]
+    return lines + (["", "Protocol: " + "; ".join(protocol) + "."] if protocol else [])
+
+
+def _ablation_section(results: dict, settings: dict) -> list[str]:
+    lines = ["", "## De-positioning ablation (like Table 7; probes at C5)", "",
+             "| model | CR ↓ | MCS ↑ | AP ↑ | control CR | control MCS |", "|---|---|---|---|---|---|"]
     for m in ("d3ssl_dc", "d3ssl"):
         if m in results:
             r = results[m]
@@ -222,43 +227,82 @@ def render(results: dict, orderings: list[dict], stats: dict | None, seeds: list
               "same images at the same settings: 1 means the probe measures the network, not its RoIAlign sampling."]
     if settings.get("probes"):
         lines += ["", "Probe settings (OpenImage-MINI objects): " + "; ".join(settings["probes"]) + "."]
-    lines += ["", "## Detection fine-tuning (like Table 1; COCOeval bbox)", "",
-              "| model | AP | AP50 | AP75 |", "|---|---|---|---|"]
-    for m in models:
+    return lines
+
+
+def _detection_section(results: dict, settings: dict) -> list[str]:
+    lines = ["", "## Detection fine-tuning (like Table 1; COCOeval bbox)", "", "| model | AP | AP50 | AP75 |", "|---|---|---|---|"]
+    for m in results:
         if "det_AP" in results[m]:
             lines.append(f"| {m} | " + " | ".join(fmt(results[m][f"det_{k}"]) for k in TABLE1) + " |")
-    if settings.get("detect"):
-        lines += ["", "Detection: " + "; ".join(settings["detect"]) + "."]
-    lines += ["", "## Probes per layer (Figures 3b, 4b)", "",
-              "| model | " + " | ".join(f"CR {x}" for x in LAYERS) + " | " + " | ".join(f"MCS {x}" for x in LAYERS) + " |",
-              "|---|" + "---|" * 8]
-    for m in models:
-        r = results[m]
+    return lines + (["", "Detection: " + "; ".join(settings["detect"]) + "."] if settings.get("detect") else [])
+
+
+def _layers_section(results: dict, plots: list[str]) -> list[str]:
+    lines = ["", "## Probes per layer (Figures 3b, 4b)", "",
+             "| model | " + " | ".join(f"CR {x}" for x in LAYERS) + " | " + " | ".join(f"MCS {x}" for x in LAYERS) + " |",
+             "|---|" + "---|" * 8]
+    for m, r in results.items():
         lines.append(f"| {m} | " + " | ".join(fmt(r[f'cr_{x}'], 3) for x in LAYERS) + " | "
                      + " | ".join(fmt(r[f'mcs_{x}'], 3) for x in LAYERS) + " |")
-    r = results[models[0]]
-    lines.append(f"| one-pixel control ({models[0]} runs) | " + " | ".join(fmt(r[f'control_cr_{x}'], 3) for x in LAYERS)
+    first, r = next(iter(results)), next(iter(results.values()))
+    lines.append(f"| one-pixel control ({first} runs) | " + " | ".join(fmt(r[f'control_cr_{x}'], 3) for x in LAYERS)
                  + " | " + " | ".join(fmt(r[f'control_mcs_{x}'], 3) for x in LAYERS) + " |")
     for p in plots:
         lines += ["", f"![{Path(p).stem}]({Path(p).name})"]
-    if stats:
-        lines += ["", "## OpenImage-MINI (like Table 2)", "", "| | #Imgs | #Obj/Img | #Cat/Img | #Cat |", "|---|---|---|---|---|"]
-        for name, key in (("OpenImage-MINI", "openimage_mini"), ("COCO", "coco")):
-            s = stats[key]
-            lines.append(f"| {name} | {s['num_images']} | {s['objects_per_image']:.2f} | "
-                         f"{s['categories_per_image']:.2f} | {s['num_categories']} |")
-    lines += health_section(results, problems)
-    if curve:
-        lines += ["", "## O-KNN learning curve (seed 0)", "", f"![oknn_curve]({Path(curve).name})"]
-    lines += ["", "## The paper's orderings", "", "| claim | holds | clear (gap > spreads) | means |", "|---|---|---|---|"]
+    return lines
+
+
+def _stats_section(stats: dict | None) -> list[str]:
+    if not stats:
+        return []
+    lines = ["", "## OpenImage-MINI (like Table 2)", "", "| | #Imgs | #Obj/Img | #Cat/Img | #Cat |", "|---|---|---|---|---|"]
+    for name, key in (("OpenImage-MINI", "openimage_mini"), ("COCO", "coco")):
+        s = stats[key]
+        lines.append(f"| {name} | {s['num_images']} | {s['objects_per_image']:.2f} | "
+                     f"{s['categories_per_image']:.2f} | {s['num_categories']} |")
+    return lines
+
+
+def _curves_section(curves: list[str]) -> list[str]:
+    if not curves:
+        return []
+    return (["", "## Curves (mean line, min-max band over the seeds)", ""]
+            + [f"![{Path(c).stem}]({Path(c).name})" for c in curves]
+            + ["", "O-KNN: step 0 is the randomly initialised backbone of each seed, the intermediate steps the "
+               "snapshots of seed 0, the last step every seed's final backbone. Loss: dotted, each method's "
+               "chance level (ln(queue + 1) per InfoNCE term)."])
+
+
+def _orderings_section(orderings: list[dict]) -> list[str]:
+    lines = ["", "## The paper's orderings", "", "| claim | holds | clear (gap > spreads) | means |", "|---|---|---|---|"]
     for o in orderings:
         means = ", ".join(f"{m} {v:.3f}" for m, v in zip(o["models"], o["means"]))
         lines.append(f"| {o['claim']} | {'yes' if o['holds'] else 'no'} | {'yes' if o['clear'] else 'no'} | {means} |")
+    return lines
+
+
+def render(results: dict, orderings: list[dict], stats: dict | None, seeds: list[int], plots: list[str],
+           protocol: list[str] = (), problems: list[str] = (), curves: list[str] = (),
+           settings: dict | None = None) -> str:
+    """results.md: the tables of the paper on the embedded data, in the paper's order."""
+    settings = settings or {}
+    lines = [f"# Results on the embedded data ({len(seeds)} seeds: {', '.join(map(str, seeds))}; mean ± std)", ""]
+    lines += _oknn_section(results, protocol)
+    lines += _ablation_section(results, settings)
+    lines += _detection_section(results, settings)
+    lines += _layers_section(results, plots)
+    lines += _stats_section(stats)
+    lines += health_section(results, problems)
+    lines += _curves_section(curves)
+    lines += _orderings_section(orderings)
     return "\n".join(lines) + "\n"
 
 
 def make_report(reports: Path, models: list[str], seeds: list[int], out: Path, dataset_stats: Path | None,
-                detect_models: list[str] | None = None) -> dict:
+                detect_models: list[str] | None = None, runs: Path | None = None) -> dict:
+    """Write OUT.md, OUT.json and the figures (module docstring); `runs` holds the pre-training
+    runs' dvclive logs (no loss plot without it). Returns the JSON document."""
     results = collect(reports, models, seeds, detect_models)
     orderings = [
         ordering(results, "oknn_top1", ["d3ssl", "soco", "random"], True, "O-KNN top-1: d3ssl > soco > random"),
@@ -285,104 +329,36 @@ def make_report(reports: Path, models: list[str], seeds: list[int], out: Path, d
     protocol = oknn_protocol(reports, models, seeds)
     problems = health_problems(reports, models, seeds)
     settings = probe_and_detect_settings(reports, models, seeds, detect_models)
-    curve = plot_curve(reports, models, out.parent / "oknn_curve.png")
+    curves = plot_curves(reports, runs, models, seeds, out)
+    pngs = [str(f) for f in curves.pop("files") if f.suffix == ".png"]
     doc = {"seeds": seeds, "models": models, "results": results, "orderings": orderings, "oknn_protocol": protocol,
-           "pretrain_problems": problems, "oknn_curve": curve, "run_settings": settings,
+           "pretrain_problems": problems, "run_settings": settings,
+           # the O-KNN curve's points and both legends (the loss means are in OUT_loss.csv)
+           "curves": {"oknn": curves["oknn"], "legend": curves["legend"]},
+           "figures": [Path(f).name for f in [*plots, *sorted(pngs)]],
            "probe_control_max_deviation": max(control),
            "dataset": {k: stats[k] for k in ("openimage_mini", "coco")} if stats else None}
     write_text(out.with_suffix(".json"), json.dumps(doc, indent=2) + "\n")
     write_text(out.with_suffix(".md"), render(results, orderings, stats, seeds, [str(p) for p in plots], protocol,
-                                              problems, str(out.parent / "oknn_curve.png") if curve else None,
-                                              settings))
+                                              problems, sorted(pngs), settings))
     return doc
 
 
-def curve_points(reports: Path, model: str) -> list[tuple[int, float]]:
-    """(step, O-KNN top-1) of seed 0 of `model`: the random network of seed 0 at step 0, the
-    snapshots of eval.curve, the final backbone at the run's last step."""
-    d = reports / model / "seed0"
-    if not (d / "oknn_curve.json").is_file():
-        return []
-    points = [(0, float(load(reports / "random" / "seed0" / "oknn.json")["top1"]))] if (
-        reports / "random" / "seed0" / "oknn.json").is_file() else []
-    points += [(int(p["step"]), float(p["top1"])) for p in load(d / "oknn_curve.json")["points"]]
-    if (d / "pretrain.json").is_file():
-        points.append((int(load(d / "pretrain.json")["steps"]), float(load(d / "oknn.json")["top1"])))
-    return sorted(set(points))
-
-
-def plot_curve(reports: Path, models: list[str], path: Path) -> dict:
-    """reports/oknn_curve.png: O-KNN top-1 against pre-training step, a line per method (seed 0),
-    with the supervised ceiling and the random floor as horizontal lines. Returns the points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pipeline.files import atomic_path
-
-    curves = {m: curve_points(reports, m) for m in models if m not in ("random", "supervised")}
-    curves = {m: c for m, c in curves.items() if c}
-    if not curves:
-        return {}
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for m, c in curves.items():
-        ax.plot([p[0] for p in c], [p[1] for p in c], marker="o", label=m)
-    for ref, style in (("supervised", "--"), ("random", ":")):
-        f = reports / ref / "seed0" / "oknn.json"
-        if f.is_file():
-            ax.axhline(float(load(f)["top1"]), color="grey", ls=style, lw=1, label=f"{ref} (seed 0)")
-    ax.set_xlabel("pre-training step")
-    ax.set_ylabel("O-KNN top-1 (%)")
-    ax.set_title("O-KNN learning curve, seed 0", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return {m: [list(p) for p in c] for m, c in curves.items()}
-
-
-def plot_means(results: dict, out: Path) -> list[Path]:
-    """CR and MCS over layers, a line per model (mean over seeds, std as error bars)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pipeline.files import atomic_path
-
-    paths = []
-    for metric, label in (("cr", "coupling rate (1 = no coupling)"), ("mcs", "mean cosine similarity (1 = no positional bias)")):
-        fig, ax = plt.subplots(figsize=(4.8, 3.5))
-        for m, r in results.items():
-            ax.errorbar(LAYERS, [r[f"{metric}_{x}"]["mean"] for x in LAYERS],
-                        yerr=[r[f"{metric}_{x}"]["std"] for x in LAYERS], marker="o", capsize=3, label=m)
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_xlabel("layer")
-        ax.set_ylabel(metric.upper())
-        ax.set_title(label, fontsize=9)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out.parent / f"{out.name}_{metric}.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__.split("\n\n")[0])
+    p = cli.parser("python -m eval.report", __doc__)
     p.add_argument("--reports", type=Path, default=Path("reports/models"), help="folder of <model>/seed<s>/ results")
+    p.add_argument("--runs", type=Path, help="folder of <method>/seed<s>/ holding the training curves: the "
+                   "trainlog stage's train/ copies (reports/models) or the runs' dvclive logs (runs); "
+                   "no loss plot without it")
     p.add_argument("--params", type=Path, help="params.yaml: its top-level `models` and `seeds` lists")
     p.add_argument("--models", nargs="+", help="instead of params: the models to tabulate")
     p.add_argument("--seeds", nargs="+", type=int, help="instead of params: the seeds to average over")
     p.add_argument("--detect-models", nargs="*", help="instead of params: the models fine-tuned for detection "
                    "(default: params' `detect_models`, else every model with a detect/metrics.json)")
     p.add_argument("--dataset-stats", type=Path, help="stats.json of the sample stage (Table 2)")
-    p.add_argument("--out", type=Path, default=Path("reports/results"), help="writes OUT.md, OUT.json, OUT_*.png")
+    p.add_argument("--out", type=Path, default=Path("reports/results"), help="writes OUT.md, OUT.json, OUT_*.png/csv")
     args = p.parse_args(argv)
+    cli.setup_logging(args.log_level)
     models, seeds = args.models, args.seeds
     if args.params:
         import yaml
@@ -394,10 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     if not models or not seeds:
         p.error("give --models and --seeds, or --params with top-level `models` and `seeds` lists")
     doc = make_report(args.reports, list(models), [int(s) for s in seeds], args.out, args.dataset_stats,
-                      args.detect_models)
+                      args.detect_models, args.runs)
     for o in doc["orderings"]:
-        print(f"{'holds' if o['holds'] else 'fails'}{' (clear)' if o['clear'] else ''}: {o['claim']}")
-    print(f"wrote {args.out.with_suffix('.md')}")
+        log.info("%s%s: %s", "holds" if o["holds"] else "fails", " (clear)" if o["clear"] else "", o["claim"])
+    log.info("wrote %s, %s and %d figures (%s) for %d models x %d seeds", args.out.with_suffix(".md"),
+             args.out.with_suffix(".json"), len(doc["figures"]), ", ".join(doc["figures"]), len(models), len(seeds))
     return 0
 
 

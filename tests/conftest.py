@@ -1,11 +1,18 @@
-"""Shared fixtures. Tests never touch the network: telemetry is off for Ray, FiftyOne and DVC."""
+"""Shared fixtures. Tests never touch the network: telemetry is off for Ray, FiftyOne and DVC.
+
+The suite leaves nothing behind: FiftyOne's database (a MongoDB, about 300 MB) lives in a session
+folder that is removed at the end, and every process the suite started that is still running then
+(FiftyOne's mongod and service, Ray's workers, loader forkservers, app servers) is ended first.
+"""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 # FiftyOne keeps its MongoDB data in this folder; tests never touch a developer's real database.
-os.environ["FIFTYONE_DATABASE_DIR"] = tempfile.mkdtemp(prefix="d3ssl-fiftyone-")
+SESSION_DIR = tempfile.mkdtemp(prefix="d3ssl-tests-")
+os.environ["FIFTYONE_DATABASE_DIR"] = os.path.join(SESSION_DIR, "fiftyone-db")
 os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -39,3 +46,43 @@ def tiny_synth(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "synth"
     build(SynthConfig(images=80, seed=0), out, workers=2, progress=False)
     return out
+
+
+def _end_children(grace_s: float = 10.0) -> list[str]:
+    """Terminate (then kill, after `grace_s`) every process this one started that still runs, and
+    return their names. Only descendants of the pytest process: nothing else is touched."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    names = []
+    for c in children:
+        try:
+            names.append(c.name())
+            c.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    for c in alive:
+        try:
+            c.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
+    return names
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    """End the processes the suite left running, then remove the session folder (FiftyOne's DB)."""
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    ended = _end_children()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if ended and reporter is not None:
+        reporter.write_line(f"conftest: ended {len(ended)} leftover processes: {', '.join(sorted(set(ended)))}")
+    shutil.rmtree(SESSION_DIR, ignore_errors=True)

@@ -11,29 +11,34 @@ donor images of the batch, as in training.
 """
 from __future__ import annotations
 
-import argparse
+import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
+from pipeline import cli
 from pipeline.files import atomic_path
-from train.augment import (
-    AugmentConfig, apply_prc, apply_prm, apply_rbj, backgrounds, compose, depositioning_boxes, sample_prc, sample_prm,
-    sample_rbj, sample_shift, shift_px,
-)
-from train.methods import MEAN, STD, DEFAULTS, prepare
-from train.pretrain import load_config, method_config
-from train.stream import LoaderConfig, make_stream, read_index
 
+if TYPE_CHECKING:   # torch and the training modules load inside the functions: `--help` stays fast
+    import torch
+
+    from train.augment import AugmentConfig
+    from train.stream import LoaderConfig
+
+log = logging.getLogger(__name__)
 COLOURS = [(255, 60, 60), (60, 220, 60), (70, 140, 255), (255, 220, 0), (255, 0, 255), (0, 255, 255)]
 TITLES = ["x1 + proposals", "x2 + proposals", "x2-s", "PRC(x1)", "PRM(PRC(x1))", "RBJ boxes", "mask m-hat", "x3 + shifted"]
 
 
 def to_image(x: torch.Tensor) -> Image.Image:
     """A normalised CHW tensor back to a PIL image."""
+    import torch
+
+    from train.methods import MEAN, STD
+
     mean = torch.tensor(MEAN).view(3, 1, 1)
     std = torch.tensor(STD).view(3, 1, 1)
     arr = ((x.float().cpu() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
@@ -59,9 +64,19 @@ def draw_boxes(im: Image.Image, boxes: torch.Tensor, valid: torch.Tensor, scale:
 
 
 def preview(shards: Path, out: Path, loader: LoaderConfig, augment: AugmentConfig, samples: int = 4, seed: int = 0) -> Path:
-    urls, total = read_index(shards)
+    """Draw the figure (module docstring) of `samples` samples of the shard set `shards` to `out`."""
+    import torch
+
+    from train.augment import (
+        AugmentConfig, apply_prc, apply_prm, apply_rbj, backgrounds, compose, depositioning_boxes, sample_prc,
+        sample_prm, sample_rbj, sample_shift, shift_px,
+    )
+    from train.methods import prepare
+    from train.stream import LoaderConfig, make_stream, read_index
+
+    found, total = read_index(shards)
     cfg = LoaderConfig(**{**loader.__dict__, "batch_size": samples, "workers": 0, "resampled": False})
-    batch = prepare(next(iter(make_stream(urls, cfg, seed=seed, total_samples=total))), torch.device("cpu"))
+    batch = prepare(next(iter(make_stream(found, cfg, seed=seed, total_samples=total))), torch.device("cpu"))
     g = torch.Generator().manual_seed(seed)
     aug = AugmentConfig(**{**augment.__dict__, "prc_p": 1.0, "prm_p": 1.0})   # show every augmentation
     x1, x2, valid, b1, b2 = batch["x1"], batch["x2"], batch["valid"], batch["boxes1"], batch["boxes2"]
@@ -108,17 +123,22 @@ def preview(shards: Path, out: Path, loader: LoaderConfig, augment: AugmentConfi
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.preview", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shards", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--samples", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--params", type=Path, help="params.yaml (loader views, methods.d3ssl.augment)")
+    p = cli.parser("python -m train.preview", __doc__)
+    p.add_argument("--shards", required=True, help="shard set to draw samples from: a folder or URL (e.g. data/shards)")
+    p.add_argument("--out", required=True, type=Path, help="PNG to write (e.g. reports/preview.png)")
+    p.add_argument("--samples", type=int, default=4, help="samples drawn, one row each")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stream and the augmentations")
+    p.add_argument("--params", type=Path, help="params.yaml (loader views, methods.d3ssl.augment); "
+                   "default: the code's defaults")
     args = p.parse_args(argv)
+    cli.setup_logging(args.log_level)
+    from train.methods import DEFAULTS
+    from train.pretrain import load_config, method_config
+
     loader = load_config(args.params).loader
     augment = method_config("d3ssl", args.params).augment if args.params else DEFAULTS["d3ssl"].augment
     preview(args.shards, args.out, loader, augment, args.samples, args.seed)
-    print(f"wrote {args.out}")
+    log.info("wrote %s: %d samples x %d columns (views and region augmentations)", args.out, args.samples, len(TITLES))
     return 0
 
 

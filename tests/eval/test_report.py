@@ -99,8 +99,11 @@ def test_report_warns_about_unhealthy_runs_and_draws_the_curve(tmp_path):
     (reports / "d3ssl" / "seed0" / "oknn_curve.json").write_text(json.dumps({"points": [{"step": 20, "top1": 10.5}]}))
     doc = make_report(reports, ["random", "d3ssl", "d3ssl_dc", "supervised"], [0, 1], tmp_path / "results", None)
     assert doc["pretrain_problems"] == ["d3ssl seed 1: ends at chance: loss 27.6 against 27.7"]
-    assert doc["oknn_curve"] == {"d3ssl": [[0, 10.0], [20, 10.5], [40, 10.0]]}
-    assert (tmp_path / "oknn_curve.png").is_file()
+    # step 0: random of each seed (10, 11); step 20: the snapshot of seed 0; step 40: both finals
+    c = doc["curves"]["oknn"]["d3ssl"]
+    assert c["step"] == [0, 20, 40] and c["mean"] == [10.5, 10.5, 10.5] and c["n"] == [2, 1, 2]
+    assert c["min"] == [10.0, 10.5, 10.0] and c["max"] == [11.0, 10.5, 11.0]
+    assert (tmp_path / "results_oknn.png").is_file()
     md = (tmp_path / "results.md").read_text()
     assert "WARNING: unhealthy pre-training runs" in md and "| d3ssl | 0.695 ± 0.417 | 0.255 ± 0.346 | 0.550 ± 0.071 | 1 of 2 |" in md
     claims = {o["claim"]: o for o in doc["orderings"]}
@@ -124,3 +127,69 @@ def test_detection_is_read_for_detect_models_only(tmp_path):
     (reports / "d3ssl" / "seed1" / "detect" / "metrics.json").unlink()
     with pytest.raises(ValueError, match=r"d3ssl/seed1/detect/metrics\.json is missing"):
         make_report(reports, list(MODELS), [0, 1], tmp_path / "results", None, detect_models=["d3ssl"])
+
+
+METHODS = ("d3ssl", "d3ssl_dc", "soco", "mocov2")
+
+
+def _runs(tmp_path, methods=METHODS, seeds=(0, 1), steps=5):
+    """Result files and dvclive training logs of every method and seed (soco: no chance level)."""
+    reports, runs = tmp_path / "models", tmp_path / "runs"
+    for m in ("random", "supervised", *methods):
+        for s in seeds:
+            _write(reports, m, s)
+    for i, m in enumerate(methods):
+        for s in seeds:
+            (reports / m / f"seed{s}" / "pretrain.json").write_text(json.dumps({"steps": steps}))
+            log = runs / m / f"seed{s}" / "dvclive" / "plots" / "metrics" / "train"
+            log.mkdir(parents=True)
+            (log / "loss.tsv").write_text("step\tloss\n" + "".join(f"{t}\t{10 * i + t + s}\n" for t in range(steps)))
+            if m != "soco":
+                (log / "loss_chance.tsv").write_text("step\tloss_chance\n" + "".join(f"{t}\t{10 * i + 9}\n" for t in range(steps)))
+    return reports, runs
+
+
+def test_curves_overlay_every_method_on_one_plot_each(tmp_path):
+    reports, runs = _runs(tmp_path)
+    models = ["random", "supervised", *METHODS]
+    doc = make_report(reports, models, [0, 1], tmp_path / "results", None, runs=runs)
+    for name in ("loss", "oknn"):
+        png = tmp_path / f"results_{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"![results_{name}](results_{name}.png)" in (tmp_path / "results.md").read_text()
+        head = (tmp_path / f"results_{name}.csv").read_text().splitlines()[0]
+        assert head == "step,d3ssl,d3ssl_dc,soco,mocov2"          # dvc.yaml's plots overlay these columns
+        assert [e.split(" ")[0] for e in doc["curves"]["legend"][name]][:4] == list(METHODS)
+    assert doc["figures"] == ["results_cr.png", "results_mcs.png", "results_loss.png", "results_oknn.png"]
+    # the loss means over the two seeds: 10 * i + t + 0.5 at step t
+    rows = (tmp_path / "results_loss.csv").read_text().splitlines()
+    assert len(rows) == 6 and rows[3] == "2,2.5,12.5,22.5,32.5"
+    assert any(e.startswith("supervised") for e in doc["curves"]["legend"]["oknn"])
+
+
+def test_curves_are_byte_reproducible(tmp_path):
+    reports, runs = _runs(tmp_path, methods=("d3ssl", "soco"), seeds=(0,))
+    first = {}
+    for out in ("a", "b"):
+        (tmp_path / out).mkdir()
+        make_report(reports, ["random", "d3ssl", "soco"], [0], tmp_path / out / "results", None, runs=runs)
+        first[out] = {f.name: f.read_bytes() for f in sorted((tmp_path / out).glob("*.png"))}
+    assert len(first["a"]) == 4 and first["a"] == first["b"]
+    assert b"Software" not in first["a"]["results_loss.png"]
+
+
+def test_a_missing_training_log_names_the_file(tmp_path):
+    reports, runs = _runs(tmp_path)
+    (runs / "mocov2" / "seed1" / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv").unlink()
+    with pytest.raises(FileNotFoundError, match=r"mocov2/seed1/dvclive/plots/metrics/train/loss\.tsv: run its pretrain"):
+        make_report(reports, ["random", *METHODS], [0, 1], tmp_path / "results", None, runs=runs)
+
+
+def test_report_help_shows_defaults(capsys):
+    from eval.report import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--runs" in text and "(default: reports/models)" in text and "--log-level" in text
