@@ -6,7 +6,7 @@ but does not list leaves `dvc status` clean and the results stale after an edit.
 
 - find the project module(s) its `cmd` runs (`python -m X`, `torchrun ... -m X`,
   `python -m torch.distributed.run ... -m X`, or `python path/to/file.py`),
-- compute their import closure inside the project (packages `pipeline`, `train`, `eval`,
+- compute their import closure inside the project (`pipeline.closure`; packages `pipeline`, `train`, `eval`,
   `benchmarks`) from the source with `ast`: every `import`/`from ... import` anywhere in a file
   (function-level and `if __name__ == "__main__"` imports included, `from . import x` resolved,
   `from pkg import name` counted as the module `pkg.name` when that is a module file), and every
@@ -29,7 +29,6 @@ matrix stays as written, the same text in `cmd`, `deps` and `outs`.
 """
 from __future__ import annotations
 
-import ast
 import re
 import shlex
 from functools import cache
@@ -38,8 +37,10 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
+from pipeline import manifest
+from pipeline.closure import closure, module_file
+
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "train", "eval", "benchmarks")
 
 
 # ------------------------------------------------------------------------------ dvc.yaml, resolved
@@ -75,6 +76,7 @@ def stages() -> dict[str, dict]:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     found = {}
     for name, st in doc["stages"].items():
+        st = st.get("do", st)               # a foreach stage: its template
         cmds = st["cmd"] if isinstance(st["cmd"], list) else [st["cmd"]]
         outs = [p for key in ("outs", "metrics", "plots") for p in _entries(st.get(key))]
         found[name] = {
@@ -96,79 +98,6 @@ def covered(path: str, by: list[str]) -> bool:
 
 
 # ------------------------------------------------------------------------------- import closure
-
-
-def module_file(name: str) -> Path | None:
-    """The file of project module `name` (a .py or a package's __init__.py), else None."""
-    parts = name.split(".")
-    if parts[0] not in PACKAGES:
-        return None
-    base = REPO.joinpath(*parts)
-    if base.with_suffix(".py").is_file():
-        return base.with_suffix(".py")
-    if (base / "__init__.py").is_file():
-        return base / "__init__.py"
-    return None
-
-
-def _package_of(path: Path) -> str:
-    """Dotted name of the package `path` (a module file) belongs to."""
-    return ".".join(path.relative_to(REPO).parts[:-1])
-
-
-@cache
-def imported_names(path: Path) -> frozenset[str]:
-    """Dotted names of every module `path` imports, anywhere in the file."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    package = _package_of(path)
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                base = ".".join(up + ([node.module] if node.module else []))
-            else:
-                base = node.module or ""
-            names.add(base)
-            names.update(f"{base}.{a.name}" for a in node.names if a.name != "*")
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _dotted_module(node.value):
-            names.add(node.value)     # run in a subprocess: [sys.executable, "-m", "train.pretrain", ...]
-    return frozenset(n for n in names if n)
-
-
-def _dotted_module(text: str) -> bool:
-    """`text` is exactly the dotted name of a project module, as a launcher passes it to `-m`."""
-    return re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", text) is not None and module_file(text) is not None
-
-
-def _with_parents(name: str) -> list[str]:
-    """`a.b.c` -> a, a.b, a.b.c: importing a module runs its packages' __init__ first."""
-    parts = name.split(".")
-    return [".".join(parts[: i + 1]) for i in range(len(parts))]
-
-
-def trivial_init(path: Path) -> bool:
-    """An __init__.py with nothing but (at most) a docstring."""
-    body = ast.parse(path.read_text()).body
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-        body = body[1:]
-    return path.name == "__init__.py" and not body
-
-
-def closure(module: str) -> set[Path]:
-    """Project module files `module` runs when imported / run with `-m` (trivial __init__s left out)."""
-    seen: set[Path] = set()
-    todo = [module]
-    while todo:
-        for name in _with_parents(todo.pop()):
-            f = module_file(name)
-            if f is None or f in seen:
-                continue
-            seen.add(f)
-            todo.extend(imported_names(f))
-    return {f for f in seen if not trivial_init(f)}
 
 
 def cmd_modules(cmd: str) -> list[str]:
@@ -201,6 +130,18 @@ def implied_reads(option: str, value: str, params: dict) -> list[str]:
     return []
 
 
+def read_is_dep(path: str, deps: list[str], params: dict) -> bool:
+    """A read is covered by a dep; an image folder only by its manifest (pipeline/manifest.py), never
+    by the folder itself, which DVC would hash file by file (hundreds of GB on real data)."""
+    data = params["data"]
+    folders = {norm(f"{data[key]}/{sub}"): norm(f"{data['manifests']}/{name}{manifest.SUFFIX}")
+               for name, (key, sub) in manifest.FOLDERS.items()}
+    if norm(path) in folders:
+        return folders[norm(path)] in deps and not any(norm(path) == d or norm(path).startswith(d + "/")
+                                                       for d in deps)
+    return covered(path, deps)
+
+
 def path_args(cmd: str) -> list[tuple[str, str]]:
     """(option, value) of every option whose value is a path (holds a '/'), `--params` aside."""
     tokens = shlex.split(cmd)
@@ -211,27 +152,9 @@ def path_args(cmd: str) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------------------------------- tests
 
 
-def test_closure_sees_function_level_submodule_and_relative_imports(tmp_path, monkeypatch):
-    """The closure itself: the ways a module can be imported are all found."""
-    monkeypatch.setattr(f"{__name__}.REPO", tmp_path)
-    imported_names.cache_clear()
-    pkg = tmp_path / "pipeline"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text('"""docstring only."""\n')
-    (pkg / "top.py").write_text("from pipeline import sub\nfrom . import rel\n"
-                                "def f():\n    import pipeline.late\n    from .deep import thing\n"
-                                "CMD = ['python', '-m', 'pipeline.child']   # a launcher\n")
-    for name in ("sub", "rel", "late", "deep", "unused", "child"):
-        (pkg / f"{name}.py").write_text("import os\n")
-    try:
-        got = {p.name for p in closure("pipeline.top")}
-        assert got == {"top.py", "sub.py", "rel.py", "late.py", "deep.py", "child.py"}
-        (pkg / "__init__.py").write_text("from pipeline import unused\n")   # code in __init__: it counts
-        imported_names.cache_clear()
-        assert {p.name for p in closure("pipeline.top")} == got | {"__init__.py", "unused.py"}
-    finally:
-        imported_names.cache_clear()
-    assert cmd_modules("torchrun --nproc_per_node 2 -m pipeline.top --x 1") == ["pipeline.top"]
+def test_cmd_modules_reads_torchrun_and_python():
+    assert cmd_modules("torchrun --nproc_per_node 2 -m train.pretrain --x 1") == ["train.pretrain"]
+    assert cmd_modules("python -m pipeline.synth --out data/synth") == ["pipeline.synth"]
 
 
 def test_every_stage_runs_a_project_module():
@@ -260,7 +183,7 @@ def test_deps_list_every_path_the_command_reads(stage):
             implied = implied_reads(option, value, params)
             # an output: one of the outs, or their folder, or the stem they share (`--out reports/results`)
             is_out = covered(value, outs) or any(o.startswith(value) for o in outs)
-            if not (is_out or option in ROOT_OPTIONS or covered(value, st["deps"])):
+            if not (is_out or option in ROOT_OPTIONS or read_is_dep(value, st["deps"], params)):
                 missing.append(f"{option} {value}")
-            missing += [f"{r} (read through {option})" for r in implied if not covered(r, st["deps"])]
+            missing += [f"{r} (read through {option})" for r in implied if not read_is_dep(r, st["deps"], params)]
     assert not missing, f"dvc.yaml stage {stage!r} reads these paths but does not list them in its deps: {missing}"
