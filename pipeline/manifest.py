@@ -15,7 +15,7 @@ A manifest is a tab-separated file, sorted by path, with a header line:
     path            size    mtime_ns (mode "stat": no image is read; the default)
 
 Paths are relative to the folder, so a manifest does not depend on where the data is mounted.
-"stat" mode reads no image (a listing of 1.7 M OpenImages files takes seconds), and a copy that
+"stat" mode reads no image (a directory listing and one stat per file), and a copy that
 keeps modification times (`rsync -a`, `cp -p`) keeps the manifest; "content" mode reads every byte
 and is what the embedded data uses (a few megabytes), so its manifests equal on every machine.
 
