@@ -14,12 +14,16 @@ import torch.nn.functional as F
 from train import dist
 
 
-def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
-    """q: N x D queries, k: N x D positives (no gradient), negatives: M x D. Mean over N."""
+def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float,
+             exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """q: N x D queries, k: N x D positives (no gradient), negatives: M x D. Mean over N.
+    `exclude` (N x M bool, from `Queue.same_image`): negatives left out of row i's sum."""
     q = F.normalize(q.float(), dim=1)
     k = F.normalize(k.float(), dim=1)
     pos = (q * k).sum(dim=1, keepdim=True)                     # N x 1
     neg = q @ F.normalize(negatives.float(), dim=1).t()        # N x M
+    if exclude is not None:
+        neg = neg.masked_fill(exclude, float("-inf"))
     logits = torch.cat([pos, neg], dim=1) / temperature        # N x (1 + M)
     labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     return F.cross_entropy(logits, labels)
@@ -41,14 +45,25 @@ class Queue(nn.Module):
     mapping every region to one direction, and once the queue holds those identical keys InfoNCE
     has no gradient left. The end-of-run health check of the pre-training reports such a collapse
     (`collapsed keys`). `filled` counts the slots written so far (the "queue fill" metric).
+
+    Every key is stored with the id of the image it came from (`image_ids`; -1 for the random
+    start). With `exclude_same_image` (the default), `same_image` masks, for each query, the queued
+    keys of the query's own image: they are other views or other proposals of the same image,
+    not negatives. The paper is silent (its eq. 5 draws {z-} from the memory bank); at real scale
+    the mask rarely fires: an image returns about an epoch later (sooner now and then, as the
+    resampled stream draws shards with replacement), and the queue (MoCo v2: 65536 keys) holds a
+    fraction of an epoch's keys. On a miniature whose epoch is short against the queue it fires
+    often: in the embedded run (420 images, queue 1024) other views of the query's own image are among the negatives of 68% of
+    MoCo v2's queries and at least 24% of D3SSL's (`benchmarks/results/queue_duplicates.json`).
     """
 
-    def __init__(self, size: int, dim: int, init: str = "random"):
+    def __init__(self, size: int, dim: int, init: str = "random", exclude_same_image: bool = True):
         super().__init__()
         if init not in ("random", "empty"):
             raise ValueError(f"queue init {init!r}: use random or empty")
-        self.size, self.init = size, init
+        self.size, self.init, self.exclude_same_image = size, init, exclude_same_image
         self.register_buffer("features", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("image_ids", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
 
@@ -58,19 +73,34 @@ class Queue(nn.Module):
         return self.features
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """Add N x D keys (gathered over ranks first); the oldest are overwritten."""
+    def same_image(self, query_ids: torch.Tensor) -> torch.Tensor | None:
+        """N x M mask over `negatives()`: True where a queued key comes from the image of query i
+        (None when `exclude_same_image` is off)."""
+        if not self.exclude_same_image:
+            return None
+        ids = self.image_ids[: len(self.negatives())]
+        return query_ids.view(-1, 1) == ids.view(1, -1)
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor, image_ids: torch.Tensor | None = None) -> None:
+        """Add N x D keys and the N ids of their images (gathered over ranks first; None: -1, an
+        image no query has); the oldest are overwritten."""
+        if image_ids is None:
+            image_ids = torch.full((keys.shape[0],), -1, dtype=torch.long, device=keys.device)
         keys = gather_rows(F.normalize(keys.detach().float(), dim=1))
+        image_ids = gather_rows(image_ids.to(self.image_ids.device, torch.long))
         n = keys.shape[0]
         if n == 0:
             return
         if n >= self.size:
-            keys, n = keys[-self.size:], self.size
+            keys, image_ids, n = keys[-self.size:], image_ids[-self.size:], self.size
         p = int(self.ptr)
         first = min(n, self.size - p)
         self.features[p:p + first] = keys[:first].to(self.features.dtype)
+        self.image_ids[p:p + first] = image_ids[:first]
         if first < n:
             self.features[: n - first] = keys[first:].to(self.features.dtype)
+            self.image_ids[: n - first] = image_ids[first:]
         self.ptr.fill_((p + n) % self.size)
         self.filled.fill_(min(self.size, int(self.filled) + n))
 
@@ -95,13 +125,18 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def queue_top1(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-    """Share of queries whose positive scores above every queued negative (chance: 1 / (M + 1))."""
+def queue_top1(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor,
+               exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Share of queries whose positive scores above every queued negative they are compared with
+    (`exclude` as in `info_nce`; chance: 1 / (M + 1))."""
     q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
     pos = (q * k).sum(dim=1)
     if negatives.shape[0] == 0:
         return torch.ones((), device=q.device)
-    neg = (q @ F.normalize(negatives.float(), dim=1).t()).amax(dim=1)
+    neg = q @ F.normalize(negatives.float(), dim=1).t()
+    if exclude is not None:
+        neg = neg.masked_fill(exclude, float("-inf"))
+    neg = neg.amax(dim=1)
     return (pos > neg).float().mean()
 
 
@@ -121,8 +156,11 @@ def key_spread(keys: torch.Tensor) -> torch.Tensor:
     return z.std(dim=0).mean() * z.shape[1] ** 0.5
 
 
-def chance_loss(queue_size: int) -> float:
-    """InfoNCE of a query that cannot tell its positive from the queue's negatives: ln(M + 1)."""
+def chance_loss(queue_size: int, exclude: torch.Tensor | None = None) -> float:
+    """InfoNCE of a query that cannot tell its positive from the queue's negatives: ln(M + 1),
+    averaged over the queries' own M when `exclude` leaves some negatives out."""
     import math
 
-    return math.log(queue_size + 1)
+    if exclude is None or exclude.numel() == 0:
+        return math.log(queue_size + 1)
+    return float(torch.log((queue_size - exclude.sum(dim=1)).double() + 1).mean())

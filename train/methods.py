@@ -56,6 +56,7 @@ class MethodConfig:
     temperature: float = 0.2                  # MoCo v2
     queue_size: int = 65536                   # MoCo v2 / SoCo
     queue_init: Literal["random", "empty"] = "random"   # MoCo: random unit vectors; empty: real keys only (train.losses.Queue)
+    exclude_same_image: bool = True           # a queued key of the query's own image is no negative (train.losses.Queue)
     proj_hidden: int = 0                      # 0: the C5 width (MoCo v2: 2048 for ResNet-50)
     proj_dim: int = 128                       # MoCo v2
     proj_bn: bool = False
@@ -171,10 +172,11 @@ class D3SSL(Method):
         if cfg.augment.compose and not cfg.depositioning:
             raise ValueError("augment.compose: true builds x3 for L_dp, which depositioning: false switches off; "
                              "set compose: false (d3ssl_dc) or depositioning: true")
-        self.queue = Queue(cfg.queue_size, cfg.proj_dim, cfg.queue_init)
+        self.queue = Queue(cfg.queue_size, cfg.proj_dim, cfg.queue_init, cfg.exclude_same_image)
 
     def forward(self, batch: dict, g: torch.Generator, progress: float) -> tuple[torch.Tensor, dict]:
         valid = batch["valid"]
+        ids = batch["image_id"].view(-1, 1).expand_as(valid)                   # image of every region slot
         v = region_views(batch, self.cfg.augment, g)
         z_s1 = self.student_regions(v["x1h"], v["s1"], valid)          # N x D, eq. 3
         z_s2 = self.student_regions(v["x2sh"], v["s2s"], valid)
@@ -183,17 +185,19 @@ class D3SSL(Method):
             z_t1 = self.teacher_regions(v["x1h"], v["t1"], valid, g)
             z_t2 = self.teacher_regions(batch["x2"], v["t2"], valid, g)
         neg, T = self.queue.negatives(), self.cfg.temperature
-        l_dc = info_nce(z_s1, z_t2, neg, T) + info_nce(z_s2, z_t1, neg, T)      # eq. 4
-        chance = chance_loss(len(neg))
+        same = self.queue.same_image(ids[valid])                                 # rows of z_s1, z_s2, z_t1, z_t2
+        l_dc = info_nce(z_s1, z_t2, neg, T, same) + info_nce(z_s2, z_t1, neg, T, same)      # eq. 4
+        chance = chance_loss(len(neg), same)
         terms = {"loss_dc": l_dc.detach(), "loss_dc_chance": 2 * chance,
-                 "top1": queue_top1(z_s1, z_t2, neg), "key_std": key_spread(torch.cat([z_t1, z_t2]))}
+                 "top1": queue_top1(z_s1, z_t2, neg, same), "key_std": key_spread(torch.cat([z_t1, z_t2]))}
         loss = l_dc
         if self.cfg.depositioning:
             # x3 holds the boxes that stay on the canvas after the shift (valid3, a subset of valid)
             keep = v["valid3"][valid]                                            # rows of z_t1/z_t2
             if bool(keep.any()):
                 z_s3 = self.student_regions(v["x3"], v["s3"], v["valid3"])        # eq. 8
-                l_dp = info_nce(z_s3, z_t2[keep], neg, T) + info_nce(z_s3, z_t1[keep], neg, T)  # eq. 9
+                same3 = self.queue.same_image(ids[v["valid3"]])                   # rows of z_s3
+                l_dp = info_nce(z_s3, z_t2[keep], neg, T, same3) + info_nce(z_s3, z_t1[keep], neg, T, same3)  # eq. 9
                 # eq. 10 averages over all proposals: L_dp counts for the share of them in x3
                 l_dp = l_dp * keep.float().mean()
             else:
@@ -202,7 +206,7 @@ class D3SSL(Method):
             terms["loss_dp_chance"] = 2 * chance * float(keep.float().mean())
             terms["shift_px"] = v["shift_px"].detach()
             loss = loss + l_dp                                                   # eq. 10
-        self.queue.enqueue(torch.cat([z_t1, z_t2]))
+        self.queue.enqueue(torch.cat([z_t1, z_t2]), torch.cat([ids[valid], ids[valid]]))
         return loss, terms
 
 
@@ -252,7 +256,7 @@ class MoCoV2(Method):
 
     def __init__(self, arch: str, cfg: MethodConfig, roi_size: int = 14, bn_splits: int = 1):
         super().__init__(arch, cfg, roi_size, bn_splits)
-        self.queue = Queue(cfg.queue_size, cfg.proj_dim, cfg.queue_init)
+        self.queue = Queue(cfg.queue_size, cfg.proj_dim, cfg.queue_init, cfg.exclude_same_image)
 
     def forward(self, batch: dict, g: torch.Generator, progress: float) -> tuple[torch.Tensor, dict]:
         n = self.bn_splits
@@ -260,11 +264,12 @@ class MoCoV2(Method):
         with torch.no_grad():
             self._momentum_update_teacher(progress)
             k1, k2 = self.teacher_images(batch["x1"], g), self.teacher_images(batch["x2"], g)
-        neg, T = self.queue.negatives(), self.cfg.temperature
-        loss = info_nce(q1, k2, neg, T) + info_nce(q2, k1, neg, T)
-        terms = {"loss_nce": loss.detach(), "loss_nce_chance": 2 * chance_loss(len(neg)),
-                 "top1": queue_top1(q1, k2, neg), "key_std": key_spread(torch.cat([k1, k2]))}
-        self.queue.enqueue(torch.cat([k1, k2]))
+        neg, T, ids = self.queue.negatives(), self.cfg.temperature, batch["image_id"]
+        same = self.queue.same_image(ids)
+        loss = info_nce(q1, k2, neg, T, same) + info_nce(q2, k1, neg, T, same)
+        terms = {"loss_nce": loss.detach(), "loss_nce_chance": 2 * chance_loss(len(neg), same),
+                 "top1": queue_top1(q1, k2, neg, same), "key_std": key_spread(torch.cat([k1, k2]))}
+        self.queue.enqueue(torch.cat([k1, k2]), torch.cat([ids, ids]))
         return loss, terms
 
 

@@ -62,6 +62,12 @@ class _SplitBatchNorm:
             return super().forward(x)
         if sum(sizes) != x.shape[0]:
             raise ValueError(f"batch-norm segments {sizes} do not add up to the batch {x.shape[0]}")
+        if x.dim() == 4 and len(set(sizes)) == 1:
+            return self._equal_groups(x, len(sizes))
+        return self._segment_loop(x, sizes)
+
+    def _segment_loop(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Any segment sizes (the regions' segments follow their images): one call per segment."""
         dims = [0] + list(range(2, x.dim()))
         if x.dim() == 2 and min(n for n in sizes if n) < 2:
             raise ValueError(f"batch-norm segments {sizes}: a segment of one row has no batch statistics; "
@@ -83,6 +89,29 @@ class _SplitBatchNorm:
                 self.running_var.mul_(1 - m).add_(torch.stack(variances).mean(0), alpha=m)
                 self.num_batches_tracked.add_(1)
         return torch.cat(parts)
+
+
+    def _equal_groups(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        """The same for `groups` segments of equal size, in one fused batch-norm call: the groups
+        are moved into the channel axis ((G*n, C, H, W) -> (n, G*C, H, W)), so each (group,
+        channel) pair gets its own statistics. Against a loop over the groups it takes 0.78 to 0.88
+        of the CPU pre-training step (`benchmarks/results/step_costs.json`)."""
+        n, (c, h, w) = x.shape[0] // groups, x.shape[1:]
+        xg = x.view(groups, n, c, h, w).transpose(0, 1).reshape(n, groups * c, h, w)
+        weight = self.weight.repeat(groups) if self.weight is not None else None
+        bias = self.bias.repeat(groups) if self.bias is not None else None
+        track = self.track_running_stats and self.running_mean is not None
+        # momentum 1: the scratch buffers end as the batch statistics (the variance unbiased)
+        mean = torch.zeros(groups * c, device=x.device, dtype=torch.float32) if track else None
+        var = torch.ones(groups * c, device=x.device, dtype=torch.float32) if track else None
+        y = F.batch_norm(xg, mean, var, weight, bias, True, 1.0, self.eps)
+        if track:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 0.1
+                self.running_mean.mul_(1 - m).add_(mean.view(groups, c).mean(0).to(self.running_mean.dtype), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.view(groups, c).mean(0).to(self.running_var.dtype), alpha=m)
+                self.num_batches_tracked.add_(1)
+        return y.view(n, groups, c, h, w).transpose(0, 1).reshape(groups * n, c, h, w)
 
 
 class SplitBatchNorm2d(_SplitBatchNorm, nn.BatchNorm2d):

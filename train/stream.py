@@ -51,6 +51,7 @@ consumer that does not synchronise per batch (the rank from `RANK`/`WORLD_SIZE`,
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -112,6 +113,12 @@ def _seed(*parts: int) -> int:
         z = (z ^ (z >> 27)) * 0x94D049BB133111EB & mask
         h = (z ^ (z >> 31)) + 0x9E3779B97F4A7C15 & mask
     return h >> 1
+
+
+def image_id(key: str) -> int:
+    """A 63-bit id of a sample key, the same in every process and on every rank (the queue uses it
+    to tell an image's own keys from its negatives: train.losses.Queue)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
 
 
 @dataclass
@@ -291,7 +298,8 @@ def collate(samples: list[dict], stats: dict) -> dict:
     """Stack a batch into tensors (images uint8 Bx3xHxW). (The backgrounds of PRM and of x3 are
     other samples' x1, drawn on the device: train.augment.background_donors.) Stacked with numpy:
     torch.stack would use the intra-op thread pool, which only contends with the loader workers."""
-    batch = {"key": [s["key"] for s in samples]}
+    batch = {"key": [s["key"] for s in samples],
+             "image_id": torch.tensor([image_id(s["key"]) for s in samples], dtype=torch.long)}
     for k in ("x1", "x2", "x2s"):
         batch[k] = np.ascontiguousarray(np.stack([s[k] for s in samples]).transpose(0, 3, 1, 2))
     for k in ("boxes1", "boxes2", "boxes2s", "valid"):
@@ -371,18 +379,32 @@ def make_loader(shards: list[str], cfg: LoaderConfig, *, seed: int, epoch: int =
         stream, batch_size=None, num_workers=cfg.workers,
         worker_init_fn=partial(_worker_init, trainer_pid=os.getpid()),   # workers exit with this process
         persistent_workers=False, prefetch_factor=2 if cfg.workers else None, pin_memory=pin_memory,
+        # the workers' base seed from the stream's own seed, not a draw from the global RNG: the
+        # stream seeds itself (`_seed`), and the trainer may start a loader at any step
+        generator=torch.Generator().manual_seed(_seed(seed, epoch, 5)),
         multiprocessing_context=_context(cfg.start_method) if cfg.workers else None,
     )
 
 
 def _context(start_method: str):
     """The multiprocessing context for loader workers. The forkserver imports this module (and
-    so torch, cv2, webdataset) once, when it starts, so a worker forked from it starts in about
-    0.2 s, as with fork, instead of importing everything again each epoch."""
+    so torch, cv2, webdataset) once, when it starts, and the main module's imports too: every
+    worker runs the main module again (as `__mp_main__`), and without them cached the trainer's
+    imports (torchvision, dvclive) delayed each epoch's first batch: 1.41 s against 0.13 s on 2
+    cores (`benchmarks/results/step_costs.json`)."""
     ctx = torch.multiprocessing.get_context(start_method)
     if start_method == "forkserver":
-        ctx.set_forkserver_preload([__name__])
+        ctx.set_forkserver_preload([__name__, "pyarrow.dataset", *_main_module()])   # pyarrow.dataset: parquet reads
     return ctx
+
+
+def _main_module() -> list[str]:
+    """The main module's name under `python -m` (every stage's way of running), for the
+    forkserver to import; a script run from a path is left out (its workers import its imports)."""
+    import sys
+
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return [spec.name] if spec is not None and spec.name not in ("__main__", "__mp_main__") else []
 
 
 def _worker_init(_: int, trainer_pid: int | None = None) -> None:

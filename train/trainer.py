@@ -31,6 +31,8 @@ from train.stream import batches_per_worker, make_loader
 
 log = logging.getLogger(__name__)
 
+PREFETCH_BATCHES = 2     # the next epoch's loader starts this many batches before the current epoch ends
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -166,14 +168,27 @@ class Trainer:
 
     def fit(self, shard_paths: list, total_samples: int, progress: bool) -> None:
         """The loop: epochs of the stream from the position on, until the schedule's stop; a
-        checkpoint every `checkpoint_every` steps, at the clock, at each epoch end and at the stop."""
+        checkpoint every `checkpoint_every` steps, at the clock, at each epoch end and at the stop.
+
+        Each epoch is a new loader (its workers seed the epoch's stream). The next epoch's loader
+        is started `PREFETCH_BATCHES` batches before the current one ends, so its workers' start
+        and first batch overlap the last steps instead of stalling the loop; which batches it
+        yields does not depend on when it starts."""
         cfg, pos = self.cfg, self.pos
         log_ = StepLog(self, progress)
         self.model.train()
+
+        def loader(epoch: int, start_batch: int):
+            return iter(make_loader(shard_paths, cfg.loader, seed=cfg.seed, epoch=epoch, total_samples=total_samples,
+                                    world=self.world, start_batch=start_batch, pin_memory=self.on_cuda))
+
+        upcoming = None                 # the next epoch's loader, started before this epoch ends
         while pos.epoch < cfg.epochs and pos.step < self.sched.stop:
-            loader = make_loader(shard_paths, cfg.loader, seed=cfg.seed, epoch=pos.epoch, total_samples=total_samples,
-                                 world=self.world, start_batch=pos.batch, pin_memory=self.on_cuda)
-            for batch in loader:
+            batches = upcoming if upcoming is not None else loader(pos.epoch, pos.batch)
+            upcoming = None
+            for batch in batches:
+                if upcoming is None and self._next_epoch_due():
+                    upcoming = loader(pos.epoch + 1, 0)
                 lr, loss, terms = self.step(batch)
                 log_.step(batch, lr, loss, terms)
                 if pos.step % cfg.checkpoint_every == 0 or self.clock.due(pos.step):
@@ -191,6 +206,13 @@ class Trainer:
             self.save()
             break
         log_.close()
+
+    def _next_epoch_due(self) -> bool:
+        """True within the last `PREFETCH_BATCHES` batches of an epoch that the schedule follows
+        with another one."""
+        spe, pos = self.sched.steps_per_epoch, self.pos
+        return (pos.batch >= spe - PREFETCH_BATCHES and pos.epoch + 1 < self.cfg.epochs
+                and (pos.epoch + 1) * spe < self.sched.stop)
 
     def step(self, batch: dict) -> tuple[float, torch.Tensor, dict]:
         """One optimiser step on `batch`; returns (learning rate, loss, loss terms) and records the

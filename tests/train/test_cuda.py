@@ -73,7 +73,7 @@ def test_loss_falls_on_a_fixed_batch(name, device, shards, monkeypatch):
     if cuda:
         method = method.to(memory_format=torch.channels_last)
     if hasattr(method, "queue"):    # a repeated batch would fill the queue with its own positives
-        monkeypatch.setattr(method.queue, "enqueue", lambda keys: None)
+        monkeypatch.setattr(method.queue, "enqueue", lambda keys, ids=None: None)
     opt = torch.optim.SGD(method.trainable(), lr=0.05, momentum=0.9)
     g = torch.Generator(device=device).manual_seed(0)
     losses = []

@@ -109,3 +109,32 @@ def test_an_empty_queue_offers_only_real_keys_as_negatives():
     from train.losses import info_nce, queue_top1
     z = torch.randn(5, 4)
     assert float(info_nce(z, z, torch.zeros(0, 4), 0.2)) == 0.0 and float(queue_top1(z, z, torch.zeros(0, 4))) == 1.0
+
+
+def test_queued_keys_of_the_querys_own_image_are_not_negatives():
+    """A miniature whose epoch is shorter than the queue brings an image's keys back into the queue
+    while the image is queried again. Those keys (here an exact copy of query 0) are left out of
+    that query's negatives: the loss, the rank-1 accuracy and the chance level equal those over
+    the queue without them, and the stored image ids move with their keys, FIFO."""
+    from train.losses import Queue, chance_loss, info_nce, queue_top1
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=1)
+    k = q + 0.3 * torch.randn(3, 8, generator=g)
+    keys = torch.randn(6, 8, generator=g)
+    keys[0] = q[0]                                       # query 0's image came back: a false negative
+    queue = Queue(6, 8)
+    queue.enqueue(keys, torch.tensor([10, 11, 10, 12, 13, 11]))
+    same = queue.same_image(torch.tensor([10, 11, 99]))
+    assert same.tolist() == [[True, False, True, False, False, False],
+                             [False, True, False, False, False, True],
+                             [False] * 6]
+    neg, T = queue.negatives(), 0.2
+    by_row = [info_nce(q[i:i + 1], k[i:i + 1], neg[~same[i]], T) for i in range(3)]
+    assert float(info_nce(q, k, neg, T, same)) == pytest.approx(float(sum(by_row) / 3), rel=1e-6)
+    assert float(info_nce(q, k, neg, T, same)) < float(info_nce(q, k, neg, T))
+    assert float(queue_top1(q[:1], k[:1], neg)) == 0.0              # the copy outranks the positive ...
+    assert float(queue_top1(q[:1], k[:1], neg, same[:1])) == 1.0    # ... unless it is left out
+    assert chance_loss(6, same) == pytest.approx((2 * math.log(5) + math.log(7)) / 3)
+    queue.enqueue(torch.randn(4, 8, generator=g), torch.tensor([20, 21, 22, 23]))   # wraps: slots 0-3
+    assert queue.image_ids.tolist() == [20, 21, 22, 23, 13, 11]
+    assert Queue(6, 8, exclude_same_image=False).same_image(torch.tensor([10])) is None

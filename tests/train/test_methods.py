@@ -27,7 +27,7 @@ def test_loss_falls_on_a_fixed_batch(name, fixed_batch, monkeypatch):
     if hasattr(method, "queue"):
         # On one repeated batch the queue would fill with copies of the positives themselves (a
         # queue assumes fresh batches); keep its random negatives so the loss measures learning.
-        monkeypatch.setattr(method.queue, "enqueue", lambda keys: None)
+        monkeypatch.setattr(method.queue, "enqueue", lambda keys, ids=None: None)
     opt = torch.optim.SGD(method.trainable(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(0)
     losses = []
@@ -57,12 +57,13 @@ def test_training_steps_run_the_queue_first_in_first_out(name, keys_of, init, fi
     torch.manual_seed(0)
     n = int(fixed_batch["valid"].sum()) if name == "d3ssl" else len(fixed_batch["valid"])
     size = 5 * n                                   # 2n keys a step: the pointer wraps in the third step
-    cfg = replace(DEFAULTS[name], queue_size=size, proj_hidden=32, queue_init=init)
+    # exclusion off: the repeated batch's own keys fill the queue (the exclusion has its own tests)
+    cfg = replace(DEFAULTS[name], queue_size=size, proj_hidden=32, queue_init=init, exclude_same_image=False)
     method = build(name, "resnet18", cfg, roi_size=2, bn_splits=2)
     negatives, keys = [], []
     real_nce, real_keys = methods.info_nce, getattr(method, keys_of)
     monkeypatch.setattr(methods, "info_nce",
-                        lambda q, k, neg, t: negatives.append(neg.clone()) or real_nce(q, k, neg, t))
+                        lambda q, k, neg, t, *a: negatives.append(neg.clone()) or real_nce(q, k, neg, t, *a))
     monkeypatch.setattr(method, keys_of, lambda *a: keys.append(real_keys(*a)) or keys[-1])
     ref, ptr, filled = method.queue.features.clone(), 0, 0
     opt = torch.optim.SGD(method.trainable(), lr=0.05, momentum=0.9)
@@ -162,7 +163,7 @@ def test_l_dp_counts_for_the_share_of_proposals_left_in_x3(kept, fixed_batch, mo
         return v
     rows = []
     monkeypatch.setattr(methods, "region_views", views)
-    monkeypatch.setattr(methods, "info_nce", lambda q, k, neg, t: rows.append(len(q)) or torch.tensor(1.0))
+    monkeypatch.setattr(methods, "info_nce", lambda q, k, neg, t, *a: rows.append(len(q)) or torch.tensor(1.0))
     cfg = replace(DEFAULTS["d3ssl"], queue_size=64, proj_hidden=32)
     _, terms = build("d3ssl", "resnet18", cfg, roi_size=2)(fixed_batch, torch.Generator().manual_seed(0), 0.0)
     valid = fixed_batch["valid"]
@@ -191,3 +192,26 @@ def test_a_switched_on_augmentation_is_applied_to_every_view(name, switch, fn, c
         cfg = replace(base, augment=replace(base.augment, **{switch: on}))
         build(name, "resnet18", cfg, roi_size=2)(fixed_batch, torch.Generator().manual_seed(0), 0.0)
         assert len(seen) == (calls if on else 0), (switch, on, len(seen))
+
+
+@pytest.mark.parametrize("name", ["d3ssl", "mocov2"])
+def test_a_queue_of_the_images_own_keys_offers_no_negatives(name, fixed_batch):
+    """The method passes each region's image id (the batch's `image_id`) to the queue: with every
+    image of the batch under one id, after a step the queue (empty start) holds only keys of the
+    queries' "own image", so on the same batch again every negative is left out: the loss is
+    exactly 0 and the chance level ln(1). With the exclusion off the same keys are negatives."""
+    one = {**fixed_batch, "image_id": torch.full_like(fixed_batch["image_id"], 7)}
+    losses = {}
+    for exclude in (True, False):
+        torch.manual_seed(0)
+        cfg = replace(DEFAULTS[name], queue_size=4096, proj_hidden=32, queue_init="empty", exclude_same_image=exclude)
+        method = build(name, "resnet18", cfg, roi_size=2, bn_splits=2)
+        g = torch.Generator().manual_seed(0)
+        method(one, g, 0.0)                                # fills the queue with this image's keys
+        filled = int(method.queue.filled)
+        assert filled > 0 and (method.queue.image_ids[:filled] == 7).all()
+        loss, terms = method(one, g, 0.0)
+        losses[exclude] = float(loss.detach())
+        if exclude:
+            assert [v for k, v in terms.items() if k.endswith("_chance")] == [0.0] * (1 + (name == "d3ssl")), terms
+    assert losses[True] == 0.0 and losses[False] > 0.1

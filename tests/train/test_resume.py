@@ -201,3 +201,36 @@ def test_stamp_json_is_written_once_per_stamp(tmp_path):
     assert json.loads(path.read_text()) == stamp
     assert checkpoint.write_stamp(path, {**stamp, "code": "d"})
     assert json.loads(path.read_text())["code"] == "d"
+
+
+def test_the_next_epochs_loader_starts_before_the_epoch_ends_and_changes_nothing(shards, tmp_path, monkeypatch):
+    """Each epoch's loader is started PREFETCH_BATCHES batches before the previous epoch ends (its
+    workers' start overlaps the last steps), and the weights equal a run that starts each loader
+    only when the previous epoch has ended."""
+    from train import trainer
+    params = tiny_params(tmp_path / "params.yaml")       # 4 steps per epoch, 3 epochs
+    started, real = [], trainer.make_loader
+    steps = {"n": 0}
+    real_step = trainer.Trainer.step
+
+    def spy(*a, **kw):
+        started.append((kw["epoch"], steps["n"]))
+        return real(*a, **kw)
+
+    def counted(self, batch):
+        steps["n"] += 1
+        return real_step(self, batch)
+    monkeypatch.setattr(trainer, "make_loader", spy)
+    monkeypatch.setattr(trainer.Trainer, "step", counted)
+    run(shards, tmp_path / "prefetch", params)
+    assert trainer.PREFETCH_BATCHES == 2
+    assert started == [(0, 0), (1, 2), (2, 6)]            # epochs 1 and 2 start 2 steps before 4 and 8
+    monkeypatch.setattr(trainer, "PREFETCH_BATCHES", 0)    # 0: after the epoch's last batch
+    started.clear()
+    steps["n"] = 0
+    run(shards, tmp_path / "plain", params)
+    assert started == [(0, 0), (1, 4), (2, 8)]
+    a, b = state(tmp_path / "prefetch"), state(tmp_path / "plain")
+    assert a["step"] == b["step"] == 12
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k

@@ -144,3 +144,32 @@ def test_under_ddp_keys_are_encoded_on_other_ranks_and_come_back_in_order(tmp_pa
         for i in range(B):
             peers = set(torch.nonzero(r["peers"][i].view(2 * B, 4).abs().sum(1) > 1e-6).flatten().tolist())
             assert rank * B + i in peers and len(peers) == B and peers != own
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_batch_norm_of_equal_groups_equals_a_loop_over_them(dtype):
+    """Equal segments run as one fused batch-norm call (groups moved into channels): outputs, the
+    gradients of input, weight and bias, and the running statistics (the mean over the segments of
+    their means and unbiased variances, MoCo's SplitBatchNorm) equal a loop over the segments."""
+    torch.manual_seed(0)
+    x = (torch.randn(12, 5, 3, 4) * torch.tensor([1.0, 3.0, 0.5]).repeat_interleave(4).view(12, 1, 1, 1) + 2).to(dtype)
+    split = SplitBatchNorm2d(5, momentum=0.2)
+    with torch.no_grad():
+        split.weight.uniform_(0.5, 1.5), split.bias.uniform_(-1, 1)
+    w, b = split.weight.detach().clone().requires_grad_(), split.bias.detach().clone().requires_grad_()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with bn_segments([4, 4, 4]):
+        y1 = split(x1)
+    y2 = torch.cat([nn.functional.batch_norm(c, None, None, w, b, True, 0.0, split.eps) for c in x2.split(4)])
+    probe = torch.randn(y1.shape)
+    (y1.float() * probe).sum().backward()
+    (y2.float() * probe).sum().backward()
+    assert torch.allclose(y1.float(), y2.float(), atol=1e-6)
+    assert torch.allclose(x1.grad.float(), x2.grad.float(), atol=1e-5)
+    assert torch.allclose(split.weight.grad, w.grad, atol=1e-4) and torch.allclose(split.bias.grad, b.grad, atol=1e-4)
+    chunks = [c.float() for c in x.split(4)]
+    mean = torch.stack([c.mean((0, 2, 3)) for c in chunks]).mean(0)
+    var = torch.stack([c.var((0, 2, 3), unbiased=True) for c in chunks]).mean(0)
+    assert torch.allclose(split.running_mean, 0.2 * mean, atol=1e-5)
+    assert torch.allclose(split.running_var, 0.8 + 0.2 * var, atol=1e-4)
+    assert int(split.num_batches_tracked) == 1

@@ -146,3 +146,47 @@ def test_workers_start_in_a_process_that_has_used_opencv_and_ray(shards, tmp_pat
     run = subprocess.run([sys.executable, str(script), str(shards)], capture_output=True, text=True,
                          env=env, timeout=120)
     assert run.returncode == 0 and f"ok {N_SHARDS * PER_SHARD}" in run.stdout, run.stderr[-3000:]
+
+
+def test_forkserver_workers_inherit_the_main_modules_imports(shards, tmp_path):
+    """Every loader worker runs the main module again; under `python -m` (how every stage runs)
+    the forkserver imports that module once, so a new epoch's workers find its imports (the
+    trainer's: torchvision, dvclive) done instead of spending a second on them. A marker module
+    the main module imports records each process that imports it: the trainer and the
+    forkserver, not each epoch's worker."""
+    pkg = tmp_path / "mods"
+    pkg.mkdir()
+    (pkg / "heavy_marker.py").write_text(
+        "import os, sys\n"
+        "with open(os.environ['MARKER_LOG'], 'a') as f:\n"
+        "    f.write(f'{os.getpid()}\\n')\n")
+    (pkg / "probe_main.py").write_text(
+        "import sys\n"
+        "import heavy_marker\n"
+        "from train.stream import LoaderConfig, make_loader, read_index\n"
+        "from train.views import ViewConfig\n"
+        "if __name__ == '__main__':\n"
+        "    urls, total = read_index(sys.argv[1])\n"
+        "    cfg = LoaderConfig(batch_size=4, workers=1, shuffle_buffer=8, epoch_samples=8,\n"
+        "                       views=ViewConfig(size=64, small_size=32))\n"
+        "    n = sum(len(b['key']) for epoch in range(2) for b in make_loader(urls, cfg, seed=0, epoch=epoch,\n"
+        "                                                                     total_samples=total))\n"
+        "    print('samples', n)\n")
+    log = tmp_path / "imports.log"
+    env = dict(os.environ, PYTHONPATH=f"{pkg}{os.pathsep}{REPO}", MARKER_LOG=str(log))
+    run = subprocess.run([sys.executable, "-m", "probe_main", str(shards)], capture_output=True, text=True,
+                         env=env, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0 and "samples 16" in run.stdout, run.stderr[-3000:]
+    assert len(log.read_text().split()) == 2, log.read_text()      # trainer + forkserver; 2 workers ran
+
+
+def test_a_batch_carries_a_stable_id_of_each_image(shards):
+    """The queue tells an image's own keys by this id: it must be the same in every process and on
+    every rank (a hash of the key, not Python's salted hash())."""
+    from train.stream import image_id
+    assert image_id("img_0_1") == 7728776974478735790
+    urls, total = read_index(shards)
+    b = run_epoch(urls, small(), seed=0, total_samples=total)[0]
+    assert b["image_id"].dtype == torch.int64
+    assert b["image_id"].tolist() == [image_id(k) for k in b["key"]]
+    assert len(set(b["image_id"].tolist())) == len(set(b["key"]))
