@@ -8,7 +8,7 @@
    CPU), on one batch of the shards, with the fused equal-groups path of `train.model` against a
    loop over the groups (the implementation it replaced); and with one group, the floor.
 2. A new epoch's first batch: seconds from starting an epoch's loader (forkserver workers) to its
-   first batch, with the main module preloaded in the forkserver (`train.stream._context`) and
+   first batch, with the main module preloaded in the forkserver (`train.loader_workers.context`) and
    without, each in its own process (the forkserver is configured once per process), over
    `--epochs` epochs after the first.
 
@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.first_batch_child:
         if args.no_main_preload:
-            import train.stream
-            train.stream._main_module = lambda: []
+            import train.loader_workers
+            train.loader_workers.main_module = lambda: []
         print(json.dumps(first_batches(args.params, args.shards, args.epochs)))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

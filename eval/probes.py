@@ -338,24 +338,17 @@ METRICS = {"cr": "coupling rate (CR; 1 = no coupling)", "mcs": "mean cosine simi
 def plot_probes(results: list[dict], out_dir: Path) -> list[Path]:
     """One PNG per metric (cr.png, mcs.png): the metric over layers, a line per result (its
     'name'), like the paper's Figures 3b and 4b."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from eval.report_plots import pyplot, style_layer_axes
     from pipeline.files import atomic_path
 
+    plt = pyplot()
     written = []
     for metric, title in METRICS.items():
         fig, ax = plt.subplots(figsize=(4.5, 3.4))
         for r in results:
             layers = list(r[metric])
             ax.plot(layers, [r[metric][n] for n in layers], marker="o", label=r.get("name", r.get("backbone", "?")))
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_xlabel("layer")
-        ax.set_ylabel(metric.upper())
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+        style_layer_axes(ax, metric, title, legend_fontsize=8)
         path = Path(out_dir) / f"{metric}.png"
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=120)

@@ -35,7 +35,8 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display; byte-reproducible PNGs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,10 +47,21 @@ def _pyplot():
 
 def _save(fig, path: Path) -> None:
     """PNG bytes that depend on the figure only (no software tag, no time)."""
-    plt = _pyplot()
+    plt = pyplot()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
     plt.close(fig)
+
+
+def style_layer_axes(ax, metric: str, title: str, legend_fontsize: int) -> None:
+    """The look of a probe metric over layers (CR or MCS): a dashed grey line at 1 (no effect),
+    the axis labels, `title` and the legend; then the figure's tight layout."""
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("layer")
+    ax.set_ylabel(metric.upper())
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=legend_fontsize)
+    ax.figure.tight_layout()
 
 
 def methods_of(reports: Path, models: list[str], seeds: list[int]) -> list[str]:
@@ -119,7 +131,7 @@ def overlay(bands: dict[str, dict], path: Path, ylabel: str, title: str,
     """One plot: a mean line and a min-max band per method; `dotted` adds a dotted line per method
     in its colour (e.g. its chance level), `hlines` grey horizontal references. Returns the
     legend's entries, as drawn."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 3.8))
     for i, (m, b) in enumerate(bands.items()):
         colour = f"C{i}"
@@ -181,7 +193,7 @@ def plot_curves(reports: Path, runs: Path | None, models: list[str], seeds: list
 
 def plot_means(results: dict, out: Path) -> list[Path]:
     """CR and MCS over layers, a line per model (mean over seeds, std as error bars)."""
-    plt = _pyplot()
+    plt = pyplot()
     paths = []
     for metric, label in (("cr", "coupling rate (1 = no coupling)"),
                           ("mcs", "mean cosine similarity (1 = no positional bias)")):
@@ -189,12 +201,7 @@ def plot_means(results: dict, out: Path) -> list[Path]:
         for m, r in results.items():
             ax.errorbar(LAYERS, [r[f"{metric}_{x}"]["mean"] for x in LAYERS],
                         yerr=[r[f"{metric}_{x}"]["std"] for x in LAYERS], marker="o", capsize=3, label=m)
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_xlabel("layer")
-        ax.set_ylabel(metric.upper())
-        ax.set_title(label, fontsize=9)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
+        style_layer_axes(ax, metric, label, legend_fontsize=7)
         path = out.parent / f"{out.name}_{metric}.png"
         _save(fig, path)
         paths.append(path)

@@ -56,11 +56,14 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
-def write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
+def write_bytes(path: str | Path, data: bytes, atomic=atomic_path) -> None:
+    """Write `data` to `path` through `atomic` (a context manager like `atomic_path`, which
+    `pipeline.storage` swaps for its own to take URLs too)."""
+    with atomic(path) as tmp:
         tmp.write_bytes(data)
 
 
-def write_text(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
+def write_text(path: str | Path, text: str, atomic=atomic_path) -> None:
+    """Write `text` to `path` through `atomic` (see `write_bytes`)."""
+    with atomic(path) as tmp:
         tmp.write_text(text)

@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 
 FAILURE_REASONS = image_io.FAILURE_REASONS + (
     "proposals_failed",     # listed in the proposals stage's failures.csv (its reason in `detail`)
+    "worker_crashed",       # checked alone, it killed its worker on every try (segfault, out of memory)
 )
 ROW_FIELDS = ("key", "source", "image_id", "path", "width", "height")
 
@@ -78,6 +79,7 @@ class ShardsConfig:
     samples_per_shard: int = 256
     seed: int = 0
     jpeg_quality: int = 95        # only for sources that are not JPEG
+    max_retries: int = 3          # retries of a shard whose worker died, before its images are checked alone (speed only)
 
 
 def plan_shards(keys: list[str], samples_per_shard: int, seed: int) -> list[list[str]]:
@@ -135,7 +137,7 @@ def inputs_stamp(name: str, rows: list[dict], proposals: pa.Table, failed: dict[
 
 
 def _pack(tar: tarfile.TarFile, rows: list[dict], failed: dict[str, str], jpeg_quality: int,
-          digests: dict[str, str]) -> tuple[list[str], list[dict], int]:
+          digests: dict[str, str], crashed: dict[str, str]) -> tuple[list[str], list[dict], int]:
     """Pack the images of `rows` into `tar` (members `shardset.member_names`); returns the keys
     written, the failures, and how many were re-encoded. Fills `digests` (key -> sha256 of the file)."""
     written, failures, reencoded = [], [], 0
@@ -144,6 +146,9 @@ def _pack(tar: tarfile.TarFile, rows: list[dict], failed: dict[str, str], jpeg_q
         if key in failed:
             failures.append({"key": key, "path": r["path"], "reason": "proposals_failed",
                              "detail": f"the proposals stage failed it: {failed[key]}"})
+            continue
+        if key in crashed:
+            failures.append({"key": key, "path": r["path"], "reason": "worker_crashed", "detail": crashed[key]})
             continue
         try:
             data = image_io.read_bytes(r["path"])
@@ -167,18 +172,19 @@ def _pack(tar: tarfile.TarFile, rows: list[dict], failed: dict[str, str], jpeg_q
 
 
 def write_shard(name: str, rows: list[dict], proposals: pa.Table, out: str | Path, jpeg_quality: int,
-                failed: dict[str, str] | None = None) -> dict:
+                failed: dict[str, str] | None = None, crashed: dict[str, str] | None = None) -> dict:
     """Write one shard (tar, sidecar, then its stamp) atomically into `out` (path or URL); return
     its index entry.
 
     `rows` are images-table rows in shard order; `proposals` holds their proposals in that order;
-    `failed`: key -> reason of the images the proposals stage failed (not packed)."""
-    failed = failed or {}
+    `failed`: key -> reason of the images the proposals stage failed (not packed); `crashed`: key ->
+    error of the images that killed their worker when checked alone (not packed, not read)."""
+    failed, crashed = failed or {}, crashed or {}
     digests: dict[str, str] = {}
     tar_loc, prop_loc = storage.join(out, name), storage.join(out, proposals_name(name))
     with storage.atomic_write(tar_loc) as tmp:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            written, failures, reencoded = _pack(tar, rows, failed, jpeg_quality, digests)
+            written, failures, reencoded = _pack(tar, rows, failed, jpeg_quality, digests, crashed)
         tar_sha = storage.sha256(tmp)
     # `proposals` comes in shard order, then rank (split_proposals): the table reads like the tar.
     mine = proposals.filter(pc.is_in(proposals.column("key"), value_set=pa.array(written, pa.string())))
@@ -193,9 +199,18 @@ def write_shard(name: str, rows: list[dict], proposals: pa.Table, out: str | Pat
 
 
 def _shard_task(name: str, rows: list[dict], proposals: pa.Table, out: str, jpeg_quality: int,
-                failed: dict[str, str]) -> tuple[dict, str]:
+                failed: dict[str, str], crashed: dict[str, str]) -> tuple[dict, str]:
     """A Ray task: one shard; returns its entry and the node it ran on."""
-    return write_shard(name, rows, proposals, out, jpeg_quality, failed), raycluster.node_id()
+    return write_shard(name, rows, proposals, out, jpeg_quality, failed, crashed), raycluster.node_id()
+
+
+def _check_task(row: dict, jpeg_quality: int) -> None:
+    """A Ray task: read and check one image as packing does (after its shard's worker died); a
+    failure it finds is the shard task's to list: only a worker dying here matters."""
+    try:
+        shard_bytes(image_io.read_bytes(row["path"]), row["width"], row["height"], jpeg_quality)
+    except image_io.ImageFailure:
+        pass
 
 
 def _digest(path: str) -> str:
@@ -255,21 +270,63 @@ def _start_over_unless_same_plan(out: str, plan_hash: str) -> None:
 def _run_tasks(todo: list[tuple], out: str, cfg: ShardsConfig, ray_address: str | None,
                num_workers: int | None, progress: bool) -> tuple[dict[str, dict], dict[str, int]]:
     """Write the shards of `todo` [(name, rows, proposals, failed)] as Ray tasks; returns their
-    entries by name and the count of tasks per node."""
+    entries by name and the count of tasks per node.
+
+    A shard whose worker dies on every retry (an image that segfaults a decoder or exhausts the
+    memory) does not end the job: each of its images is checked alone in a task of its own, those
+    whose worker dies are listed as `worker_crashed`, and the shard is written again without them.
+    A shard whose worker dies after that is an error naming it."""
     import ray
     from tqdm import tqdm
 
     entries, nodes = {}, []
+    shards = {name: (rows, props, failed) for name, rows, props, failed in todo}
+    crashed: dict[str, dict[str, str]] = {}             # shard -> key -> error, once its images were checked
+    checking: dict[str, int] = {}                       # shard -> checks still running
     started = raycluster.start(ray_address, num_workers, module=__name__)
     try:
-        task = ray.remote(max_retries=3, retry_exceptions=False, **raycluster.TASK_OPTIONS)(_shard_task)
-        pending = {task.remote(name, rows, props, out, cfg.jpeg_quality, failed): name
-                   for name, rows, props, failed in todo}
-        with tqdm(total=len(pending), desc="shards", unit="shard", disable=not progress) as bar:
+        task = ray.remote(max_retries=cfg.max_retries, retry_exceptions=False, **raycluster.TASK_OPTIONS)(_shard_task)
+        check = ray.remote(max_retries=cfg.max_retries, retry_exceptions=False, **raycluster.TASK_OPTIONS)(_check_task)
+
+        def submit(name: str) -> None:
+            rows, props, failed = shards[name]
+            pending[task.remote(name, rows, props, out, cfg.jpeg_quality, failed, crashed.get(name, {}))] = (name, None)
+
+        pending: dict = {}                              # ObjectRef -> (shard, None) or (shard, checked row)
+        for name in shards:
+            submit(name)
+        with tqdm(total=len(shards), desc="shards", unit="shard", disable=not progress) as bar:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
-                entry, node = ray.get(ready[0])
-                entries[pending.pop(ready[0])] = entry
+                name, row = pending.pop(ready[0])
+                try:
+                    got = ray.get(ready[0])
+                except ray.exceptions.RayTaskError:     # our code raised: a bug, not a bad image
+                    raise
+                except ray.exceptions.RayError as e:     # the worker died on every retry
+                    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    if row is not None:
+                        crashed[name][row["key"]] = msg
+                    elif name in crashed:
+                        raise RuntimeError(f"the worker writing shard {name} died again after each of its images "
+                                           f"was checked alone: {msg}") from e
+                    else:
+                        log.warning("the worker writing shard %s died (%s); checking its images one by one", name, msg)
+                        rows, _, failed = shards[name]
+                        crashed[name], checking[name] = {}, 0
+                        for r in rows:
+                            if r["key"] not in failed:
+                                pending[check.remote(r, cfg.jpeg_quality)] = (name, r)
+                                checking[name] += 1
+                        if not checking[name]:
+                            submit(name)
+                        continue
+                if row is not None:                     # a check ended: the last one resubmits the shard
+                    checking[name] -= 1
+                    if not checking[name]:
+                        submit(name)
+                    continue
+                entries[name], node = got
                 nodes.append(node)
                 bar.update()
     finally:
@@ -289,7 +346,8 @@ def run(images_path: str | Path, proposals_dir: str | Path, out: str | Path, cfg
     rows = {r["key"]: r for r in images.to_pylist()}
     plan = plan_shards(list(rows), cfg.samples_per_shard, cfg.seed)
     names = [shardset.shard_name(i) for i in range(len(plan))]
-    plan_doc = json.dumps({"settings": as_dict(cfg), "shards": plan}, sort_keys=True)
+    settings = {k: v for k, v in as_dict(cfg).items() if k != "max_retries"}     # speed only
+    plan_doc = json.dumps({"settings": settings, "shards": plan}, sort_keys=True)
     # Tasks write to an absolute location: a worker's working folder is not the driver's.
     out = str(out) if storage.is_url(out) else str(storage.local_path(out).resolve())
     _start_over_unless_same_plan(out, hashlib.sha256(plan_doc.encode()).hexdigest())

@@ -249,13 +249,15 @@ def atomic_write(loc: str | Path) -> Iterator[Path]:
 
 def write_bytes(loc: str | Path, data: bytes) -> None:
     """Write `data` to `loc` atomically."""
-    with atomic_write(loc) as tmp:
-        tmp.write_bytes(data)
+    from pipeline import files
+
+    files.write_bytes(loc, data, atomic=atomic_write)
 
 
 def write_text(loc: str | Path, text: str) -> None:
-    with atomic_write(loc) as tmp:
-        tmp.write_text(text)
+    from pipeline import files
+
+    files.write_text(loc, text, atomic=atomic_write)
 
 
 def stale_temporaries(folder: str | Path, prefix: str = "") -> list[str]:

@@ -56,11 +56,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline import cli
+from pipeline import cli, synth_layouts
 from pipeline.categories import MANIFESTS, OPENIMAGES_CLASSES_CSV, coco_categories
 from pipeline.files import atomic_dir
 from pipeline.params import as_dict, load_section, override
-from pipeline.readers import OPENIMAGES_HEADER
 from pipeline.synth_scene import (  # noqa: F401 (draw_object: the scene API, importable from here)
     SHAPES, TEXTURE_FREQ, TEXTURES, compose_scene, draw_object,
 )
@@ -219,53 +218,6 @@ def _openimages_ids(cfg: SynthConfig, n: int) -> list[str]:
     return ids
 
 
-def _coco_json(split: str, images: list[dict], annotations: list[dict]) -> str:
-    cats = [{"supercategory": c.supercategory, "id": c.id, "name": c.name} for c in coco_categories()]
-    doc = {
-        "info": {"description": f"D3SSL embedded synthetic data, COCO 2017 layout ({split})",
-                 "url": "", "version": "1.0", "year": 2017, "contributor": "pipeline.synth",
-                 "date_created": "2017/09/01"},
-        "licenses": [{"url": "", "id": 1, "name": "generated procedurally; backgrounds from scikit-image and scikit-learn sample data"}],
-        "images": images,
-        "annotations": annotations,
-        "categories": cats,
-    }
-    return json.dumps(doc, separators=(",", ":"))
-
-
-def _openimages_rows(rng: np.random.Generator, image_id: str, w: int, h: int, objects: list[dict],
-                     classes: list[SynthClass], cfg: SynthConfig) -> list[list[str]]:
-    """Rows of the OpenImages box CSV for one image, with MIDs drawn per class and group-of boxes."""
-    rows = []
-    by_cls: dict[int, list[dict]] = {}
-    for ob in objects:
-        by_cls.setdefault(ob["cls"], []).append(ob)
-
-    def row(mid, x0, y0, x1, y1, occluded, truncated, group):
-        return [image_id, "xclick" if rng.random() < 0.85 else "activemil", mid, "1",
-                f"{x0 / w:.6f}", f"{x1 / w:.6f}", f"{y0 / h:.6f}", f"{y1 / h:.6f}",
-                str(int(occluded)), str(int(truncated)), str(int(group)), "0", "0"]
-
-    for k in sorted(by_cls):
-        c = classes[k]
-        mids = [m for m, _ in c.openimages]
-        p = np.array([wt for _, wt in c.openimages], dtype=float)
-        p /= p.sum()
-        obs = by_cls[k]
-        if len(obs) >= 3 and rng.random() < cfg.group_of_probability:
-            x0 = min(o["bbox"][0] for o in obs)
-            y0 = min(o["bbox"][1] for o in obs)
-            x1 = max(o["bbox"][0] + o["bbox"][2] for o in obs)
-            y1 = max(o["bbox"][1] + o["bbox"][3] for o in obs)
-            rows.append(row(mids[0], x0, y0, x1, y1, True, any(o["truncated"] for o in obs), True))
-            continue
-        for o in obs:
-            x, y, bw, bh = o["bbox"]
-            rows.append(row(mids[rng.choice(len(mids), p=p)], x, y, x + bw, y + bh,
-                            o["occluded"], o["truncated"], False))
-    return rows
-
-
 def _image_names(cfg: SynthConfig, sizes: dict[str, int]) -> dict[str, list]:
     """Per split, the image ids in generation order: 16-hex ImageIDs for OpenImages, distinct
     integer ids for COCO (shared by train2017 and val2017)."""
@@ -298,39 +250,6 @@ def _render_all(cfg: SynthConfig, classes: list[SynthClass], names: dict[str, li
     return results
 
 
-def _write_coco(folder: Path, results: dict[str, list], names: dict[str, list], classes: list[SynthClass]) -> None:
-    """instances_train2017.json and instances_val2017.json into `folder` (annotation ids run on
-    across the two splits)."""
-    ann_id = 1
-    for split in ("coco_train2017", "coco_val2017"):
-        ims, anns = [], []
-        for (j, w, h, objects), image_id in zip(results[split], names[split]):
-            ims.append({"license": 1, "file_name": f"{image_id:012d}.jpg", "coco_url": "",
-                        "height": h, "width": w, "date_captured": "2017-01-01 00:00:00",
-                        "flickr_url": "", "id": image_id})
-            for o in objects:
-                anns.append({"segmentation": o["segmentation"], "area": float(o["area"]), "iscrowd": 0,
-                             "image_id": image_id, "bbox": [float(v) for v in o["bbox"]],
-                             "category_id": classes[o["cls"]].coco_id, "id": ann_id})
-                ann_id += 1
-        sub = split.split("_")[1]
-        (folder / f"instances_{sub}.json").write_text(_coco_json(split, ims, anns))
-
-
-def _write_openimages_csv(path: Path, cfg: SynthConfig, results: list, ids: list[str],
-                          classes: list[SynthClass]) -> list[list[str]]:
-    """The OpenImages box CSV (official header, rows in ImageID order); returns its rows."""
-    rng = np.random.default_rng([cfg.seed, 1003])
-    rows = []
-    for (j, w, h, objects), image_id in sorted(zip(results, ids), key=lambda t: t[1]):
-        rows.extend(_openimages_rows(rng, image_id, w, h, objects, classes, cfg))
-    with path.open("w", newline="") as f:
-        wr = csv.writer(f, lineterminator="\n")
-        wr.writerow(OPENIMAGES_HEADER)
-        wr.writerows(rows)
-    return rows
-
-
 def build(cfg: SynthConfig, out: str | Path, workers: int = 0, progress: bool = True) -> dict:
     """Generate the whole embedded data set into `out` (replaced atomically); return the card."""
     classes = load_classes()
@@ -351,11 +270,11 @@ def build(cfg: SynthConfig, out: str | Path, workers: int = 0, progress: bool = 
         shutil.copyfile(OPENIMAGES_CLASSES_CSV, tmp / "openimages" / "class-descriptions-boxable.csv")
         results = _render_all(cfg, classes, names, dirs, workers, progress)
 
-        _write_coco(tmp / "coco" / "annotations", results, names, classes)
+        synth_layouts.write_coco(tmp / "coco" / "annotations", results, names, classes)
         for split in ("coco_train2017", "coco_val2017"):
             card["splits"][split] = _split_card(results[split], classes)
-        rows = _write_openimages_csv(tmp / "openimages" / "oidv6-train-annotations-bbox.csv", cfg,
-                                     results["openimages_train"], names["openimages_train"], classes)
+        rows = synth_layouts.write_openimages_csv(tmp / "openimages" / "oidv6-train-annotations-bbox.csv", cfg,
+                                                  results["openimages_train"], names["openimages_train"], classes)
         card["splits"]["openimages_train"] = _split_card(results["openimages_train"], classes)
         card["splits"]["openimages_train"]["csv_rows"] = len(rows)
         card["splits"]["openimages_train"]["group_of_rows"] = sum(r[10] == "1" for r in rows)

@@ -38,9 +38,8 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from train.augment import (
-    AugmentConfig, augment_view, backgrounds, jitter_boxes, needs_backgrounds, region_views,
-)
+from train.augment import AugmentConfig, augment_view, jitter_boxes, needs_backgrounds, region_views
+from train.backgrounds import backgrounds
 from train.losses import Queue, batch_top1, byol_loss, chance_loss, info_nce, key_spread, queue_top1
 from train.model import MLP, RegionEncoder, bn_segments, momentum_copy, momentum_update, region_segments, use_split_batch_norm
 from train.resnet import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD

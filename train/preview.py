@@ -68,9 +68,10 @@ def preview(shards: Path, out: Path, loader: LoaderConfig, augment: AugmentConfi
     import torch
 
     from train.augment import (
-        AugmentConfig, apply_prc, apply_prm, apply_rbj, backgrounds, compose, depositioning_boxes, sample_prc,
+        AugmentConfig, apply_prc, apply_prm, apply_rbj, compose, depositioning_boxes, sample_prc,
         sample_prm, sample_rbj, sample_shift, shift_px,
     )
+    from train.backgrounds import backgrounds
     from train.methods import prepare
     from train.stream import LoaderConfig, make_stream, read_index
 

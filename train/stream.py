@@ -69,6 +69,7 @@ from pipeline import images as image_io
 from pipeline import shardset, storage
 from pipeline.params import ParamsError
 from pipeline.shardset import REBUILD, ShardDataError  # noqa: F401 - the stream's errors
+from train import loader_workers
 from train.views import ViewConfig, make_views
 
 log = logging.getLogger(__name__)
@@ -296,7 +297,7 @@ def decode_views(src: Iterator[dict], cfg: LoaderConfig, seed: int, epoch: int, 
 
 def collate(samples: list[dict], stats: dict) -> dict:
     """Stack a batch into tensors (images uint8 Bx3xHxW). (The backgrounds of PRM and of x3 are
-    other samples' x1, drawn on the device: train.augment.background_donors.) Stacked with numpy:
+    other samples' x1, drawn on the device: train.backgrounds.background_donors.) Stacked with numpy:
     torch.stack would use the intra-op thread pool, which only contends with the loader workers."""
     batch = {"key": [s["key"] for s in samples],
              "image_id": torch.tensor([image_id(s["key"]) for s in samples], dtype=torch.long)}
@@ -377,77 +378,13 @@ def make_loader(shards: list[str], cfg: LoaderConfig, *, seed: int, epoch: int =
                          start_batch=start_batch)
     return torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=cfg.workers,
-        worker_init_fn=partial(_worker_init, trainer_pid=os.getpid()),   # workers exit with this process
+        worker_init_fn=partial(loader_workers.worker_init, trainer_pid=os.getpid()),   # workers exit with this process
         persistent_workers=False, prefetch_factor=2 if cfg.workers else None, pin_memory=pin_memory,
         # the workers' base seed from the stream's own seed, not a draw from the global RNG: the
         # stream seeds itself (`_seed`), and the trainer may start a loader at any step
         generator=torch.Generator().manual_seed(_seed(seed, epoch, 5)),
-        multiprocessing_context=_context(cfg.start_method) if cfg.workers else None,
+        multiprocessing_context=loader_workers.context(cfg.start_method) if cfg.workers else None,
     )
-
-
-def _context(start_method: str):
-    """The multiprocessing context for loader workers. The forkserver imports this module (and
-    so torch, cv2, webdataset) once, when it starts, and the main module's imports too: every
-    worker runs the main module again (as `__mp_main__`), and without them cached the trainer's
-    imports (torchvision, dvclive) delayed each epoch's first batch: 1.41 s against 0.13 s on 2
-    cores (`benchmarks/results/step_costs.json`)."""
-    ctx = torch.multiprocessing.get_context(start_method)
-    if start_method == "forkserver":
-        ctx.set_forkserver_preload([__name__, "pyarrow.dataset", *_main_module()])   # pyarrow.dataset: parquet reads
-    return ctx
-
-
-def _main_module() -> list[str]:
-    """The main module's name under `python -m` (every stage's way of running), for the
-    forkserver to import; a script run from a path is left out (its workers import its imports)."""
-    import sys
-
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return [spec.name] if spec is not None and spec.name not in ("__main__", "__mp_main__") else []
-
-
-def _worker_init(_: int, trainer_pid: int | None = None) -> None:
-    import cv2
-
-    cv2.setNumThreads(1)     # one thread per loader worker: workers, not threads, use the cores
-    torch.set_num_threads(1)
-    if trainer_pid is not None:
-        _exit_with(trainer_pid)
-
-
-def _exit_with(trainer_pid: int) -> None:
-    """End this worker when the trainer process `trainer_pid` ends, however it ends. A forkserver
-    worker's parent is the forkserver, not the trainer, so neither torch's watchdog (which watches
-    the parent) nor a parent-death signal notices a trainer killed with SIGKILL; and the forkserver
-    stays up as long as a worker holds its alive pipe. Once the workers exit, so do the forkserver
-    and the resource tracker. Watches a pidfd (no pid reuse; fires for an unreaped zombie too), or
-    polls the pid each second where pidfds are missing."""
-    import select
-    import threading
-
-    try:
-        fd = os.pidfd_open(trainer_pid)
-    except ProcessLookupError:
-        os._exit(1)
-    except (AttributeError, OSError):
-        fd = None
-
-    def watch() -> None:
-        if fd is not None:
-            select.select([fd], [], [])
-        else:
-            while True:
-                try:
-                    os.kill(trainer_pid, 0)
-                except ProcessLookupError:
-                    break
-                except PermissionError:
-                    pass
-                threading.Event().wait(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-trainer", daemon=True).start()
 
 
 def read_index(folder: str | Path) -> tuple[list[str], int]:

@@ -365,12 +365,12 @@ def test_stage_writes_the_contract_in_parts_with_summary_and_failures(dataset, u
     assert fails.column("path").to_pylist()[0] == rows[fails.column("key").to_pylist()[0]][1]
 
 
-def _our_task_workers() -> list[int]:
-    """PIDs of Ray workers of this test process's cluster that are running a proposals task."""
+def _our_task_workers(task: bytes = b"ray::_propose_task") -> list[int]:
+    """PIDs of Ray workers of this test process's cluster that are running `task` (a proposals task)."""
     me, found = os.getpid(), []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::_propose_task"):
+            if not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(task):
                 continue
             p = int(pid)
             while p > 1:       # one of ours: a descendant of this process (worker < raylet < us)
@@ -384,18 +384,22 @@ def _our_task_workers() -> list[int]:
 
 
 class WorkerKiller(threading.Thread):
-    """Kills the first proposals task worker it sees (SIGKILL), once."""
+    """Kills (SIGKILL) the first worker it sees running each task of `tasks` in turn (default: one
+    proposals task worker, once)."""
 
-    def __init__(self):
+    def __init__(self, tasks: tuple[bytes, ...] = (b"ray::_propose_task",)):
         super().__init__(daemon=True)
+        self.tasks, self.victims = list(tasks), []
         self.killed: int | None = None
         self.stop = threading.Event()
 
     def run(self):
-        while not self.stop.is_set() and self.killed is None:
-            for pid in _our_task_workers():
+        while not self.stop.is_set() and self.tasks:
+            for pid in _our_task_workers(self.tasks[0]):
                 os.kill(pid, signal.SIGKILL)
                 self.killed = pid
+                self.victims.append(pid)
+                self.tasks.pop(0)
                 break
             time.sleep(0.005)
 

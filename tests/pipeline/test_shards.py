@@ -373,3 +373,66 @@ def test_a_rerun_that_rebuilds_shards_hides_the_index_until_the_set_is_whole(tmp
     again = run(images, props, out, cfg, num_workers=1, progress=False)
     assert json.loads((out / "index.json").read_text()) == again != first
     assert [s["name"] for s in again["shards"]] == [s["name"] for s in first["shards"]]
+
+
+# ------------------------------------------------------------------ a worker that dies
+
+
+def slow_inputs(root: Path, n: int = 6) -> tuple[Path, Path]:
+    """n large PNGs (re-encoding each takes a while, so a task is still running when it is killed)."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(n):
+        path = root / "img" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (900, 1200, 3), dtype=np.uint8)).save(path, compress_level=1)
+        rows.append({"key": f"k{i}", "source": "t", "image_id": str(i), "path": str(path), "width": 1200, "height": 900})
+    images = C.write_table(pa.Table.from_pylist(rows), root / "images.parquet", C.IMAGES)
+    (root / "props").mkdir()
+    C.write_table(pa.Table.from_pylist([{"key": "k0", "x1": 0.0, "y1": 0.0, "x2": 9.0, "y2": 9.0, "rank": 0}],
+                                       schema=C.PROPOSALS_SCHEMA), root / "props" / "part-00000.parquet", C.PROPOSALS)
+    return images, root / "props"
+
+
+@pytest.mark.parametrize("victims", ["shard", "shard_and_an_image"])
+def test_a_worker_that_dies_lists_the_image_that_killed_it_and_keeps_the_rest(tmp_path, victims):
+    """The worker writing the shard is killed (no Ray retries): each image is then checked alone,
+    and the shard written again. `shard`: nothing else dies, and the output equals an undisturbed
+    run's, byte for byte. `shard_and_an_image`: the worker checking one image dies too: that image
+    is listed once as `worker_crashed`, every other one is packed."""
+    from tests.pipeline.test_proposals import WorkerKiller
+    images, props = slow_inputs(tmp_path)
+    cfg = ShardsConfig(samples_per_shard=8, max_retries=0)
+    run(images, props, tmp_path / "ref", cfg, num_workers=2, progress=False)
+    tasks = (b"ray::_shard_task",) + ((b"ray::_check_task",) if victims == "shard_and_an_image" else ())
+    killer = WorkerKiller(tasks)
+    killer.start()
+    try:
+        index = run(images, props, tmp_path / "out", cfg, num_workers=2, progress=False)
+    finally:
+        killer.stop.set()
+        killer.join()
+    assert len(killer.victims) == len(tasks), "a worker to kill was not seen: the job ended first"
+    if victims == "shard":
+        assert folder_bytes(tmp_path / "out") == folder_bytes(tmp_path / "ref")
+    else:
+        crashed = [f for f in index["failures"] if f["reason"] == "worker_crashed"]
+        assert len(crashed) == 1 and index["failure_reasons"] == {"worker_crashed": 1}
+        assert index["total_samples"] == 5
+        with tarfile.open(tmp_path / "out" / index["shards"][0]["name"]) as tar:
+            keys = {Path(m).stem for m in tar.getnames()}
+        assert keys == {f"k{i}" for i in range(6)} - {crashed[0]["key"]}
+
+
+def test_a_shard_whose_worker_dies_after_every_check_is_an_error_naming_it(tmp_path):
+    from tests.pipeline.test_proposals import WorkerKiller
+    images, props = slow_inputs(tmp_path, n=3)
+    killer = WorkerKiller((b"ray::_shard_task",) * 2)
+    killer.start()
+    try:
+        with pytest.raises(RuntimeError, match="the worker writing shard train-000000.tar died again after each"):
+            run(images, props, tmp_path / "out", ShardsConfig(samples_per_shard=8, max_retries=0), num_workers=2,
+                progress=False)
+    finally:
+        killer.stop.set()
+        killer.join()

@@ -17,7 +17,8 @@ from PIL import Image
 from pipeline import contracts as C
 from pipeline.categories import coco_categories, read_openimages_classes
 from pipeline.readers import OPENIMAGES_HEADER, read_coco, read_openimages
-from pipeline.synth import SynthConfig, _openimages_rows, build, draw_object, load_classes
+from pipeline.synth import SynthConfig, build, draw_object, load_classes
+from pipeline.synth_layouts import openimages_rows
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -125,14 +126,14 @@ def test_group_of_rows_enclose_their_instances():
     person = next(i for i, c in enumerate(classes) if c.name == "person")
     objs = [{"cls": person, "bbox": b, "occluded": False, "truncated": False}
             for b in ([10, 10, 20, 20], [40, 5, 10, 30], [5, 50, 10, 10])]
-    rows = _openimages_rows(np.random.default_rng(0), "0" * 16, 100, 100, objs, classes,
-                            SynthConfig(group_of_probability=1.0))
+    rows = openimages_rows(np.random.default_rng(0), "0" * 16, 100, 100, objs, classes,
+                           SynthConfig(group_of_probability=1.0))
     assert len(rows) == 1
     r = dict(zip(OPENIMAGES_HEADER, rows[0]))
     assert r["IsGroupOf"] == "1" and r["LabelName"] == "/m/01g317"
     assert [float(r[k]) for k in ("XMin", "XMax", "YMin", "YMax")] == [0.05, 0.5, 0.05, 0.6]
-    rows = _openimages_rows(np.random.default_rng(0), "0" * 16, 100, 100, objs, classes,
-                            SynthConfig(group_of_probability=0.0))
+    rows = openimages_rows(np.random.default_rng(0), "0" * 16, 100, 100, objs, classes,
+                           SynthConfig(group_of_probability=0.0))
     assert len(rows) == 3 and all(r[10] == "0" for r in rows)
 
 

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from train.augment import (
-    AugmentConfig, apply_box_jitter, apply_cutout, apply_prc, apply_prm, apply_rbj, background_donors, compose,
+    AugmentConfig, apply_box_jitter, apply_cutout, apply_prc, apply_prm, apply_rbj, compose,
     depositioning_boxes, prc_mask, rect_masks, region_views, sample_box_jitter, sample_cutout,
     sample_prc, sample_prm, sample_rbj, sample_shift, shift_images, shift_px,
 )
+from train.backgrounds import background_donors
 
 
 def random_boxes(g: torch.Generator, B: int, K: int, size: int = 64) -> torch.Tensor:
