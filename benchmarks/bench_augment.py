@@ -26,7 +26,8 @@ def fake_batch(b: int, size: int, k: int, device) -> dict:
     boxes = torch.cat([xy, torch.minimum(xy + wh, torch.tensor(float(size)))], -1)
     x = lambda s: torch.randn((b, 3, s, s), generator=g)  # noqa: E731
     batch = {"x1": x(size), "x2": x(size), "x2s": x(size // 2),
-             "boxes1": boxes, "boxes2": boxes, "boxes2s": boxes / 2, "valid": torch.ones((b, k), dtype=torch.bool)}
+             "boxes1": boxes, "boxes2": boxes, "boxes2s": boxes / 2, "valid": torch.ones((b, k), dtype=torch.bool),
+             "image_id": torch.arange(b)}          # every sample its own image (train.stream.collate)
     return {k: v.to(device) for k, v in batch.items()}
 
 
