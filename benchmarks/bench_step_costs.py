@@ -30,7 +30,7 @@ from benchmarks import write_json
 
 # What the trainer's main module (train.pretrain) imports, at the top as there: every loader worker
 # runs the main module again, so these imports are what the forkserver preload saves each epoch.
-import train.pretrain  # noqa: E402,F401
+from train import pretrain as _trainer_imports  # noqa: E402,F401
 
 log = logging.getLogger("benchmarks.bench_step_costs")
 
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.first_batch_child:
         if args.no_main_preload:
             import train.loader_workers
-            train.loader_workers.main_module = lambda: []
+            train.loader_workers.main_imports = lambda: []
         print(json.dumps(first_batches(args.params, args.shards, args.epochs)))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,5 +1,5 @@
 """The loader's worker processes: how they start (`context`), what the forkserver preloads
-(`main_module`), and how each worker sets itself up (`worker_init`) and ends with the trainer
+(`main_imports`), and how each worker sets itself up (`worker_init`) and ends with the trainer
 (`exit_with`). `train.stream.make_loader` hands these to its DataLoader.
 """
 from __future__ import annotations
@@ -14,23 +14,35 @@ STREAM_MODULE = "train.stream"     # what the forkserver imports: the stream and
 def context(start_method: str):
     """The multiprocessing context for loader workers. The forkserver imports the stream's module
     (and so torch, cv2, webdataset) once, when it starts, and the main module's imports too: every
-    worker runs the main module again (as `__mp_main__`), and without them cached the trainer's
-    imports (torchvision, dvclive) delayed each epoch's first batch: 1.41 s against 0.13 s on 2
+    worker runs the main module again (as `__mp_main__`), and without its imports cached the
+    trainer's (torchvision, dvclive) delayed each epoch's first batch: 1.41 s against 0.13 s on 2
     cores (`benchmarks/results/step_costs.json`)."""
     ctx = torch.multiprocessing.get_context(start_method)
     if start_method == "forkserver":
         # pyarrow.dataset: parquet reads
-        ctx.set_forkserver_preload([STREAM_MODULE, "pyarrow.dataset", *main_module()])
+        ctx.set_forkserver_preload([STREAM_MODULE, "pyarrow.dataset", *main_imports()])
     return ctx
 
 
-def main_module() -> list[str]:
-    """The main module's name under `python -m` (every stage's way of running), for the
-    forkserver to import; a script run from a path is left out (its workers import its imports)."""
+def main_imports() -> list[str]:
+    """The modules the main module imported (its top-level names bound to a module, or to an object
+    of one), for the forkserver to import, under `python -m` (every stage's way of running). Not the
+    main module itself: a worker runs it again under its module name, and finding it imported
+    already, runpy warns ("found in sys.modules ... unpredictable behaviour"). A script run from a
+    path is left out (its workers import its imports)."""
     import sys
+    import types
 
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return [spec.name] if spec is not None and spec.name not in ("__main__", "__mp_main__") else []
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is None or spec.name in ("__main__", "__mp_main__"):
+        return []
+    names = set()
+    for value in vars(main).values():
+        name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
+        if isinstance(name, str) and name in sys.modules and name not in (spec.name, "__main__", "builtins"):
+            names.add(name)
+    return sorted(names)
 
 
 def worker_init(_: int, trainer_pid: int | None = None) -> None:

@@ -178,6 +178,7 @@ def test_forkserver_workers_inherit_the_main_modules_imports(shards, tmp_path):
                          env=env, timeout=120, cwd=tmp_path)
     assert run.returncode == 0 and "samples 16" in run.stdout, run.stderr[-3000:]
     assert len(log.read_text().split()) == 2, log.read_text()      # trainer + forkserver; 2 workers ran
+    assert "found in sys.modules" not in run.stderr, run.stderr[-3000:]   # runpy: the main module itself is not preloaded
 
 
 def test_a_batch_carries_a_stable_id_of_each_image(shards):
