@@ -15,8 +15,8 @@ def context(start_method: str):
     """The multiprocessing context for loader workers. The forkserver imports the stream's module
     (and so torch, cv2, webdataset) once, when it starts, and the main module's imports too: every
     worker runs the main module again (as `__mp_main__`), and without its imports cached the
-    trainer's (torchvision, dvclive) delayed each epoch's first batch: 1.41 s against 0.13 s on 2
-    cores (`benchmarks/results/step_costs.json`)."""
+    trainer's (torchvision, dvclive) delay each epoch's first batch by about a second
+    (`benchmarks/results/step_costs.json`, `python -m benchmarks.bench_step_costs`)."""
     ctx = torch.multiprocessing.get_context(start_method)
     if start_method == "forkserver":
         # pyarrow.dataset: parquet reads

@@ -94,8 +94,8 @@ class _SplitBatchNorm:
     def _equal_groups(self, x: torch.Tensor, groups: int) -> torch.Tensor:
         """The same for `groups` segments of equal size, in one fused batch-norm call: the groups
         are moved into the channel axis ((G*n, C, H, W) -> (n, G*C, H, W)), so each (group,
-        channel) pair gets its own statistics. Against a loop over the groups it takes 0.78 to 0.88
-        of the CPU pre-training step (`benchmarks/results/step_costs.json`)."""
+        channel) pair gets its own statistics; the step time against a loop over the groups is in
+        `benchmarks/results/step_costs.json` (`python -m benchmarks.bench_step_costs`)."""
         n, (c, h, w) = x.shape[0] // groups, x.shape[1:]
         xg = x.view(groups, n, c, h, w).transpose(0, 1).reshape(n, groups * c, h, w)
         weight = self.weight.repeat(groups) if self.weight is not None else None
