@@ -64,8 +64,14 @@ class Queue(nn.Module):
         self.size, self.init, self.exclude_same_image = size, init, exclude_same_image
         self.register_buffer("features", F.normalize(torch.randn(size, dim), dim=1))
         self.register_buffer("image_ids", torch.full((size,), -1, dtype=torch.long))
+        self._register_load_state_dict_pre_hook(self._ids_of_an_older_checkpoint)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+
+    def _ids_of_an_older_checkpoint(self, state: dict, prefix: str, *_) -> None:
+        """A checkpoint written before the queue kept image ids (`--resume` across that change)
+        loads with ids -1 (no image): its keys stay negatives of every query."""
+        state.setdefault(prefix + "image_ids", torch.full_like(self.image_ids, -1))
 
     def negatives(self) -> torch.Tensor:
         if self.init == "empty" and int(self.filled) < self.size:

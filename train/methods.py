@@ -199,10 +199,11 @@ class D3SSL(Method):
                 l_dp = info_nce(z_s3, z_t2[keep], neg, T, same3) + info_nce(z_s3, z_t1[keep], neg, T, same3)  # eq. 9
                 # eq. 10 averages over all proposals: L_dp counts for the share of them in x3
                 l_dp = l_dp * keep.float().mean()
+                chance3 = chance_loss(len(neg), same3)                            # over z_s3's own negatives
             else:
-                l_dp = z_s1.new_zeros(())
+                l_dp, chance3 = z_s1.new_zeros(()), 0.0
             terms["loss_dp"] = l_dp.detach()
-            terms["loss_dp_chance"] = 2 * chance * float(keep.float().mean())
+            terms["loss_dp_chance"] = 2 * chance3 * float(keep.float().mean())
             terms["shift_px"] = v["shift_px"].detach()
             loss = loss + l_dp                                                   # eq. 10
         self.queue.enqueue(torch.cat([z_t1, z_t2]), torch.cat([ids[valid], ids[valid]]))

@@ -111,7 +111,10 @@ class _SplitBatchNorm:
                 self.running_mean.mul_(1 - m).add_(mean.view(groups, c).mean(0).to(self.running_mean.dtype), alpha=m)
                 self.running_var.mul_(1 - m).add_(var.view(groups, c).mean(0).to(self.running_var.dtype), alpha=m)
                 self.num_batches_tracked.add_(1)
-        return y.view(n, groups, c, h, w).transpose(0, 1).reshape(groups * n, c, h, w)
+        y = y.view(n, groups, c, h, w).transpose(0, 1).reshape(groups * n, c, h, w)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            y = y.contiguous(memory_format=torch.channels_last)      # keep CUDA's channels_last layout
+        return y
 
 
 class SplitBatchNorm2d(_SplitBatchNorm, nn.BatchNorm2d):

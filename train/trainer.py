@@ -182,30 +182,35 @@ class Trainer:
             return iter(make_loader(shard_paths, cfg.loader, seed=cfg.seed, epoch=epoch, total_samples=total_samples,
                                     world=self.world, start_batch=start_batch, pin_memory=self.on_cuda))
 
-        upcoming = None                 # the next epoch's loader, started before this epoch ends
-        while pos.epoch < cfg.epochs and pos.step < self.sched.stop:
-            batches = upcoming if upcoming is not None else loader(pos.epoch, pos.batch)
-            upcoming = None
-            for batch in batches:
-                if upcoming is None and self._next_epoch_due():
-                    upcoming = loader(pos.epoch + 1, 0)
-                lr, loss, terms = self.step(batch)
-                log_.step(batch, lr, loss, terms)
-                if pos.step % cfg.checkpoint_every == 0 or self.clock.due(pos.step):
+        upcoming = batches = None       # the next epoch's loader, started before this epoch ends
+        try:
+            while pos.epoch < cfg.epochs and pos.step < self.sched.stop:
+                batches = upcoming if upcoming is not None else loader(pos.epoch, pos.batch)
+                upcoming = None
+                for batch in batches:
+                    if upcoming is None and self._next_epoch_due():
+                        upcoming = loader(pos.epoch + 1, 0)
+                    lr, loss, terms = self.step(batch)
+                    log_.step(batch, lr, loss, terms)
+                    if pos.step % cfg.checkpoint_every == 0 or self.clock.due(pos.step):
+                        self.save()
+                    if pos.step in cfg.snapshot_steps and self.rank == 0:
+                        write_export(self.method.student.backbone_state_dict(), self.out / "snapshots" / f"step{pos.step}",
+                                     {"method": self.name, "arch": cfg.arch, "step": pos.step})
+                    if pos.step >= self.sched.stop:
+                        break
+                else:
+                    pos.epoch, pos.batch = pos.epoch + 1, 0
+                    self.saved_step = -1                # the epoch end moved the position: save it
                     self.save()
-                if pos.step in cfg.snapshot_steps and self.rank == 0:
-                    write_export(self.method.student.backbone_state_dict(), self.out / "snapshots" / f"step{pos.step}",
-                                 {"method": self.name, "arch": cfg.arch, "step": pos.step})
-                if pos.step >= self.sched.stop:
-                    break
-            else:
-                pos.epoch, pos.batch = pos.epoch + 1, 0
-                self.saved_step = -1                # the epoch end moved the position: save it
+                    continue
                 self.save()
-                continue
-            self.save()
-            break
-        log_.close()
+                break
+        finally:        # an error or a stop inside an epoch: end the loaders' worker processes now
+            for it in (batches, upcoming):
+                if hasattr(it, "_shutdown_workers"):
+                    it._shutdown_workers()
+            log_.close()
 
     def _next_epoch_due(self) -> bool:
         """True within the last `PREFETCH_BATCHES` batches of an epoch that the schedule follows

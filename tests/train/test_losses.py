@@ -138,3 +138,16 @@ def test_queued_keys_of_the_querys_own_image_are_not_negatives():
     queue.enqueue(torch.randn(4, 8, generator=g), torch.tensor([20, 21, 22, 23]))   # wraps: slots 0-3
     assert queue.image_ids.tolist() == [20, 21, 22, 23, 13, 11]
     assert Queue(6, 8, exclude_same_image=False).same_image(torch.tensor([10])) is None
+
+
+def test_a_queue_saved_before_image_ids_existed_loads_with_no_image():
+    """`--resume` across the change that added `image_ids`: the old state loads, its keys with id -1
+    (no image), so they stay negatives of every query."""
+    from train.losses import Queue
+    old = Queue(4, 3).state_dict()
+    del old["image_ids"]
+    q = Queue(4, 3)
+    q.enqueue(torch.randn(4, 3), torch.tensor([1, 2, 3, 4]))
+    q.load_state_dict(old)
+    assert q.image_ids.tolist() == [-1] * 4 and torch.equal(q.features, old["features"])
+    assert not q.same_image(torch.tensor([1, 2])).any()

@@ -215,3 +215,41 @@ def test_a_queue_of_the_images_own_keys_offers_no_negatives(name, fixed_batch):
         if exclude:
             assert [v for k, v in terms.items() if k.endswith("_chance")] == [0.0] * (1 + (name == "d3ssl")), terms
     assert losses[True] == 0.0 and losses[False] > 0.1
+
+
+def test_each_loss_terms_chance_level_counts_its_own_querys_negatives(fixed_batch, monkeypatch):
+    """With the queue holding this batch's keys, a region of image i has 2 n_i keys of its own image
+    left out (n_i: its valid boxes). L_dc's chance level averages ln(M - 2 n_i + 1) over the regions
+    of x1 (valid), L_dp's over the regions kept in x3 (valid3, here images 0 and 1), times 2 terms and
+    L_dp's share of the proposals."""
+    import train.methods as methods
+    real_views, seen = methods.region_views, {}
+
+    def views(batch, cfg, g):
+        v = real_views(batch, cfg, g)
+        v["valid3"] = batch["valid"].clone()
+        v["valid3"][2:] = False                            # only images 0 and 1 keep boxes in x3
+        seen["valid3"] = v["valid3"]
+        return v
+    monkeypatch.setattr(methods, "region_views", views)
+    batch = dict(fixed_batch)
+    for k in ("boxes1", "boxes2", "boxes2s"):              # two boxes for images 0 and 1, one for 2 and 3
+        batch[k] = batch[k].clone()
+        batch[k][:, 1] = batch[k][:, 0]
+    batch["valid"] = torch.tensor([[True, True], [True, True], [True, False], [True, False]])
+    torch.manual_seed(0)
+    cfg = replace(DEFAULTS["d3ssl"], queue_size=4096, proj_hidden=32, queue_init="empty")
+    method = build("d3ssl", "resnet18", cfg, roi_size=2, bn_splits=2)
+    g = torch.Generator().manual_seed(0)
+    method(batch, g, 0.0)
+    _, terms = method(batch, g, 0.0)
+    valid = batch["valid"]
+    n = valid.sum(1)
+    M = 2 * int(n.sum())
+    per_row = torch.log((M - 2 * n.double()) + 1)[:, None].expand_as(valid)
+    dc = float(per_row[valid].mean())
+    dp = float(per_row[seen["valid3"]].mean())
+    share = float(seen["valid3"].sum() / valid.sum())
+    assert terms["loss_dc_chance"] == pytest.approx(2 * dc)
+    assert terms["loss_dp_chance"] == pytest.approx(2 * dp * share)
+    assert dp != pytest.approx(dc)                         # the two differ here: each uses its own rows
