@@ -16,8 +16,8 @@ import re
 import sys
 from pathlib import Path
 
-from eval.backbone import ARCHS, ResNetStages, build_resnet, resolve_device
-from eval.oknn import OknnConfig, run_oknn
+from eval.backbone import ResNetStages, build_resnet, resolve_device
+from eval.oknn import OknnConfig, add_protocol_args, run_oknn
 from pipeline import cli
 from pipeline.files import write_text
 from pipeline.params import load_section
@@ -39,11 +39,7 @@ def snapshot_steps(folder: Path) -> list[tuple[int, Path]]:
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser("python -m eval.curve", __doc__)
     p.add_argument("--snapshots", required=True, type=Path, help="a run's snapshots folder (step<N>/backbone.pth)")
-    p.add_argument("--arch", required=True, choices=sorted(ARCHS), help="the snapshots' ResNet")
-    p.add_argument("--coco-root", required=True, type=Path, help="COCO 2017 layout, as for eval.oknn")
-    p.add_argument("--out", required=True, type=Path, help="result JSON")
-    p.add_argument("--params", type=Path, help="params.yaml to read the 'oknn' section from")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    add_protocol_args(p)
     args = p.parse_args(argv)
     cli.setup_logging(args.log_level)
     cfg = load_section(OknnConfig, "oknn", args.params)

@@ -317,15 +317,21 @@ def protocol(stages, train: Split, val: Split, bank_sel: np.ndarray, bank_y: np.
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = cli.parser("python -m eval.oknn", __doc__)
-    p.add_argument("--backbone", required=True, help="ResNet state_dict file, or 'random'")
+def add_protocol_args(p) -> None:
+    """The arguments of every command that runs O-KNN (this stage, `eval.curve`): the backbones'
+    ResNet, the COCO data, the result file, the params file of the protocol, the device."""
     p.add_argument("--arch", required=True, choices=sorted(ARCHS), help="the backbone's ResNet")
     p.add_argument("--coco-root", required=True, type=Path,
                    help="COCO 2017 layout: annotations/instances_{train,val}2017.json, train2017/, val2017/")
     p.add_argument("--out", required=True, type=Path, help="result JSON")
     p.add_argument("--params", type=Path, help="params.yaml to read the 'oknn' section from")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = cli.parser("python -m eval.oknn", __doc__)
+    p.add_argument("--backbone", required=True, help="ResNet state_dict file, or 'random'")
+    add_protocol_args(p)
     args = p.parse_args(argv)
     cli.setup_logging(args.log_level)
     cfg = load_section(OknnConfig, "oknn", args.params)

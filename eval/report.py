@@ -184,7 +184,7 @@ def health_section(results: dict, problems: list[str]) -> list[str]:
         cell = lambda k, d=3: fmt(r[k], d) if k in r else "–"  # noqa: E731
         lines.append(f"| {m} | {cell('health_loss_over_chance')} | {cell('health_top1')} | {cell('health_key_std')} | "
                      f"{sum(v > 0 for v in r['health_problems']['values'])} of {r['health_problems']['n']} |")
-    lines += ["", "Loss / chance: the InfoNCE loss over ln(queue + 1) per term (1 = the positive is not told from "
+    lines += ["", "Loss / chance: the InfoNCE loss over ln(M + 1) per term, M each query's negatives (the queue less its own image's keys) (1 = the positive is not told from "
               "the negatives); key spread: 1 for keys spread over the sphere, 0 for collapsed keys."]
     if problems:
         lines += ["", "**WARNING: unhealthy pre-training runs** (their numbers above measure a failed run):", ""]
@@ -271,7 +271,7 @@ def _curves_section(curves: list[str]) -> list[str]:
             + [f"![{Path(c).stem}]({Path(c).name})" for c in curves]
             + ["", "O-KNN: step 0 is the randomly initialised backbone of each seed, the intermediate steps the "
                "snapshots of seed 0, the last step every seed's final backbone. Loss: dotted, each method's "
-               "chance level (ln(queue + 1) per InfoNCE term)."])
+               "chance level (ln(M + 1) per InfoNCE term, M each query's negatives)."])
 
 
 def _orderings_section(orderings: list[dict]) -> list[str]:

@@ -270,14 +270,12 @@ def _run_parts(rows: list[tuple], todo: list[int], size: dict[int, int], out: st
             try:
                 got, node = ray.get(ready[0])
                 nodes.append(node)
-            except ray.exceptions.RayTaskError:         # our code raised: a bug, not a bad image
-                raise
-            except ray.exceptions.RayError as e:         # the worker died on every retry
-                if len(chunk) > 1:                      # find the image that kills it: one by one
+            except raycluster.worker_died() as e:       # the worker died on every retry (our code
+                if len(chunk) > 1:                      # raising or a lost node ends the job); find
                     queue.extendleft(reversed([(p, s + i, [row]) for i, row in enumerate(chunk)]))
-                    continue
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                got = [ImageResult(chunk[0][0], np.zeros((0, 4), np.float32), FAILED, "worker_crashed", msg)]
+                    continue                            # the image that kills it: one by one
+                got = [ImageResult(chunk[0][0], np.zeros((0, 4), np.float32), FAILED, "worker_crashed",
+                                   raycluster.died_message(e, cfg.max_retries + 1))]
             got = [_as_given(r, row[1], given[row[0]]) for r, row in zip(got, chunk)]
             results[p].update({s + i: r for i, r in enumerate(got)})
             bar.update(len(got))

@@ -21,7 +21,13 @@
 
 Tasks are submitted with `TASK_OPTIONS` (the SPREAD strategy: a cluster's nodes share the work
 even when each task is short, instead of one node reusing its workers); they call `node_id()` to
-say where they ran, and the stages log a count of tasks per node.
+say where they ran, and the stages log a count of tasks per node. `worker_died()` is what both
+stages treat as an input's fault (the worker process died on every retry: a crash in a decoder or
+memory exhausted); any other Ray error (our code raising, a node or object lost) ends the job.
+
+Output folders: one run writes into a stage's output at a time. A run removes the temporary files
+a killed run left there before it submits any task, so a second run writing into the same output
+at the same moment would lose its temporaries (and the two would write the same parts): run one.
 """
 from __future__ import annotations
 
@@ -111,6 +117,19 @@ def check_nodes(module: str) -> list[str]:
             raise RuntimeError(f"Ray node {n['NodeID'][:12]} at {n['NodeManagerAddress']} cannot run {module}: "
                                f"{first}; install the pinned dependencies of pyproject.toml on that node") from None
     return done
+
+
+def worker_died() -> tuple[type[BaseException], ...]:
+    """The Ray errors of a task whose worker process died on every retry (`except worker_died()`)."""
+    import ray
+
+    return (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError)
+
+
+def died_message(e: BaseException, tries: int) -> str:
+    """A fixed, one-line reason for a worker that died `tries` times (Ray's own text is pages of
+    node and process details)."""
+    return f"its worker died on every one of {tries} tries ({type(e).__name__}: a crash in a decoder, or memory exhausted)"
 
 
 def stop() -> None:

@@ -301,11 +301,10 @@ def _run_tasks(todo: list[tuple], out: str, cfg: ShardsConfig, ray_address: str 
                 name, row = pending.pop(ready[0])
                 try:
                     got = ray.get(ready[0])
-                except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as e:
+                except raycluster.worker_died() as e:
                     # the worker died on every retry (our code raising, or the cluster failing
                     # otherwise, is not an image's fault and ends the job)
-                    msg = (f"its worker died on every one of {cfg.max_retries + 1} tries "
-                           f"({type(e).__name__}: a crash in a decoder, or memory exhausted)")
+                    msg = raycluster.died_message(e, cfg.max_retries + 1)
                     if row is not None:
                         crashed[name][row["key"]] = msg
                     elif name in crashed:

@@ -48,13 +48,16 @@ class Queue(nn.Module):
 
     Every key is stored with the id of the image it came from (`image_ids`; -1 for the random
     start). With `exclude_same_image` (the default), `same_image` masks, for each query, the queued
-    keys of the query's own image: they are other views or other proposals of the same image,
-    not negatives. The paper is silent (its eq. 5 draws {z-} from the memory bank); at real scale
-    the mask rarely fires: an image returns about an epoch later (sooner now and then, as the
-    resampled stream draws shards with replacement), and the queue (MoCo v2: 65536 keys) holds a
-    fraction of an epoch's keys. On a miniature whose epoch is short against the queue it fires
-    often: in the embedded run (420 images, queue 1024) other views of the query's own image are among the negatives of 68% of
-    MoCo v2's queries and at least 24% of D3SSL's (`benchmarks/results/queue_duplicates.json`).
+    keys of the query's own image: they are other views or other proposals of the same image, not
+    negatives. The paper is silent (its eq. 5 draws {z-} from the memory bank), and MoCo v2 as
+    published has no such mask (`exclude_same_image: false` on the `mocov2` method gives the
+    published baseline; every method takes the same default here so that none is handicapped by
+    false negatives the others are spared). At real scale the mask rarely fires: an image returns
+    about an epoch later (sooner now and then, as the resampled stream draws shards with
+    replacement), and the queue (MoCo v2: 65536 keys) holds a fraction of an epoch's keys. On a
+    miniature whose epoch is short against the queue it fires often: in the embedded run (420
+    images, queue 1024) other views of the query's own image are among the negatives of 68% of MoCo
+    v2's queries and at least 24% of D3SSL's (`benchmarks/results/queue_duplicates.json`).
     """
 
     def __init__(self, size: int, dim: int, init: str = "random", exclude_same_image: bool = True):

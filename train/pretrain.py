@@ -8,10 +8,10 @@
 
 Reads the shards' `index.json`, streams batches (`train.stream`, resampled: equal batches per rank),
 and trains the method (`train.methods`). Besides the loss terms, every step logs the health of the
-run: the chance level ln(queue + 1) of each InfoNCE term (`*_chance`, `loss_chance`), the
-positive's rank-1 accuracy among the negatives (`top1`; in-batch retrieval for soco) and the spread
-of the normalised keys (`key_std`: 1 spread over the sphere, 0 collapsed); d3ssl also logs
-`shift_px`, the mean |t| of the de-positioning shift in pixels of the x2 view. At the end,
+run: the chance level ln(M + 1) of each InfoNCE term (`*_chance`, `loss_chance`; M: a query's
+negatives, the queue less its own image's keys), the positive's rank-1 accuracy among the
+negatives (`top1`; in-batch retrieval for soco) and the spread of the normalised keys (`key_std`:
+1 spread over the sphere, 0 collapsed); d3ssl also logs `shift_px`, the mean |t| of the de-positioning shift in pixels of the x2 view. At the end,
 `summary.json` holds `health` over the last steps, and a run that ends at chance or collapsed is
 warned about (log and report). DDP: gloo on CPU, NCCL on CUDA; on CUDA also bf16 autocast and
 channels_last, and SyncBN in the student of methods without shuffle-BN (soco; `use_sync_batchnorm`).

@@ -3,7 +3,8 @@ progress bar, and the end-of-run health check.
 
 Besides the loss terms, every step logs the learning rate, the teacher momentum, images/s, the
 queue fill and the loader's errors. `health` judges the last `HEALTH_WINDOW` steps: a loss at its
-chance level ln(queue + 1) per InfoNCE term means the method learned nothing; a key spread near 0
+chance level per InfoNCE term (ln(M + 1), M the query's own negatives: the queue less the keys of
+its own image, `train.losses.chance_loss`) means the method learned nothing; a key spread near 0
 means the keys collapsed to one point.
 """
 from __future__ import annotations
@@ -23,8 +24,8 @@ COLLAPSED = 0.1           # key spread (1: spread over the sphere, 0: one point)
 
 
 def health(recent: list[dict]) -> dict:
-    """The end-of-run check over the last steps: loss against its chance level ln(queue + 1) per
-    InfoNCE term, the positive's rank-1 accuracy, the key spread; `problems` says what is wrong."""
+    """The end-of-run check over the last steps: loss against its chance level ln(M + 1) per
+    InfoNCE term (M: each query's own negatives), the positive's rank-1 accuracy, the key spread; `problems` says what is wrong."""
     if not recent:
         return {"steps": 0, "problems": []}
     mean = {k: float(np.nanmean([r[k] for r in recent])) if not all(np.isnan(r[k]) for r in recent) else None
@@ -34,7 +35,7 @@ def health(recent: list[dict]) -> dict:
         out["loss_over_chance"] = mean["loss"] / mean["chance"]
         if out["loss_over_chance"] >= AT_CHANCE:
             out["problems"].append(f"ends at chance: loss {mean['loss']:.3f} against the chance level "
-                                   f"{mean['chance']:.3f} (ln(queue + 1) per InfoNCE term), rank-1 accuracy "
+                                   f"{mean['chance']:.3f} (ln(M + 1) per InfoNCE term, M each query's negatives), rank-1 accuracy "
                                    f"{mean['top1']:.3f}")
     if mean["key_std"] is not None and mean["key_std"] < COLLAPSED:
         out["problems"].append(f"collapsed keys: spread {mean['key_std']:.3f} (1 = spread over the sphere, 0 = one point)")
