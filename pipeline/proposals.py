@@ -275,7 +275,7 @@ def _run_parts(rows: list[tuple], todo: list[int], size: dict[int, int], out: st
                     queue.extendleft(reversed([(p, s + i, [row]) for i, row in enumerate(chunk)]))
                     continue                            # the image that kills it: one by one
                 got = [ImageResult(chunk[0][0], np.zeros((0, 4), np.float32), FAILED, "worker_crashed",
-                                   raycluster.died_message(e, cfg.max_retries + 1))]
+                                   raycluster.died_message(e))]
             got = [_as_given(r, row[1], given[row[0]]) for r, row in zip(got, chunk)]
             results[p].update({s + i: r for i, r in enumerate(got)})
             bar.update(len(got))

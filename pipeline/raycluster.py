@@ -126,10 +126,11 @@ def worker_died() -> tuple[type[BaseException], ...]:
     return (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError)
 
 
-def died_message(e: BaseException, tries: int) -> str:
-    """A fixed, one-line reason for a worker that died `tries` times (Ray's own text is pages of
-    node and process details)."""
-    return f"its worker died on every one of {tries} tries ({type(e).__name__}: a crash in a decoder, or memory exhausted)"
+def died_message(e: BaseException) -> str:
+    """A fixed, one-line reason for a worker that died on every try (Ray's own text is pages of node
+    and process details). It does not count the tries: the retries are a speed setting, and an
+    output must not depend on one."""
+    return f"its worker died on every try ({type(e).__name__}: a crash in a decoder, or memory exhausted)"
 
 
 def stop() -> None:

@@ -27,8 +27,9 @@ Images are assigned to shards by a seeded permutation, so neighbouring images of
 end up in different shards. Pixel frame: the stored one (EXIF orientation is not applied), the same
 frame as the images table and the proposals.
 
-Each shard is one Ray task (started or joined by `pipeline.raycluster`); its three files are
-written under temporary names (keys on object storage) and renamed when complete, the stamp last.
+Each shard is one Ray task (`pipeline.shard_jobs`, which also handles a worker that dies; Ray is
+started or joined by `pipeline.raycluster`); its three files are written under temporary names
+(keys on object storage) and renamed when complete, the stamp last.
 A run that writes any shard first removes `index.json` and writes it again only after every shard
 is written and the whole set validated (`shardset.validate`), so a killed run never leaves a shard,
 or a set, that looks finished. The stamp holds
@@ -198,21 +199,6 @@ def write_shard(name: str, rows: list[dict], proposals: pa.Table, out: str | Pat
     return entry
 
 
-def _shard_task(name: str, rows: list[dict], proposals: pa.Table, out: str, jpeg_quality: int,
-                failed: dict[str, str], crashed: dict[str, str]) -> tuple[dict, str]:
-    """A Ray task: one shard; returns its entry and the node it ran on."""
-    return write_shard(name, rows, proposals, out, jpeg_quality, failed, crashed), raycluster.node_id()
-
-
-def _check_task(row: dict, jpeg_quality: int) -> None:
-    """A Ray task: read and check one image as packing does (after its shard's worker died); a
-    failure it finds is the shard task's to list: only a worker dying here matters."""
-    try:
-        shard_bytes(image_io.read_bytes(row["path"]), row["width"], row["height"], jpeg_quality)
-    except image_io.ImageFailure:
-        pass
-
-
 def _digest(path: str) -> str:
     try:
         return storage.sha256(path)
@@ -267,74 +253,6 @@ def _start_over_unless_same_plan(out: str, plan_hash: str) -> None:
         storage.remove(stale)
 
 
-def _run_tasks(todo: list[tuple], out: str, cfg: ShardsConfig, ray_address: str | None,
-               num_workers: int | None, progress: bool) -> tuple[dict[str, dict], dict[str, int]]:
-    """Write the shards of `todo` [(name, rows, proposals, failed)] as Ray tasks; returns their
-    entries by name and the count of tasks per node.
-
-    A shard whose worker dies on every retry (an image that segfaults a decoder or exhausts the
-    memory) does not end the job: each of its images is checked alone in a task of its own, those
-    whose worker dies are listed as `worker_crashed`, and the shard is written again without them.
-    A shard whose worker dies after that is an error naming it."""
-    import ray
-    from tqdm import tqdm
-
-    entries, nodes = {}, []
-    shards = {name: (rows, props, failed) for name, rows, props, failed in todo}
-    crashed: dict[str, dict[str, str]] = {}             # shard -> key -> error, once its images were checked
-    checking: dict[str, int] = {}                       # shard -> checks still running
-    started = raycluster.start(ray_address, num_workers, module=__name__)
-    try:
-        task = ray.remote(max_retries=cfg.max_retries, retry_exceptions=False, **raycluster.TASK_OPTIONS)(_shard_task)
-        check = ray.remote(max_retries=cfg.max_retries, retry_exceptions=False, **raycluster.TASK_OPTIONS)(_check_task)
-
-        def submit(name: str) -> None:
-            rows, props, failed = shards[name]
-            pending[task.remote(name, rows, props, out, cfg.jpeg_quality, failed, crashed.get(name, {}))] = (name, None)
-
-        pending: dict = {}                              # ObjectRef -> (shard, None) or (shard, checked row)
-        for name in shards:
-            submit(name)
-        with tqdm(total=len(shards), desc="shards", unit="shard", disable=not progress) as bar:
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                name, row = pending.pop(ready[0])
-                try:
-                    got = ray.get(ready[0])
-                except raycluster.worker_died() as e:
-                    # the worker died on every retry (our code raising, or the cluster failing
-                    # otherwise, is not an image's fault and ends the job)
-                    msg = raycluster.died_message(e, cfg.max_retries + 1)
-                    if row is not None:
-                        crashed[name][row["key"]] = msg
-                    elif name in crashed:
-                        raise RuntimeError(f"the worker writing shard {name} died again after each of its images "
-                                           f"was checked alone: {msg}") from e
-                    else:
-                        log.warning("the worker writing shard %s died (%s); checking its images one by one", name, msg)
-                        rows, _, failed = shards[name]
-                        crashed[name], checking[name] = {}, 0
-                        for r in rows:
-                            if r["key"] not in failed:
-                                pending[check.remote(r, cfg.jpeg_quality)] = (name, r)
-                                checking[name] += 1
-                        if not checking[name]:
-                            submit(name)
-                        continue
-                if row is not None:                     # a check ended: the last one resubmits the shard
-                    checking[name] -= 1
-                    if not checking[name]:
-                        submit(name)
-                    continue
-                entries[name], node = got
-                nodes.append(node)
-                bar.update()
-    finally:
-        if started:
-            raycluster.stop()
-    return entries, raycluster.count_nodes(nodes)
-
-
 def run(images_path: str | Path, proposals_dir: str | Path, out: str | Path, cfg: ShardsConfig,
         ray_address: str | None = None, num_workers: int | None = None, progress: bool = True) -> dict:
     """The whole stage; returns the index written to `out/index.json` (locations: paths or URLs)."""
@@ -370,7 +288,9 @@ def run(images_path: str | Path, proposals_dir: str | Path, out: str | Path, cfg
         # and new shards, or a killed rerun's set, for a finished one).
         if storage.exists(index_loc):
             storage.remove(index_loc)
-        written, nodes = _run_tasks(todo, out, cfg, ray_address, num_workers, progress)
+        from pipeline import shard_jobs   # the Ray side; it imports this module
+
+        written, nodes = shard_jobs.run_tasks(todo, out, cfg, ray_address, num_workers, progress)
         entries.update(written)
     index = make_index([entries[n] for n in names], cfg, images_path)
     shardset.validate(out, index=index, read_tars=False)       # every listed file there, tables sound

@@ -428,8 +428,9 @@ def test_a_killed_worker_changes_nothing(dataset, undisturbed, tmp_path, max_ret
         crashed = [r["key"] for r in rows]
         assert len(crashed) == 1 and summary["failures"]["worker_crashed"] == 1
         # a fixed one-line reason, the same as the shards stage's, not Ray's pages of process details
-        assert rows[0]["detail"] == "its worker died on every one of 1 tries (WorkerCrashedError: a crash in a " \
-                                    "decoder, or memory exhausted)"
+        # (no count of tries in it: max_retries is a speed setting, and the output must not depend on it)
+        assert rows[0]["detail"] == "its worker died on every try (WorkerCrashedError: a crash in a decoder, or " \
+                                    "memory exhausted)"
         keep = pc.invert(pc.equal(want.column("key"), crashed[0]))
         assert got.equals(want.filter(keep))
 

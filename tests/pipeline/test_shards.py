@@ -353,7 +353,7 @@ def test_a_rerun_that_rebuilds_shards_hides_the_index_until_the_set_is_whole(tmp
     """Changed inputs under the same plan: the old index.json goes before the first shard is
     rewritten, so a reader never takes a mix of old and new shards (or a killed rerun's set) for a
     finished set; the rerun that completes writes it again."""
-    from pipeline import shards as shards_mod
+    from pipeline import shard_jobs
 
     images, props, _ = make_inputs(tmp_path, n=8)
     out, cfg = tmp_path / "out", ShardsConfig(samples_per_shard=4, seed=0)
@@ -365,7 +365,7 @@ def test_a_rerun_that_rebuilds_shards_hides_the_index_until_the_set_is_whole(tmp
     def killed(*args, **kwargs):
         assert not (out / "index.json").exists()      # gone before any shard is rewritten
         raise KeyboardInterrupt
-    monkeypatch.setattr(shards_mod, "_run_tasks", killed)
+    monkeypatch.setattr(shard_jobs, "run_tasks", killed)
     with pytest.raises(KeyboardInterrupt):
         run(images, props, out, cfg, num_workers=1, progress=False)
     assert not (out / "index.json").exists()
