@@ -184,8 +184,9 @@ def health_section(results: dict, problems: list[str]) -> list[str]:
         cell = lambda k, d=3: fmt(r[k], d) if k in r else "–"  # noqa: E731
         lines.append(f"| {m} | {cell('health_loss_over_chance')} | {cell('health_top1')} | {cell('health_key_std')} | "
                      f"{sum(v > 0 for v in r['health_problems']['values'])} of {r['health_problems']['n']} |")
-    lines += ["", "Loss / chance: the InfoNCE loss over ln(M + 1) per term, M each query's negatives (the queue less its own image's keys) (1 = the positive is not told from "
-              "the negatives); key spread: 1 for keys spread over the sphere, 0 for collapsed keys."]
+    lines += ["", "Loss / chance: the InfoNCE loss over its chance level, the mean over queries of ln(M + 1) per "
+              "term with M the negatives left to the query; 1 = the positive is not told from the negatives. Key "
+              "spread: 1 for keys spread over the sphere, 0 for collapsed keys."]
     if problems:
         lines += ["", "**WARNING: unhealthy pre-training runs** (their numbers above measure a failed run):", ""]
         lines += [f"- {p}" for p in problems]

@@ -1,9 +1,10 @@
 """The report's figures: what a reader compares across methods, each on one plot.
 
 - `OUT_loss.png`: the pre-training loss against step, one line per method (mean over seeds) with
-  the min-max band over seeds, and each method's chance level (ln(M + 1) per InfoNCE term, M each query's negatives,
-  dotted, same colour, for the InfoNCE methods): methods with more loss terms have a higher chance
-  level, so a loss is read against its own.
+  the min-max band over seeds, and each method's chance level (the mean over queries of ln(M + 1)
+  per InfoNCE term, M the negatives left to the query; dotted, same colour, for the InfoNCE
+  methods): methods with more loss terms have a higher chance level, so a loss is read against
+  its own.
 - `OUT_oknn.png`: O-KNN top-1 against pre-training step, one line per method (mean over the
   seeds measured at that step, min-max band), with the supervised ceiling and the random floor as
   horizontal lines. Step 0 is the randomly initialised backbone of the same seed (`random`), the
