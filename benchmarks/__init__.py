@@ -6,6 +6,25 @@ import logging
 from pathlib import Path
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(fig, path: str | Path) -> None:
+    """Write `fig` to `path` as a PNG, atomically (a reader never sees half a file), and close it."""
+    from pipeline.files import atomic_path
+
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    pyplot().close(fig)
+
+
 def write_json(path: str | Path, result: dict, log: logging.Logger) -> None:
     """Write a benchmark's result (settings and figures) to `path`, creating its folder."""
     path = Path(path)

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.files import atomic_path, write_text
+from benchmarks import pyplot, save_png
+from pipeline.files import write_text
 
 log = logging.getLogger("benchmarks.harness")
 
@@ -108,10 +109,7 @@ def run(args) -> dict:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for r in results:
         steps = [p["step"] for p in r["points"]]
@@ -121,10 +119,7 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_xlabel("pre-training step")
     ax.set_ylabel("O-KNN top-1 (%)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

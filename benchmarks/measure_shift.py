@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.files import atomic_path, write_text
+from benchmarks import pyplot, save_png
+from pipeline.files import write_text
 from train.augment import depositioning_boxes, sample_shift
 from train.methods import prepare
 from train.pretrain import load_config, method_config
@@ -68,10 +69,7 @@ def measure(shards: Path, params: Path, samples: int, size: int | None, seed: in
 
 
 def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.2))
     for ax, r in zip(np.atleast_1d(axes), results):
         bins = np.linspace(0, r["view_size"] * 0.8, 33)
@@ -82,10 +80,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_xlabel(f"|t| (px of the {r['view_size']} px x2 view)")
         ax.set_ylabel("samples")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
