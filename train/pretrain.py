@@ -16,9 +16,9 @@ negatives (`top1`; in-batch retrieval for soco) and the spread of the normalised
 warned about (log and report). DDP: gloo on CPU, NCCL on CUDA; on CUDA also bf16 autocast and
 channels_last, and SyncBN in the student of methods without shuffle-BN (soco; `use_sync_batchnorm`).
 Logged with dvclive under RUN_DIR/dvclive on rank 0 (loss terms, learning rate, teacher momentum,
-images/s, queue fill) with a progress bar (`train.runlog`). This module holds the settings, the
-set-up and the CLI; the loop is `train.trainer`, the checkpoint, stamp and resume plan
-`train.checkpoint`.
+queue fill; images/s only in the progress bar and the log, since the dvclive folder is a stage
+output) with a progress bar (`train.runlog`). This module holds the settings, the set-up and the
+CLI; the loop is `train.trainer`, the checkpoint, stamp and resume plan `train.checkpoint`.
 
 Snapshots: after each step of `snapshot_steps`, the student backbone is exported (as train.export
 does) to RUN_DIR/snapshots/step<N>/, for learning curves (eval.curve).

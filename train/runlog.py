@@ -1,8 +1,10 @@
 """What a pre-training run logs: per-step metrics (dvclive under RUN_DIR/dvclive, rank 0) with a
 progress bar, and the end-of-run health check.
 
-Besides the loss terms, every step logs the learning rate, the teacher momentum, images/s, the
-queue fill and the loader's errors. `health` judges the last `HEALTH_WINDOW` steps: a loss at its
+Besides the loss terms, every step logs the learning rate, the teacher momentum, the queue fill and
+the loader's errors. Speed (images/s) is shown by the progress bar and logged every
+`SPEED_LOG_EVERY` steps and at the end, never written to the dvclive folder: that folder is a
+stage output DVC hashes, and a timing in it would change with every run of the same inputs. `health` judges the last `HEALTH_WINDOW` steps: a loss at its
 chance level per InfoNCE term (ln(M + 1), M the query's own negatives: the queue less the keys of
 its own image, `train.losses.chance_loss`) means the method learned nothing; a key spread near 0
 means the keys collapsed to one point.
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 HEALTH_WINDOW = 20        # steps averaged for the end-of-run health check
 AT_CHANCE = 0.95          # loss / chance level at or above this: the queue method learned nothing
 COLLAPSED = 0.1           # key spread (1: spread over the sphere, 0: one point) below this: collapse
+SPEED_LOG_EVERY = 50      # steps between log lines with the loss and images/s
 
 
 def health(recent: list[dict]) -> dict:
@@ -90,6 +93,7 @@ class StepLog:
         self.bar = tqdm(total=min(run.sched.stop, run.sched.total_steps), initial=run.pos.step, desc=run.name,
                         unit="step", disable=not (progress and run.rank == 0))
         self.t_last, self.seen = time.perf_counter(), 0
+        self.t_start, self.seen_total, self.steps = self.t_last, 0, 0
 
     def step(self, batch: dict, lr: float, loss: torch.Tensor, terms: dict) -> None:
         self.seen += len(batch["key"])
@@ -98,6 +102,10 @@ class StepLog:
         if live is None:
             return
         now = time.perf_counter()
+        speed = self.seen * self.run.world / max(now - self.t_last, 1e-9)
+        self.seen_total, self.steps = self.seen_total + self.seen, self.steps + 1
+        if self.steps % SPEED_LOG_EVERY == 0:
+            log.info("%s step %d: loss %.3f, %.1f images/s", self.run.name, self.run.pos.step, loss.item(), speed)
         live.log_metric("train/loss", loss.item())
         if self.run.recent[-1]["chance"]:
             live.log_metric("train/loss_chance", self.run.recent[-1]["chance"])
@@ -106,13 +114,16 @@ class StepLog:
         live.log_metric("train/lr", lr)
         live.log_metric("train/momentum", method.last_momentum)
         live.log_metric("train/queue_fill", method.queue_fill())
-        live.log_metric("train/images_per_s", self.seen * self.run.world / max(now - self.t_last, 1e-9))
         live.log_metric("train/loader_errors", int(batch["errors"]))
         live.next_step()
         self.t_last, self.seen = now, 0
-        self.bar.set_postfix(loss=f"{loss.item():.3f}")
+        self.bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{speed:.1f}")
 
     def close(self) -> None:
         self.bar.close()
         if self.live is not None:
+            if self.steps:
+                wall = time.perf_counter() - self.t_start
+                log.info("%s: %d steps in %.1f s, %.1f images/s (not in the outputs)", self.run.name, self.steps,
+                         wall, self.seen_total * self.run.world / max(wall, 1e-9))
             self.live.end()
