@@ -9,8 +9,8 @@ checkpoints along the way, so that a setting is judged in minutes, not by a whol
 
 Each run writes `OUT/NAME/`: `params.yaml` (the params file with the `--set` overrides, what ran),
 `curve.json` (settings, per evaluated step: O-KNN top-1/top-5 and disturbed, the training health
-of `summary.json`, wall seconds of training and of evaluation; step 0 is the initial network) and
-`curve.png`. The schedule is that of `--steps` (warm-up and cosine decay end there); evaluations
+of `summary.json`, wall seconds of training and of evaluation; step 0 is the run's initial
+network, seeded by `--seed`) and `curve.png`. The schedule is that of `--steps` (warm-up and cosine decay end there); evaluations
 resume the same run, so the curve is one training run seen at several steps. The run folder
 (`OUT/NAME/run`, checkpoints) is left out of git by `.gitignore`.
 """
@@ -83,7 +83,12 @@ def run(args) -> dict:
     run_dir = out / "run"
     points = []
     t = time.perf_counter()
-    points.append({"step": 0, **evaluate("random", cfg.arch, params, args.coco_root, out / "oknn_step0.json"),
+    # step 0: the run's own initial network (the trainer seeds torch with the run's seed before it
+    # builds the student, as `train.export --random --seed` does), not O-KNN's "random", whose seed
+    # is the protocol's (the bank choice), the same for every run
+    export(None, run_dir / "init", cfg.arch, args.seed)
+    points.append({"step": 0, **evaluate(str(run_dir / "init" / "backbone.pth"), cfg.arch, params, args.coco_root,
+                                         out / "oknn_step0.json"),
                    "eval_s": time.perf_counter() - t, "train_s": 0.0})
     log.info("step 0: O-KNN top-1 %.2f", points[-1]["top1"])
     for step in sorted(set(args.eval_at) | {args.steps}):

@@ -187,3 +187,24 @@ def test_random_export_is_seeded_and_loads(tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa) and not torch.equal(sa["conv1.weight"], sc["conv1.weight"])
     missing, unexpected = torchvision.models.resnet18().load_state_dict(sa, strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+
+
+@pytest.mark.parametrize("method", ["d3ssl", "soco", "mocov2"])
+def test_random_export_of_a_seed_is_that_runs_initial_student(tmp_path, method):
+    """Step 0 of the O-KNN curves is the `random` row of the same seed, and the harness evaluates
+    `export(None, ..., seed)` as a run's step 0: both hold only if the trainer's student starts
+    as exactly that network."""
+    from dataclasses import replace
+
+    from train.export import backbone_from_checkpoint, random_backbone
+    from train.trainer import build_method
+
+    params = write_params(tmp_path / "params.yaml")
+    cfg = load_config(params)
+    for seed in (1, 2):
+        method_obj, _ = build_method(method, replace(cfg, seed=seed), method_config(method, params),
+                                     torch.device("cpu"), world=1)
+        student = backbone_from_checkpoint({"model": method_obj.state_dict()})
+        reference = random_backbone(cfg.arch, seed)
+        assert sorted(student) == sorted(reference)
+        assert all(torch.equal(student[k], reference[k]) for k in reference), f"seed {seed}"
