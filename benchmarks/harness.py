@@ -6,6 +6,8 @@ checkpoints along the way, so that a setting is judged in minutes, not by a whol
         [--shards data/shards] [--coco-root data/synth/coco] [--seed 0] [--out reports/experiments]
     python -m benchmarks.harness --plot reports/experiments/d3ssl_base reports/experiments/soco_base \
         --out reports/experiments/compare.png
+    python -m benchmarks.harness --seed-summary reports/experiments/r5_* ... \
+        --out reports/experiments/seeds.json      # a setting's runs on several seeds, against random
 
 Each run writes `OUT/NAME/`: `params.yaml` (the params file with the `--set` overrides, what ran),
 `curve.json` (settings, per evaluated step: O-KNN top-1/top-5 and disturbed, the training health
@@ -114,17 +116,48 @@ def run(args) -> dict:
 
 
 def plot(results: list[dict], path: Path) -> None:
+    """One line per run: the colour names the method, the line style the seed."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    methods = sorted({r["method"] for r in results})
+    styles = ("-", "--", ":", "-.")
     for r in results:
         steps = [p["step"] for p in r["points"]]
-        ax.plot(steps, [p["top1"] for p in r["points"]], marker="o", label=r["name"])
+        ax.plot(steps, [p["top1"] for p in r["points"]], marker="o", label=r["name"],
+                color=f"C{methods.index(r['method']) % 10}", ls=styles[r.get("seed", 0) % len(styles)])
     if results:
         ax.axhline(results[0]["points"][0]["prior_top1"], color="grey", ls=":", lw=0.8, label="label prior")
     ax.set_xlabel("pre-training step")
     ax.set_ylabel("O-KNN top-1 (%)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_png(fig, path)
+
+
+def seed_summary(folders: list[Path], results: Path) -> dict:
+    """Runs of one setting on several seeds, grouped by (method, schedule, overrides): the end of
+    each schedule, its mean and sample std over the seeds, and the issue's test against the
+    `random` row of the report (`results`: reports/results.json): mean at least 5 points above
+    random's mean, and by more than the sum of the two standard deviations."""
+    import statistics
+
+    floor = json.loads(results.read_text())["results"]["random"]["oknn_top1"]
+    groups: dict[tuple, list[dict]] = {}
+    for d in folders:
+        r = json.loads((d / "curve.json").read_text())
+        first, last = r["points"][0], r["points"][-1]
+        row = {"name": r["name"], "seed": r["seed"], "init": first["top1"], "step": last["step"], "end": last["top1"],
+               "gain": last["top1"] - first["top1"]}
+        groups.setdefault((r["method"], r["steps"], tuple(r["overrides"])), []).append(row)
+    out = []
+    for (method, steps, overrides), rows in sorted(groups.items()):
+        ends = [x["end"] for x in rows]
+        mean, std = statistics.mean(ends), statistics.stdev(ends) if len(ends) > 1 else 0.0
+        gap = mean - floor["mean"]
+        out.append({"method": method, "steps": steps, "overrides": list(overrides), "n": len(rows),
+                    "runs": sorted(rows, key=lambda x: x["seed"]), "mean": mean, "std": std,
+                    "mean_gain_over_init": statistics.mean(x["gain"] for x in rows), "gap_over_random": gap,
+                    "five_points_clear": len(rows) >= 3 and gap >= 5 and gap > std + floor["std"]})
+    return {"random": {"mean": floor["mean"], "std": floor["std"], "from": str(results)}, "settings": out}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,10 +174,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="pre-training seed (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("reports/experiments"), help="default: %(default)s")
     p.add_argument("--plot", type=Path, nargs="*", help="instead of a run: overlay the curves of these folders into --out (a .png)")
+    p.add_argument("--seed-summary", type=Path, nargs="*",
+                   help="instead of a run: group these folders' runs by setting, mean and std over seeds against "
+                        "the random row of --results, into --out (a .json)")
+    p.add_argument("--results", type=Path, default=Path("reports/results.json"),
+                   help="with --seed-summary: the report holding the random floor (default: %(default)s)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.plot:
         plot([json.loads((d / "curve.json").read_text()) for d in args.plot], args.out)
+        return 0
+    if args.seed_summary:
+        summary = seed_summary(args.seed_summary, args.results)
+        write_text(args.out, json.dumps(summary, indent=2) + "\n")
+        for g in summary["settings"]:
+            log.info("%s, %d steps %s: %.2f +- %.2f over %d seeds (random %.2f): gap %+.2f, 5 points clear: %s",
+                     g["method"], g["steps"], " ".join(g["overrides"]), g["mean"], g["std"], g["n"],
+                     summary["random"]["mean"], g["gap_over_random"], g["five_points_clear"])
         return 0
     if not args.name:
         p.error("--name is required for a run")

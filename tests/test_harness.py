@@ -1,0 +1,47 @@
+"""The experiment harness's summary over seeds: the figures the issue's 5-point test is judged on."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.harness import seed_summary
+
+
+def fake_run(root: Path, name: str, method: str, seed: int, init: float, end: float, steps: int = 450,
+             overrides: tuple[str, ...] = ("pretrain.base_lr=0.48",)) -> Path:
+    d = root / name
+    d.mkdir()
+    points = [{"step": 0, "top1": init}, {"step": steps // 2, "top1": (init + end) / 2}, {"step": steps, "top1": end}]
+    (d / "curve.json").write_text(json.dumps({"name": name, "method": method, "steps": steps, "seed": seed,
+                                              "overrides": list(overrides), "points": points}))
+    return d
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    p = tmp_path / "results.json"
+    p.write_text(json.dumps({"results": {"random": {"oknn_top1": {"mean": 12.0, "std": 0.5}}}}))
+    return p
+
+
+def test_groups_by_setting_and_judges_the_gap_over_random(tmp_path, results):
+    runs = [fake_run(tmp_path, f"a{s}", "d3ssl", s, 12.0, e) for s, e in enumerate((18.0, 19.0, 20.0))]
+    runs += [fake_run(tmp_path, f"b{s}", "soco", s, 12.0, e) for s, e in enumerate((13.0, 20.0, 17.0))]
+    runs += [fake_run(tmp_path, "c0", "d3ssl", 0, 12.0, 30.0, steps=240)]            # another schedule
+    got = {(g["method"], g["steps"]): g for g in seed_summary(runs, results)["settings"]}
+    a, b, c = got["d3ssl", 450], got["soco", 450], got["d3ssl", 240]
+    assert (a["n"], a["mean"], a["std"], a["gap_over_random"]) == (3, 19.0, 1.0, 7.0)
+    assert a["mean_gain_over_init"] == 7.0 and [r["seed"] for r in a["runs"]] == [0, 1, 2]
+    assert a["five_points_clear"]
+    # mean 16.67, 4.67 above random: under 5 points
+    assert b["n"] == 3 and not b["five_points_clear"]
+    # one seed is never a clear claim, however large its gap
+    assert c["n"] == 1 and c["gap_over_random"] == 18.0 and not c["five_points_clear"]
+
+
+def test_a_gap_inside_the_spreads_is_not_clear(tmp_path, results):
+    runs = [fake_run(tmp_path, f"a{s}", "d3ssl", s, 12.0, e) for s, e in enumerate((12.5, 17.0, 23.5))]
+    g = seed_summary(runs, results)["settings"][0]
+    assert g["gap_over_random"] > 5 and g["std"] + 0.5 > g["gap_over_random"] and not g["five_points_clear"]
