@@ -54,8 +54,10 @@ Outputs in `--out`:
   Paths are written as the images table gives them, never made absolute (the output must not
   depend on the folder the stage ran in).
 
-A rerun skips finished parts. Parts of a different run (other settings, another images table) are
-an error that names the fix, never mixed in.
+A rerun skips finished parts (DVC keeps the folder: `persist: true` in dvc.yaml). Parts of a
+different run (other settings, another images table) are never mixed in: the stage logs that it
+starts clean and removes its outputs from `--out` (the parts, `summary.json`, `failures.csv`;
+nothing else there).
 
 Locations: `--images`, `--out` and the images table's `path` column may be local paths or
 object-store URLs (`s3://bucket/prefix`, read and written through `pipeline.storage`).
@@ -118,6 +120,7 @@ def part_name(index: int) -> str:
 
 PART_GLOB = "part-*.parquet"
 FAILURES_NAME = "failures.csv"
+SUMMARY_NAME = "summary.json"
 
 
 def read_parts(folder: str | Path) -> pa.Table:
@@ -172,24 +175,37 @@ def fingerprint(images: pa.Table, cfg: ProposalsConfig) -> str:
 
 
 _OUR_TMP = re.compile(r"^\.(part-\d{5}\.(parquet|json)|summary\.json|failures\.csv)\.tmp-[0-9a-f]{8}$")
+_OUR_OUTPUT = re.compile(r"^part-\d{5}\.(parquet|json)$")
 
 
 def finished_parts(out: str | Path, n_parts: int, fp: str) -> set[int]:
-    """Parts of `out` (path or URL) a previous run finished, after checking they belong to this
-    run. Temporary files a killed run left behind are removed."""
+    """Parts of `out` (path or URL) a previous run finished with the same fingerprint. Temporary
+    files a killed run left behind are removed; if any part comes from a different run (other
+    settings or images table), every output of the stage in `out` is removed (logged: the stage
+    starts clean) and nothing is reused."""
     for f in storage.stale_temporaries(out):
         if _OUR_TMP.match(storage.name(f)):
             storage.remove(f)
-    done = set()
+    done, foreign = set(), []
     for f in storage.glob(storage.join(out, PART_GLOB)):
         m = re.fullmatch(r"part-(\d{5})\.parquet", storage.name(f))
         side = f.removesuffix(".parquet") + ".json"
         theirs = json.loads(storage.read_text(side)).get("fingerprint") if storage.isfile(side) else None
         if m is None or int(m.group(1)) >= n_parts or theirs != fp:
-            raise RuntimeError(
-                f"{out} holds {storage.name(f)} from a different run (other settings or images table: "
-                f"fingerprint {theirs}, this run {fp}). Delete {out} or pass another --out.")
-        done.add(int(m.group(1)))
+            foreign.append((storage.name(f), theirs))
+        else:
+            done.add(int(m.group(1)))
+    if foreign:
+        log.warning("%s holds %d part(s) of a different run (%s: fingerprint %s; this run %s: other settings "
+                    "or images table): starting clean, the stage's outputs there are removed",
+                    out, len(foreign), foreign[0][0], foreign[0][1], fp)
+        for f in storage.glob(storage.join(out, "part-*")):
+            if _OUR_OUTPUT.match(storage.name(f)):
+                storage.remove(f)
+        for name in (SUMMARY_NAME, FAILURES_NAME):
+            if storage.isfile(storage.join(out, name)):
+                storage.remove(storage.join(out, name))
+        done = set()
     return done
 
 
@@ -334,7 +350,7 @@ def run(images_path: str | Path, out: str | Path, cfg: ProposalsConfig, *, num_w
         "settings": output_settings(cfg),
         "opencv": cv2.__version__,
     }
-    storage.write_text(storage.join(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    storage.write_text(storage.join(out, SUMMARY_NAME), json.dumps(summary, indent=2) + "\n")
     seconds = time.perf_counter() - t0
     run_info = {
         "parts_written": len(todo), "parts_skipped": len(done), "workers": workers,

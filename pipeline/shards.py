@@ -246,6 +246,8 @@ def _start_over_unless_same_plan(out: str, plan_hash: str) -> None:
     storage.makedirs(out)
     plan_loc = storage.join(out, shardset.PLAN_NAME)
     if storage.isfile(plan_loc) and storage.read_text(plan_loc).strip() != plan_hash:
+        log.warning("%s holds shards of another plan (other keys or shards settings): starting clean, "
+                    "its shards and index are removed", out)
         for p in storage.glob(storage.join(out, shardset.SHARD_PREFIX + "*")) + [storage.join(out, shardset.INDEX_NAME)]:
             storage.remove(p)
     storage.write_text(plan_loc, plan_hash + "\n")
@@ -264,8 +266,7 @@ def run(images_path: str | Path, proposals_dir: str | Path, out: str | Path, cfg
     rows = {r["key"]: r for r in images.to_pylist()}
     plan = plan_shards(list(rows), cfg.samples_per_shard, cfg.seed)
     names = [shardset.shard_name(i) for i in range(len(plan))]
-    settings = {k: v for k, v in as_dict(cfg).items() if k != "max_retries"}     # speed only
-    plan_doc = json.dumps({"settings": settings, "shards": plan}, sort_keys=True)
+    plan_doc = json.dumps({"settings": output_settings(cfg), "shards": plan}, sort_keys=True)
     # Tasks write to an absolute location: a worker's working folder is not the driver's.
     out = str(out) if storage.is_url(out) else str(storage.local_path(out).resolve())
     _start_over_unless_same_plan(out, hashlib.sha256(plan_doc.encode()).hexdigest())
@@ -304,6 +305,13 @@ def run(images_path: str | Path, proposals_dir: str | Path, out: str | Path, cfg
     return index
 
 
+def output_settings(cfg: ShardsConfig) -> dict:
+    """The settings the shards depend on: all but `max_retries` (speed only). It is kept out of
+    `index.json` and the plan, so changing it reruns the stage (DVC tracks the whole section) with a
+    byte-identical output, and nothing downstream."""
+    return {k: v for k, v in as_dict(cfg).items() if k != "max_retries"}
+
+
 def make_index(shards: list[dict], cfg: ShardsConfig, images_path: str | Path) -> dict:
     """The content of index.json (`shardset.INDEX_FIELDS`) from the shards' entries, in order."""
     index = {
@@ -313,7 +321,7 @@ def make_index(shards: list[dict], cfg: ShardsConfig, images_path: str | Path) -
         "failures": [f for s in shards for f in s["failures"]],
         "failure_reasons": dict(sorted(collections.Counter(
             f["reason"] for s in shards for f in s["failures"]).items())),
-        "settings": as_dict(cfg),
+        "settings": output_settings(cfg),
         "images_table": str(images_path),
     }
     assert tuple(index) == shardset.INDEX_FIELDS

@@ -57,9 +57,12 @@ def reduce(params: dict) -> dict:
     params["synth"]["images"] = 80
     params["proposals"]["max_side"] = 128
     params["shards"]["samples_per_shard"] = 16
-    params["loader"].update({"batch_size": 8, "workers": 1, "shuffle_buffer": 16})
+    # epoch_samples: 2 batches of 8 on each of the 2 ranks, whatever the sampled set's size
+    params["loader"].update({"batch_size": 8, "workers": 1, "shuffle_buffer": 16, "epoch_samples": 32})
     params["loader"]["views"].update({"size": 64, "small_size": 32})
-    params["pretrain"].update({"epochs": 1, "max_steps": 2, "checkpoint_every": 1000, "snapshot_steps": [1], "bn_splits": 2})
+    # nproc_per_node 2: the pretrain stages run under torchrun, 2 gloo processes on the CPU
+    params["pretrain"].update({"epochs": 1, "max_steps": 2, "checkpoint_every": 1000, "snapshot_steps": [1], "bn_splits": 2,
+                               "nproc_per_node": 2})
     params["models"], params["detect_models"] = MODELS, DETECT
     for m in params["methods"].values():
         m["queue_size"] = min(m["queue_size"], 256)
@@ -91,7 +94,8 @@ def test_dvc_repro_runs_every_stage_and_the_report_is_complete(repo: Path, tmp_p
     for m in MODELS:
         assert (proj / "runs" / m / "seed0" / "export" / "backbone.pth").is_file()
     for m in MODELS[2:]:
-        assert json.loads((proj / "runs" / m / "seed0" / "summary.json").read_text())["steps"] == 2
+        summary = json.loads((proj / "runs" / m / "seed0" / "summary.json").read_text())
+        assert summary["steps"] == 2 and summary["world_size"] == 2 and summary["ranks_identical"], m
         assert (proj / "runs" / m / "seed0" / "snapshots" / "step1" / "backbone.pth").is_file()
         curve = json.loads((proj / "reports" / "models" / m / "seed0" / "oknn_curve.json").read_text())
         assert [p["step"] for p in curve["points"]] == [1]

@@ -1,7 +1,8 @@
 """Resume through DVC: `dvc repro` killed (SIGKILL, the whole process group) in the middle of a
 stage, then run again, ends with the same result as a run nobody disturbed. DVC would delete a
-stage's outputs before rerunning it; the outputs are `persist: true` as in the project's dvc.yaml,
-and the stage itself decides what of them it may reuse (the stamp beside the checkpoint)."""
+stage's outputs before rerunning it; the stages here take their outputs' flags (`persist: true`)
+from the project's dvc.yaml, and the stage itself decides what of them it may reuse (the stamp
+beside the checkpoint, the fingerprint of the proposal parts, the plan of the shards)."""
 from __future__ import annotations
 
 import json
@@ -27,6 +28,27 @@ STEPS = 6                 # the whole run: 4 steps an epoch, a checkpoint every 
 def env() -> dict:
     return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                 PYTHONPATH=str(REPO), DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="1")
+
+
+RESUMABLE = {"proposals": ["data/proposals"], "shards": ["data/shards"],
+             "pretrain": ["checkpoint.pt", "snapshots", "dvclive/plots/metrics"]}
+
+
+def project_out(stage: str, suffix: str, path: str) -> dict:
+    """`{path: flags}`: the flags the project's dvc.yaml gives the output of `stage` ending in `suffix`."""
+    for out in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["outs"]:
+        name, flags = (out, {}) if isinstance(out, str) else next(iter(out.items()))
+        if name.endswith(suffix):
+            return {path: flags}
+    raise KeyError(f"dvc.yaml: stage {stage} has no output ending in {suffix}")
+
+
+def test_every_output_a_stage_resumes_from_persists_in_the_projects_dvc_yaml():
+    """Without `persist: true` DVC deletes the output before the stage runs, and a rerun after a
+    crash starts from nothing."""
+    for stage, suffixes in RESUMABLE.items():
+        for suffix in suffixes:
+            assert project_out(stage, suffix, suffix)[suffix].get("persist") is True, (stage, suffix)
 
 
 def dvc_project(root: Path, stages: dict) -> Path:
@@ -74,7 +96,8 @@ def test_a_killed_pretrain_stage_resumes_under_dvc_and_equals_an_undisturbed_run
     args = ["--params", "params.yaml", "--shards", "shards", "--method", "d3ssl", "--device", "cpu"]
     stage = {"cmd": " ".join(["python -m train.launch", *args, "--out", "run"]),
              "deps": ["shards"], "params": ["pretrain", "loader", "methods.d3ssl"],
-             "outs": [{"run/checkpoint.pt": {"persist": True}}, {"run/snapshots": {"persist": True}}]}
+             "outs": [project_out("pretrain", "checkpoint.pt", "run/checkpoint.pt"),
+                      project_out("pretrain", "snapshots", "run/snapshots")]}
     dvc_project(proj, {"pretrain": stage})
 
     ckpt = proj / "run" / "checkpoint.pt"
@@ -145,7 +168,7 @@ def test_a_killed_proposals_stage_writes_only_the_missing_parts_under_dvc(ray_ad
     stage = {"cmd": "python -m pipeline.proposals --params params.yaml --images images.parquet --out proposals "
                     "--num-workers 1",
              "deps": ["images.parquet", "images"], "params": ["proposals"],
-             "outs": [{"proposals": {"persist": True}}]}
+             "outs": [project_out("proposals", "data/proposals", "proposals")]}
     dvc_project(proj, {"proposals": stage})
     monkeypatch.setenv("RAY_ADDRESS", ray_address)
 

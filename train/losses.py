@@ -57,7 +57,7 @@ class Queue(nn.Module):
     replacement), and the queue (MoCo v2: 65536 keys) holds a fraction of an epoch's keys. On a
     miniature whose epoch is short against the queue it fires often: in the embedded run (420
     images, queue 1024) other views of the query's own image are among the negatives of 68% of MoCo
-    v2's queries and at least 24% of D3SSL's (`benchmarks/results/queue_duplicates.json`).
+    v2's queries and at least 23% of D3SSL's (`benchmarks/results/queue_duplicates.json`).
     """
 
     def __init__(self, size: int, dim: int, init: str = "random", exclude_same_image: bool = True):

@@ -6,7 +6,9 @@ import ctypes
 import dataclasses
 import io
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -520,10 +522,21 @@ def test_same_inputs_same_bytes_in_another_folder(ray_cluster, tmp_path):
     assert str(tmp_path) not in outs[0]["failures.csv"].decode() + outs[0]["part-00001.json"].decode()
 
 
-def test_parts_of_another_run_are_refused(dataset, undisturbed):
+def test_parts_of_another_run_are_replaced_never_mixed_in(dataset, undisturbed, tmp_path, caplog):
+    """DVC keeps the folder (persist): a rerun with other settings starts clean, logs it, removes
+    only the stage's own files, and ends byte-identical to a fresh run of those settings."""
     images, _ = dataset
-    out, _ = undisturbed
-    with pytest.raises(RuntimeError, match="different run"):
-        run_stage(images, out, dataclasses.replace(STAGE_CFG, nms_iou=0.5))
-    with pytest.raises(RuntimeError, match="different run"):
-        run_stage(images, out, dataclasses.replace(STAGE_CFG, images_per_part=7))
+    src, _ = undisturbed
+    other = dataclasses.replace(STAGE_CFG, nms_iou=0.5, images_per_part=7)
+    fresh = tmp_path / "fresh"
+    run_stage(images, fresh, other)
+    out = tmp_path / "reused"
+    shutil.copytree(src, out)
+    (out / "notes.txt").write_text("not the stage's")
+    with caplog.at_level(logging.WARNING, logger="pipeline.proposals"):
+        run_stage(images, out, other)
+    assert "of a different run" in caplog.text and "starting clean" in caplog.text
+    assert (out / "notes.txt").read_text() == "not the stage's"
+    (out / "notes.txt").unlink()
+    assert folder_bytes(out) == folder_bytes(fresh)
+    assert folder_bytes(out) != folder_bytes(src)
