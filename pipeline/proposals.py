@@ -199,7 +199,11 @@ def finished_parts(out: str | Path, n_parts: int, fp: str) -> set[int]:
         log.warning("%s holds %d part(s) of a different run (%s: fingerprint %s; this run %s: other settings "
                     "or images table): starting clean, the stage's outputs there are removed",
                     out, len(foreign), foreign[0][0], foreign[0][1], fp)
-        for f in storage.glob(storage.join(out, "part-*")):
+        for f in storage.glob(storage.join(out, PART_GLOB)):       # every table read_parts would read,
+            side = f.removesuffix(".parquet") + ".json"             # whatever its name, and its sidecar
+            for loc in (f, side) if storage.isfile(side) else (f,):
+                storage.remove(loc)
+        for f in storage.glob(storage.join(out, "part-*.json")):    # sidecars left without their table
             if _OUR_OUTPUT.match(storage.name(f)):
                 storage.remove(f)
         for name in (SUMMARY_NAME, FAILURES_NAME):

@@ -527,12 +527,13 @@ def test_parts_of_another_run_are_replaced_never_mixed_in(dataset, undisturbed, 
     only the stage's own files, and ends byte-identical to a fresh run of those settings."""
     images, _ = dataset
     src, _ = undisturbed
-    other = dataclasses.replace(STAGE_CFG, nms_iou=0.5, images_per_part=7)
+    other = dataclasses.replace(STAGE_CFG, nms_iou=0.5, images_per_part=8)   # 2 parts, not 3: part 2 must go
     fresh = tmp_path / "fresh"
     run_stage(images, fresh, other)
     out = tmp_path / "reused"
     shutil.copytree(src, out)
     (out / "notes.txt").write_text("not the stage's")
+    shutil.copy(out / "part-00000.parquet", out / "part-old.parquet")     # a table read_parts would read
     with caplog.at_level(logging.WARNING, logger="pipeline.proposals"):
         run_stage(images, out, other)
     assert "of a different run" in caplog.text and "starting clean" in caplog.text
