@@ -170,8 +170,8 @@ def main() -> None:
         "images_per_hour_per_core": round(3600 * per_cpu[1]),    # the Ray worker's own CPU time
         "images_per_hour_per_core_bare_loop": round(3600 * per_cpu["bare"]),
         "cores": len(os.sched_getaffinity(0)), "load_average_1min": round(os.getloadavg()[0], 2),
-        "note": "measured on a shared machine: other processes used the same cores; the per-core figure "
-                "counts the Ray workers' own CPU time",
+        "note": "the per-core figure counts the Ray workers' own CPU time, so it holds for an idle core; "
+                "load_average_1min says how busy the machine was (wall-clock rates slow down with it)",
     }, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         "images_per_cpu_second": round(n / cpu, 2) if cpu > 0 else None,
         "images_per_hour_per_core": round(3600 * n / cpu) if cpu > 0 else None,
         "cores": len(os.sched_getaffinity(0)), "load_average_1min": round(os.getloadavg()[0], 2),
-        "note": "measured on a shared machine: other processes used the same cores; the per-core figure "
-                "counts the Ray worker's own CPU time",
+        "note": "the per-core figure counts the Ray worker's own CPU time, so it holds for an idle core; "
+                "load_average_1min says how busy the machine was (wall-clock rates slow down with it)",
     }
     write_text(args.out, json.dumps(result, indent=2) + "\n")
     log.info("shards: %d images, %.1f images/s wall, %s images/hour per core (worker CPU time); wrote %s",

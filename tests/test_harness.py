@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.harness import seed_summary
+from tests.train.conftest import shards  # noqa: F401  (the tiny shards fixture)
 
 
 def fake_run(root: Path, name: str, method: str, seed: int, init: float, end: float, steps: int = 450,
@@ -45,3 +46,37 @@ def test_a_gap_inside_the_spreads_is_not_clear(tmp_path, results):
     runs = [fake_run(tmp_path, f"a{s}", "d3ssl", s, 12.0, e) for s, e in enumerate((12.5, 17.0, 23.5))]
     g = seed_summary(runs, results)["settings"][0]
     assert g["gap_over_random"] > 5 and g["std"] + 0.5 > g["gap_over_random"] and not g["five_points_clear"]
+
+
+def test_three_runs_of_one_seed_are_not_three_seeds(tmp_path, results):
+    runs = [fake_run(tmp_path, f"a{i}", "d3ssl", 0, 12.0, 20.0 + i / 10) for i in range(3)]
+    g = seed_summary(runs, results)["settings"][0]
+    assert g["n"] == 3 and g["seeds"] == 1 and g["gap_over_random"] > 5 and not g["five_points_clear"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_step_0_is_the_runs_own_seeded_initialisation(shards, tmp_path, monkeypatch):  # noqa: F811
+    """The curve of a run with --seed 2 starts at seed 2's network (what the trainer starts from),
+    not at O-KNN's "random" backbone, whose seed is the protocol's."""
+    import torch
+
+    import benchmarks.harness as harness
+    from tests.train.test_resume import tiny_params
+    from train.export import random_backbone
+
+    seen = []
+
+    def evaluate(backbone, *_):
+        seen.append(torch.load(backbone, weights_only=True))
+        raise _Stop
+
+    monkeypatch.setattr(harness, "evaluate", evaluate)
+    params = tiny_params(tmp_path / "params.yaml")
+    with pytest.raises(_Stop):
+        harness.main(["--name", "x", "--method", "d3ssl", "--steps", "2", "--seed", "2", "--params", str(params),
+                      "--shards", str(shards), "--out", str(tmp_path / "out")])
+    reference = random_backbone("resnet18", 2)
+    assert sorted(seen[0]) == sorted(reference) and all(torch.equal(seen[0][k], reference[k]) for k in reference)
