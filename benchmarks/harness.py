@@ -13,8 +13,9 @@ checkpoints along the way, so that a setting is judged in minutes, not by a whol
 Each run writes `OUT/NAME/`: `params.yaml` (the params file with the `--set` overrides, what ran),
 `curve.json` (settings, per evaluated step: O-KNN top-1/top-5 and disturbed, the training health
 of `summary.json`, wall seconds of training and of evaluation; step 0 is the run's initial
-network, seeded by `--seed`) and `curve.png`. The schedule is that of `--steps` (warm-up and cosine decay end there); evaluations
-resume the same run, so the curve is one training run seen at several steps. The run folder
+network, seeded by `--seed`) and `curve.png`. The schedule is that of `--steps` (warm-up and
+cosine decay end there); evaluations resume the same run, so the curve is one training run seen
+at several steps. The run folder
 (`OUT/NAME/run`, checkpoints) is left out of git by `.gitignore`.
 """
 from __future__ import annotations
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         write_text(args.out, json.dumps(summary, indent=2) + "\n")
         for g in summary["settings"]:
             log.info("%s, %d steps %s: %.2f +- %.2f over %d seeds (random %.2f): gap %+.2f, 5 points clear: %s",
-                     g["method"], g["steps"], " ".join(g["overrides"]), g["mean"], g["std"], g["n"],
+                     g["method"], g["steps"], " ".join(g["overrides"]), g["mean"], g["std"], g["seeds"],
                      summary["random"]["mean"], g["gap_over_random"], g["five_points_clear"])
         return 0
     if not args.name:
