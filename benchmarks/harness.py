@@ -135,12 +135,25 @@ def plot(results: list[dict], path: Path) -> None:
     save_png(fig, path)
 
 
+def _five_points_clear(seeds: int, gap: float, std: float, floor_std: float) -> bool:
+    """The issue's test of a setting against random: at least 3 distinct seeds, a mean at least 5
+    points above random's, and above it by more than the sum of the two standard deviations."""
+    return seeds >= 3 and gap >= 5 and gap > std + floor_std
+
+
 def seed_summary(folders: list[Path], results: Path) -> dict:
     """Runs of one setting on several seeds, grouped by (method, schedule, overrides): the end of
     each schedule, its mean and sample std over the runs, and the issue's test against the
-    `random` row of the report (`results`: reports/results.json): at least 3 distinct seeds, the
-    mean at least 5 points above random's, and by more than the sum of the two standard deviations."""
+    `random` row of the report (`results`: reports/results.json; `_five_points_clear`).
+
+    `by_step` applies the same test at every step all runs of a group evaluated, so one long
+    schedule also says where the gap appears; a point inside a schedule is the run before its
+    cosine decay ends (a higher learning rate than at the end of a schedule of that length), and
+    `first_clear_step` is the first such step (null: none)."""
     import statistics
+
+    def stats(values: list[float]) -> tuple[float, float]:
+        return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
     floor = json.loads(results.read_text())["results"]["random"]["oknn_top1"]
     groups: dict[tuple, list[dict]] = {}
@@ -148,18 +161,24 @@ def seed_summary(folders: list[Path], results: Path) -> dict:
         r = json.loads((d / "curve.json").read_text())
         first, last = r["points"][0], r["points"][-1]
         row = {"name": r["name"], "seed": r["seed"], "init": first["top1"], "step": last["step"], "end": last["top1"],
-               "gain": last["top1"] - first["top1"]}
+               "gain": last["top1"] - first["top1"], "by_step": {p["step"]: p["top1"] for p in r["points"]}}
         groups.setdefault((r["method"], r["steps"], tuple(r["overrides"])), []).append(row)
     out = []
     for (method, steps, overrides), rows in sorted(groups.items()):
-        ends = [x["end"] for x in rows]
-        mean, std = statistics.mean(ends), statistics.stdev(ends) if len(ends) > 1 else 0.0
+        mean, std = stats([x["end"] for x in rows])
         gap = mean - floor["mean"]
         seeds = len({x["seed"] for x in rows})       # repeats of one seed are not more seeds
+        by_step = []
+        for step in sorted(set.intersection(*(set(x["by_step"]) for x in rows))):
+            m, s = stats([x["by_step"][step] for x in rows])
+            by_step.append({"step": step, "mean": m, "std": s, "gap_over_random": m - floor["mean"],
+                            "five_points_clear": _five_points_clear(seeds, m - floor["mean"], s, floor["std"])})
+        runs = [{k: v for k, v in x.items() if k != "by_step"} for x in sorted(rows, key=lambda x: x["seed"])]
         out.append({"method": method, "steps": steps, "overrides": list(overrides), "n": len(rows), "seeds": seeds,
-                    "runs": sorted(rows, key=lambda x: x["seed"]), "mean": mean, "std": std,
+                    "runs": runs, "mean": mean, "std": std,
                     "mean_gain_over_init": statistics.mean(x["gain"] for x in rows), "gap_over_random": gap,
-                    "five_points_clear": seeds >= 3 and gap >= 5 and gap > std + floor["std"]})
+                    "five_points_clear": _five_points_clear(seeds, gap, std, floor["std"]), "by_step": by_step,
+                    "first_clear_step": next((b["step"] for b in by_step if b["five_points_clear"]), None)})
     return {"random": {"mean": floor["mean"], "std": floor["std"], "from": str(results)}, "settings": out}
 
 
@@ -191,9 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = seed_summary(args.seed_summary, args.results)
         write_text(args.out, json.dumps(summary, indent=2) + "\n")
         for g in summary["settings"]:
-            log.info("%s, %d steps %s: %.2f +- %.2f over %d seeds (random %.2f): gap %+.2f, 5 points clear: %s",
-                     g["method"], g["steps"], " ".join(g["overrides"]), g["mean"], g["std"], g["seeds"],
-                     summary["random"]["mean"], g["gap_over_random"], g["five_points_clear"])
+            log.info("%s, %d steps %s: %.2f +- %.2f over %d seeds (random %.2f): gap %+.2f, 5 points clear: %s "
+                     "(first at step %s)", g["method"], g["steps"], " ".join(g["overrides"]), g["mean"], g["std"],
+                     g["seeds"], summary["random"]["mean"], g["gap_over_random"], g["five_points_clear"],
+                     "none" if g["first_clear_step"] is None else g["first_clear_step"])
         return 0
     if not args.name:
         p.error("--name is required for a run")

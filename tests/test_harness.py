@@ -54,6 +54,27 @@ def test_three_runs_of_one_seed_are_not_three_seeds(tmp_path, results):
     assert g["n"] == 3 and g["seeds"] == 1 and g["gap_over_random"] > 5 and not g["five_points_clear"]
 
 
+def test_by_step_says_where_the_gap_appears_inside_a_schedule(tmp_path, results):
+    # fake_run's midpoint (step 225) is halfway between init and end: 15.5, 16.0, 16.5 there
+    runs = [fake_run(tmp_path, f"a{s}", "d3ssl", s, 12.0, e) for s, e in enumerate((19.0, 20.0, 21.0))]
+    g = seed_summary(runs, results)["settings"][0]
+    steps = {b["step"]: b for b in g["by_step"]}
+    assert sorted(steps) == [0, 225, 450]
+    assert (steps[225]["mean"], steps[225]["std"]) == (16.0, 0.5) and not steps[225]["five_points_clear"]
+    assert steps[450]["five_points_clear"] and steps[450]["mean"] == g["mean"]
+    assert g["first_clear_step"] == 450
+    assert "by_step" not in g["runs"][0]                                # the per-run rows stay as they were
+
+
+def test_by_step_uses_only_steps_every_run_evaluated(tmp_path, results):
+    runs = [fake_run(tmp_path, f"a{s}", "d3ssl", s, 12.0, 30.0) for s in range(3)]
+    extra = json.loads((runs[0] / "curve.json").read_text())
+    extra["points"].insert(1, {"step": 100, "top1": 29.0})            # evaluated by one seed only
+    (runs[0] / "curve.json").write_text(json.dumps(extra))
+    g = seed_summary(runs, results)["settings"][0]
+    assert [b["step"] for b in g["by_step"]] == [0, 225, 450] and g["first_clear_step"] == 225
+
+
 class _Stop(Exception):
     pass
 
