@@ -115,7 +115,10 @@ class RegionImages(torch.utils.data.Dataset):
             im = disturb(im, self.boxes[i], resize_rgb(load_rgb(self.donor_paths[i]), h0, w0))
         scale = np.array([w / w0, h / h0, w / w0, h / h0], np.float32)
         im = resize_rgb(im, h, w)
-        return torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1), torch.from_numpy(self.boxes[i] * scale), i
+        # a decoded image at its fed size comes back unresized and read-only: copy it rather than
+        # hand out a tensor over memory numpy marked read-only (PyTorch warns, and writes are undefined)
+        im = np.require(im, requirements=["C_CONTIGUOUS", "WRITEABLE"])
+        return torch.from_numpy(im).permute(2, 0, 1), torch.from_numpy(self.boxes[i] * scale), i
 
 
 def shape_batches(shapes: list[tuple[int, int]], batch_size: int) -> list[list[int]]:

@@ -178,6 +178,21 @@ def test_disturbed_dataset_keeps_box_pixels_of_the_decoded_image(tmp_path):
     assert ds2[0][0].shape == (3, 120, 160) and torch.allclose(ds2[0][1], torch.tensor([[21.0, 10.0, 60.0, 80.4]]))
 
 
+def test_an_image_at_its_fed_size_is_copied_not_aliased(tmp_path, monkeypatch):
+    """An image already at its fed size is not resized, and the decoder's array is read-only: the
+    item must own its pixels, not alias that array (PyTorch's non-writable warning)."""
+    import eval.oknn as oknn
+
+    src = np.arange(60 * 80 * 3, dtype=np.uint8).reshape(60, 80, 3)
+    src.flags.writeable = False
+    monkeypatch.setattr(oknn, "load_rgb", lambda path: src)
+    sizes = [(60, 80)]
+    x, _, _ = RegionImages(["unused.png"], sizes, sizes, [np.zeros((1, 4), np.float32)])[0]
+    assert torch.equal(x, torch.from_numpy(src.copy()).permute(2, 0, 1))
+    x.zero_()
+    assert src.any()                                     # the decoder's array is untouched
+
+
 def test_shape_batches_never_mix_shapes():
     shapes = [(2, 3), (4, 5), (2, 3), (2, 3), (4, 5)]
     batches = shape_batches(shapes, 2)
