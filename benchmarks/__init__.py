@@ -6,17 +6,9 @@ import logging
 from pathlib import Path
 
 
-def pyplot():
-    """matplotlib's pyplot on the Agg backend (no display needed)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def save_png(fig, path: str | Path) -> None:
     """Write `fig` to `path` as a PNG, atomically (a reader never sees half a file), and close it."""
+    from eval.report_plots import pyplot
     from pipeline.files import atomic_path
 
     fig.tight_layout()

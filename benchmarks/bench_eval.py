@@ -43,7 +43,8 @@ def _reset_peak() -> None:
 def _search_worker(dim: int, bank_rows: int, queries: int, sample: int, device: str, out) -> None:
     import torch
 
-    from eval.oknn import OknnConfig, knn_search
+    from eval.knn import knn_search
+    from eval.oknn import OknnConfig
 
     torch.manual_seed(0)
     cfg = OknnConfig()

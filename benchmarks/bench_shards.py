@@ -13,7 +13,6 @@ of a loaded machine), both also per hour, and the machine's load average, writte
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os

@@ -27,6 +27,7 @@ import time
 from dataclasses import replace
 
 from benchmarks import write_json
+from pipeline import cli
 
 # What the trainer's main module (train.pretrain) imports, at the top as there: every loader worker
 # runs the main module again, so these imports are what the forkserver preload saves each epoch.
@@ -71,11 +72,12 @@ def bench_bn(params: str, shards: str, steps: int) -> dict:
 
     from train.methods import prepare
     from train.pretrain import load_config
-    from train.stream import make_stream, read_index
+    from pipeline import shardset
+    from train.stream import make_stream
 
     cfg = load_config(params)
-    urls, total = read_index(shards)
-    batch = prepare(next(iter(make_stream(urls, replace(cfg.loader, workers=0), seed=0, total_samples=total))),
+    paths, total = shardset.shards(shards)
+    batch = prepare(next(iter(make_stream(paths, replace(cfg.loader, workers=0), seed=0, total_samples=total))),
                     torch.device("cpu"))
     out = {}
     for name in ("d3ssl", "d3ssl_dc", "mocov2"):
@@ -92,14 +94,15 @@ def bench_bn(params: str, shards: str, steps: int) -> dict:
 def first_batches(params: str, shards: str, epochs: int) -> list[float]:
     """In this process: seconds to the first batch of epochs 1..epochs (epoch 0 starts the forkserver)."""
     from train.pretrain import load_config
-    from train.stream import make_loader, read_index
+    from pipeline import shardset
+    from train.stream import make_loader
 
     cfg = load_config(params).loader
-    urls, total = read_index(shards)
+    paths, total = shardset.shards(shards)
     out = []
     for epoch in range(epochs + 1):
         t = time.perf_counter()
-        it = iter(make_loader(urls, cfg, seed=0, epoch=epoch, total_samples=total))
+        it = iter(make_loader(paths, cfg, seed=0, epoch=epoch, total_samples=total))
         next(it)
         if epoch:
             out.append(time.perf_counter() - t)
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             train.loader_workers.main_imports = lambda: []
         print(json.dumps(first_batches(args.params, args.shards, args.epochs)))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging()
     import torch
     result = {"settings": {"params": args.params, "shards": args.shards, "steps": args.steps, "epochs": args.epochs,
                            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),

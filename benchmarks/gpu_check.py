@@ -288,7 +288,8 @@ def make_shards(root: Path, s: dict) -> Path:
     import pyarrow as pa
     from PIL import Image
 
-    from pipeline.shards import SHARD_PATTERN, write_shard
+    from pipeline.shards import write_shard
+    from pipeline.shardset import SHARD_PATTERN
 
     rng = np.random.default_rng(0)
     W, H = s["image_size"]
@@ -315,7 +316,8 @@ def make_shards(root: Path, s: dict) -> Path:
 
 
 def loader_worker(s: dict, em: Emitter, tmp: Path) -> None:
-    from train.stream import LoaderConfig, make_loader, read_index
+    from pipeline.shardset import shards as read_index
+    from train.stream import LoaderConfig, make_loader
     from train.views import ViewConfig
 
     shards = make_shards(tmp / "shards", s)

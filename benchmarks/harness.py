@@ -29,7 +29,9 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks import pyplot, save_png
+from benchmarks import save_png
+from eval.report_plots import pyplot
+from pipeline import cli
 from pipeline.files import write_text
 
 log = logging.getLogger("benchmarks.harness")
@@ -73,7 +75,8 @@ def run(args) -> dict:
 
     from train.export import export
     from train.pretrain import load_config, method_config, train
-    from train.stream import batches_per_worker, read_index
+    from pipeline.shardset import shards as read_index
+    from train.stream import batches_per_worker
 
     out = args.out / args.name
     params = out / "params.yaml"
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=Path("reports/results.json"),
                    help="with --seed-summary: the report holding the random floor (default: %(default)s)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging()
     if args.plot:
         plot([json.loads((d / "curve.json").read_text()) for d in args.plot], args.out)
         return 0

@@ -23,6 +23,7 @@ import torch
 
 from eval.backbone import ResNetStages, build_resnet
 from eval.oknn import OknnConfig, run_oknn
+from pipeline import cli
 from pipeline.files import write_text
 from pipeline.params import load_section
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", default="resnet18", help="default: %(default)s")
     p.add_argument("--out", type=Path, default=Path("reports/reproducibility/kernels.json"), help="default: %(default)s")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging()
     cfg = load_section(OknnConfig, "oknn", args.params)
     rows = []
     for spec in args.backbone:

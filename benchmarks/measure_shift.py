@@ -22,12 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks import pyplot, save_png
+from benchmarks import save_png
+from eval.report_plots import pyplot
+from pipeline import cli, shardset
 from pipeline.files import write_text
 from train.augment import depositioning_boxes, sample_shift
 from train.methods import prepare
 from train.pretrain import load_config, method_config
-from train.stream import make_stream, read_index
+from train.stream import make_stream
 
 log = logging.getLogger("benchmarks.measure_shift")
 C4_STRIDE = 16
@@ -39,12 +41,12 @@ def measure(shards: Path, params: Path, samples: int, size: int | None, seed: in
         cfg = replace(cfg, views=replace(cfg.views, size=size, small_size=size // 2))
     cfg = replace(cfg, workers=0, batch_size=32, resampled=True, epoch_samples=samples)
     augment = method_config("d3ssl", params).augment
-    urls, total = read_index(shards)
+    paths, total = shardset.shards(shards)
     g = torch.Generator().manual_seed(seed)
     out: dict = {"view_size": cfg.views.size, "num_proposals": cfg.views.num_proposals}
     t_all = {"within": [], "anchor": []}
     kept = {"within": [], "anchor": []}
-    for batch in make_stream(urls, cfg, seed=seed, total_samples=total):
+    for batch in make_stream(paths, cfg, seed=seed, total_samples=total):
         b = prepare(batch, torch.device("cpu"))
         H, W = b["x2"].shape[-2:]
         for mode in t_all:
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=1024, help="samples per view size (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="stream and shift seed (default: %(default)s)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli.setup_logging()
     results = [measure(args.shards, args.params, args.samples, None, args.seed),
                measure(args.shards, args.params, args.samples, 224, args.seed)]
     summary = [{k: ({kk: vv for kk, vv in v.items() if kk != "abs_t"} if isinstance(v, dict) else v)

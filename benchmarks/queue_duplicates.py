@@ -20,6 +20,7 @@ import sys
 from collections import deque
 
 from benchmarks import write_json
+from pipeline import cli
 
 log = logging.getLogger("benchmarks.queue_duplicates")
 
@@ -27,14 +28,15 @@ log = logging.getLogger("benchmarks.queue_duplicates")
 def sample_order(shards: str, params: str) -> tuple[list[str], int]:
     """Keys in training order over all epochs, and the batch size."""
     from train.pretrain import load_config
-    from train.stream import ShardSource, batches_per_worker, join_proposals, read_index, read_shards, shuffle
+    from pipeline import shardset
+    from train.stream import ShardSource, batches_per_worker, join_proposals, read_shards, shuffle
 
     cfg = load_config(params)
-    urls, total = read_index(shards)
+    paths, total = shardset.shards(shards)
     per_epoch = batches_per_worker(cfg.loader, total, 1) * cfg.loader.batch_size * max(cfg.loader.workers, 1)
     keys = []
     for epoch in range(cfg.epochs):
-        src = ShardSource(urls, cfg.loader.resampled, cfg.seed, epoch, 0)
+        src = ShardSource(paths, cfg.loader.resampled, cfg.seed, epoch, 0)
         stream = shuffle(join_proposals(read_shards(iter(src), {"errors": 0})), cfg.loader.shuffle_buffer,
                          cfg.seed, epoch)
         for i, sample in enumerate(stream):
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", default="data/shards")
     p.add_argument("--out", default="benchmarks/results/queue_duplicates.json")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging()
     from train.pretrain import load_config, method_config
 
     cfg = load_config(args.params)

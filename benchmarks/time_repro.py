@@ -22,6 +22,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from pipeline import cli
 from pipeline.files import write_text
 
 log = logging.getLogger("benchmarks.time_repro")
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("reports/timing"), help="folder of the log and JSON (default: %(default)s)")
     args = p.parse_args(own)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.setup_logging()
 
     cmd = ["dvc", "repro", *extra]
     log.info("running %s", " ".join(cmd))

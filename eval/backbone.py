@@ -36,9 +36,9 @@ import torchvision
 from PIL import Image
 
 from pipeline import images as image_io
-from train.dist import resolve_device  # noqa: F401 (the evaluations take it from here)
+from train.resnet import seeded_resnet
 from train.resnet import (  # ARCHS, LAYERS, STRIDES: the evaluations take them from here
-    ARCHS, LAYERS, STRIDES, make_resnet, normalize, out_channels, region_features, stages as resnet_stages, stem,
+    ARCHS, LAYERS, STRIDES, normalize, out_channels, region_features, stages as resnet_stages, stem,
 )
 
 RANDOM = "random"
@@ -56,9 +56,7 @@ def build_resnet(arch: str, backbone: str | Path, seed: int = 0) -> torchvision.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown --arch {arch!r}; valid: {sorted(ARCHS)}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = make_resnet(arch)
+    net = seeded_resnet(arch, seed)
     if str(backbone) == RANDOM:
         return net
     path = Path(backbone)

@@ -16,7 +16,8 @@ import re
 import sys
 from pathlib import Path
 
-from eval.backbone import ResNetStages, build_resnet, resolve_device
+from eval.backbone import ResNetStages, build_resnet
+from train.dist import resolve_device
 from eval.oknn import OknnConfig, add_protocol_args, run_oknn
 from pipeline import cli
 from pipeline.files import write_text

@@ -63,11 +63,11 @@ import torch
 import torch.nn as nn
 
 from eval.backbone import ARCHS, build_resnet
-from eval.detection.coco_eval import STAT_NAMES, coco_ap, evaluate  # noqa: F401 (this stage's API)
-from eval.detection.data import CocoDetection, InfiniteBatches  # noqa: F401
-from eval.detection.engine import make_optimizer, precise_bn, predict, train  # noqa: F401
-from eval.detection.model import C4RoIAlign, build_detector, freeze_stages  # noqa: F401
-from eval.detection.schedule import PRESETS, DetectConfig, Schedule, lr_factor, preset, schedule_of  # noqa: F401
+from eval.detection.coco_eval import evaluate
+from eval.detection.data import CocoDetection
+from eval.detection.engine import precise_bn, train
+from eval.detection.model import build_detector
+from eval.detection.schedule import PRESETS, DetectConfig, preset, schedule_of
 from pipeline import cli
 from pipeline.files import atomic_dir
 from pipeline.params import as_dict, load_section

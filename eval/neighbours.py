@@ -76,7 +76,7 @@ def write_neighbours(path: Path, bank: np.ndarray, queries: np.ndarray, train, v
     prediction is the one O-KNN scored), and write the neighbours table to `path` (parquet)."""
     import torch
 
-    from eval.oknn import knn_search, knn_vote
+    from eval.knn import knn_search, knn_vote
 
     sims, idx = knn_search(bank, queries, cfg.k, cfg.bank_chunk, cfg.query_chunk, device)
     bank_y = torch.as_tensor(np.searchsorted(classes, train.category[bank_sel]), dtype=torch.long, device=idx.device)

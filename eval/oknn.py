@@ -58,17 +58,15 @@ import torch
 import torch.nn.functional as F
 
 from eval.backbone import (
-    ARCHS, ResNetStages, build_resnet, load_rgb, region_feature, resize_rgb, resize_shape,
-    resolve_device, to_input,
+    ARCHS, ResNetStages, build_resnet, load_rgb, region_feature, resize_rgb, resize_shape, to_input,
 )
-# The k-NN search and vote, re-exported: eval.neighbours, the tests and benchmarks import them from here.
-from eval.knn import knn_classify, knn_search, knn_vote, topk_accuracy  # noqa: F401 - re-exported
-# Object selection and disturbing, re-exported: the tests import them from here.
-from eval.oknn_objects import box_mask, disturb, eligible, pick_donors, select_bank  # noqa: F401 - re-exported
+from eval.knn import knn_classify
+from eval.oknn_objects import disturb, eligible, pick_donors, select_bank
 from pipeline import cli
 from pipeline.files import write_text
 from pipeline.params import as_dict, load_section
 from pipeline.readers import read_coco
+from train.dist import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -58,12 +58,13 @@ import torch
 import torch.nn as nn
 
 from eval.backbone import (
-    ARCHS, LAYERS, ResNetStages, build_resnet, load_rgb, pool_boxes, resize_rgb, resolve_device, to_input,
+    ARCHS, LAYERS, ResNetStages, build_resnet, load_rgb, pool_boxes, resize_rgb, to_input,
 )
 from pipeline import cli, contracts
 from pipeline.files import write_text
 from pipeline.params import as_dict, load_section
 from pipeline.readers import read_coco
+from train.dist import resolve_device
 
 GRID_CENTRE = 4   # index of the centre cell among the 3x3 cells, row-major
 

@@ -26,7 +26,10 @@ Reads, for each model and seed, `REPORTS/<model>/seed<s>/oknn.json`, `probes.jso
   under `--runs`: the trainlog stage's copies or the runs' dvclive logs) and `OUT_oknn.png`
   (O-KNN top-1 against step: the random start, the curve stage's snapshots, the final backbones), with their means in `OUT_loss.csv` and
   `OUT_oknn.csv` for `dvc plots show`;
-- `OUT_cr.png` / `OUT_mcs.png`: the probes over layers, one line per model (mean over seeds).
+- `OUT_cr.png` / `OUT_mcs.png`: the probes over layers, one line per model (mean over seeds);
+- `OUT_metrics.json`: the headline means per model (`METRICS`: O-KNN, disturbed O-KNN, CR and MCS
+  at C5, detection AP where it ran), what `dvc metrics show` prints (a few dozen columns, where
+  `OUT.json` holds every value, spread and seed).
 Every number is mean and sample standard deviation over the seeds (percent for accuracies and AP).
 """
 from __future__ import annotations
@@ -40,12 +43,18 @@ from pathlib import Path
 from eval.report_plots import plot_curves, plot_means
 from pipeline import cli
 from pipeline.files import write_text
+from train.resnet import LAYERS
 
 log = logging.getLogger(__name__)
 
 TABLE4 = ("top1", "top5", "disturbed_top1", "disturbed_top5")
 TABLE1 = ("AP", "AP50", "AP75")
-LAYERS = ("C2", "C3", "C4", "C5")
+METRICS = ("oknn_top1", "oknn_top5", "oknn_disturbed_top1", "cr_C5", "mcs_C5", "det_AP")
+
+
+def headline(results: dict) -> dict:
+    """model -> {metric: mean over seeds, 3 decimals} for the `METRICS` each model has."""
+    return {m: {k: round(r[k]["mean"], 3) for k in METRICS if k in r} for m, r in results.items()}
 
 
 def mean_std(values: list[float]) -> dict:
@@ -173,7 +182,7 @@ def fmt(ms: dict, digits: int = 2) -> str:
 
 
 def health_section(results: dict, problems: list[str]) -> list[str]:
-    """The pre-training runs' health at their end (train.pretrain.health), and every problem."""
+    """The pre-training runs' health at their end (train.runlog.health), and every problem."""
     trained = [m for m, r in results.items() if "health_problems" in r]
     if not trained:
         return []
@@ -340,6 +349,7 @@ def make_report(reports: Path, models: list[str], seeds: list[int], out: Path, d
            "probe_control_max_deviation": max(control),
            "dataset": {k: stats[k] for k in ("openimage_mini", "coco")} if stats else None}
     write_text(out.with_suffix(".json"), json.dumps(doc, indent=2) + "\n")
+    write_text(out.with_name(out.name + "_metrics.json"), json.dumps(headline(results), indent=2) + "\n")
     write_text(out.with_suffix(".md"), render(results, orderings, stats, seeds, [str(p) for p in plots], protocol,
                                               problems, sorted(pngs), settings))
     return doc
@@ -374,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                       args.detect_models, args.runs)
     for o in doc["orderings"]:
         log.info("%s%s: %s", "holds" if o["holds"] else "fails", " (clear)" if o["clear"] else "", o["claim"])
-    log.info("wrote %s, %s and %d figures (%s) for %d models x %d seeds", args.out.with_suffix(".md"),
-             args.out.with_suffix(".json"), len(doc["figures"]), ", ".join(doc["figures"]), len(models), len(seeds))
+    log.info("wrote %s, %s (means: %s_metrics.json) and %d figures (%s) for %d models x %d seeds", args.out.with_suffix(".md"),
+             args.out.with_suffix(".json"), args.out, len(doc["figures"]), ", ".join(doc["figures"]), len(models), len(seeds))
     return 0
 
 

@@ -24,8 +24,8 @@ import json
 from pathlib import Path
 
 from pipeline.files import atomic_path, write_text
+from train.resnet import LAYERS
 
-LAYERS = ("C2", "C3", "C4", "C5")
 REFERENCES = ("random", "supervised")   # models that are not pre-training methods
 DPI = 120
 

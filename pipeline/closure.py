@@ -2,9 +2,14 @@
 
     closure("train.pretrain")      # {Path(".../train/pretrain.py"), Path(".../train/model.py"), ...}
 
-One walker for two users: the pre-training stamp hashes the sources of `train.pretrain`'s closure
-(its code version), and the dvc.yaml check (tests/test_dvc_deps.py) requires every stage to list
-its closure in `deps`. What counts as an import:
+One walker for two users: the stamps of the resumable stages (pre-training's checkpoint, the
+proposals' parts, the shard set) hold the code version of the stage's closure (`code_version`), and
+the dvc.yaml check (tests/test_dvc_deps.py) requires every stage to list its closure in `deps`.
+
+The code version hashes each file's syntax tree less its docstrings, so an edit to a comment, a
+docstring or the layout changes no stamp: DVC reruns the stage (its code dependency changed) and the
+stage reuses every finished part, checkpoint or shard, so the outputs and everything downstream stay
+as they were. Any other edit starts the stage clean. What counts as an import:
 
 - every `import` / `from ... import` anywhere in a file (function-level and
   `if __name__ == "__main__"` imports included), `from . import x` resolved against the file's
@@ -19,6 +24,7 @@ Only modules of the project packages (`PACKAGES`) under the root are followed.
 from __future__ import annotations
 
 import ast
+import hashlib
 import re
 from functools import cache
 from pathlib import Path
@@ -94,3 +100,27 @@ def closure(module: str, root: Path = REPO) -> set[Path]:
             seen.add(f)
             todo.extend(imported_names(f, root))
     return {f for f in seen if not trivial_init(f)}
+
+
+_DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def code_tree(path: Path) -> str:
+    """The syntax tree of the file `path` as text, docstrings removed (comments and layout are not
+    in a tree): what a code version hashes."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        body = node.body if isinstance(node, _DOCUMENTED) else None
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, annotate_fields=False, include_attributes=False)
+
+
+def code_version(module: str, root: Path = REPO) -> str:
+    """sha256 over the syntax trees (`code_tree`) of `module`'s closure, with their paths relative to
+    `root`: the code part of a stage's stamp."""
+    h = hashlib.sha256()
+    for f in sorted(closure(module, root)):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + code_tree(f).encode() + b"\0")
+    return h.hexdigest()

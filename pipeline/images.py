@@ -46,7 +46,6 @@ FAILURE_REASONS = (
 )
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 WIDE = ("I", "F")
-JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 class ImageFailure(ValueError):
@@ -164,7 +163,3 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb, "RGB").save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
-
-
-def is_jpeg(data: bytes) -> bool:
-    return data[:3] == JPEG_MAGIC

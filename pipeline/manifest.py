@@ -122,11 +122,14 @@ def stale(cfg: DataConfig) -> list[str]:
     return out
 
 
-def write_all(cfg: DataConfig, mode: str = "stat") -> dict[str, int]:
-    """Write every manifest of `cfg` into `cfg.manifests`; return the file count of each."""
+def write_all(cfg: DataConfig, mode: str | None = None) -> dict[str, int]:
+    """Write every manifest of `cfg` into `cfg.manifests`; return the file count of each. `mode`
+    None keeps the mode each existing manifest was written in ("stat" for a new one), so a rewrite
+    never switches a content manifest to modification times (which would change every stage's deps)."""
     counts = {}
     for name in FOLDERS:
-        counts[name] = write(folder_of(name, cfg), manifest_path(name, cfg.manifests), mode)
+        path = manifest_path(name, cfg.manifests)
+        counts[name] = write(folder_of(name, cfg), path, mode or (mode_of(path) if path.is_file() else "stat"))
         log.info("%s: %d files listed from %s", manifest_path(name, cfg.manifests), counts[name],
                  folder_of(name, cfg))
     return counts
@@ -136,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     p = cli.parser("python -m pipeline.manifest", __doc__)
     p.add_argument("--params", type=Path, default=Path("params.yaml"),
                    help="params.yaml whose `data` section names the roots and the manifest folder")
-    p.add_argument("--mode", choices=MODES, default="stat",
-                   help="stat: size and modification time (reads no image); content: sha256 of each file")
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="stat: size and modification time (reads no image); content: sha256 of each file; "
+                        "default: the mode each existing manifest has, stat for a new one")
     p.add_argument("--check", action="store_true",
                    help="write nothing; exit 1 naming each manifest that no longer matches its folder")
     args = p.parse_args(argv)

@@ -54,8 +54,11 @@ Outputs in `--out`:
   Paths are written as the images table gives them, never made absolute (the output must not
   depend on the folder the stage ran in).
 
-A rerun skips finished parts (DVC keeps the folder: `persist: true` in dvc.yaml). Parts of a
-different run (other settings, another images table) are never mixed in: the stage logs that it
+A rerun skips finished parts (DVC keeps the folder: `persist: true` in dvc.yaml) whose images
+still have the bytes that were searched (each image's sha256 is in its part's sidecar; a part with
+an image fixed, replaced or gone is proposed again). Parts of a
+different run (other settings, another images table, another code version of this stage: any edit
+of the modules it runs but a comment or docstring) are never mixed in: the stage logs that it
 starts clean and removes its outputs from `--out` (the parts, `summary.json`, `failures.csv`;
 nothing else there).
 
@@ -91,12 +94,13 @@ from tqdm import tqdm
 
 from pipeline import cli, contracts, raycluster, storage
 from pipeline import images as image_io
+from pipeline.closure import code_version
 from pipeline.images import ImageFailure, to_rgb  # noqa: F401 - re-exported
 from pipeline.params import as_dict, load_section
 # The per-image compute, re-exported: tests, benchmarks and pipeline.shards import it from here.
 from pipeline.selective_search import (  # noqa: F401 - re-exported
-    FAILED, FAILURE_REASONS, PATHS, ImageResult, ProposalsConfig, decode, nms, propose, propose_file, rule_mask,
-    search_size, select_boxes, selective_search,
+    FAILED, FAILURE_REASONS, PATHS, ImageResult, ProposalsConfig, check_opencv, decode, nms, propose, propose_file,
+    rule_mask, search_size, select_boxes, selective_search,
 )
 
 log = logging.getLogger(__name__)
@@ -105,6 +109,12 @@ FAILURES_SCHEMA = pa.schema([("key", pa.string()), ("path", pa.string()),
                              ("reason", pa.string()), ("detail", pa.string())])
 
 # ------------------------------------------------------------------------------ Ray and the disk
+
+
+def check_node() -> None:
+    """What a Ray node needs to run this stage beyond the import (`raycluster.check_nodes` runs it
+    on every node of a cluster; `run` on the driver): OpenCV with selective search."""
+    check_opencv()
 
 
 def _propose_task(rows: list[tuple[str, str, int, int]], cfg: ProposalsConfig) -> tuple[list[ImageResult], str]:
@@ -165,10 +175,13 @@ def output_settings(cfg: ProposalsConfig) -> dict:
 
 
 def fingerprint(images: pa.Table, cfg: ProposalsConfig) -> str:
-    """What a finished part depends on: the output settings, the part size, OpenCV, the images."""
+    """What a finished part depends on: the output settings, the part size, OpenCV, the decoding
+    policy, the code version of this stage (`pipeline.closure.code_version`: a docstring or comment
+    edit is no change) and the images."""
     settings = output_settings(cfg)
-    h = hashlib.sha256(json.dumps({"settings": settings, "opencv": cv2.__version__, "decode": image_io.POLICY},
-                                  sort_keys=True).encode())
+    doc = {"settings": settings, "opencv": cv2.__version__, "decode": image_io.POLICY,
+           "code": code_version("pipeline.proposals")}
+    h = hashlib.sha256(json.dumps(doc, sort_keys=True).encode())
     for col in ("key", "path", "width", "height"):
         h.update(json.dumps(images.column(col).to_pylist()).encode())
     return h.hexdigest()[:16]
@@ -196,8 +209,8 @@ def finished_parts(out: str | Path, n_parts: int, fp: str) -> set[int]:
         else:
             done.add(int(m.group(1)))
     if foreign:
-        log.warning("%s holds %d part(s) of a different run (%s: fingerprint %s; this run %s: other settings "
-                    "or images table): starting clean, the stage's outputs there are removed",
+        log.warning("%s holds %d part(s) of a different run (%s: fingerprint %s; this run %s: other settings, "
+                    "images table or code): starting clean, the stage's outputs there are removed",
                     out, len(foreign), foreign[0][0], foreign[0][1], fp)
         for f in storage.glob(storage.join(out, PART_GLOB)):       # every table read_parts would read,
             side = f.removesuffix(".parquet") + ".json"             # whatever its name, and its sidecar
@@ -211,6 +224,36 @@ def finished_parts(out: str | Path, n_parts: int, fp: str) -> set[int]:
                 storage.remove(storage.join(out, name))
         done = set()
     return done
+
+
+def current_digest(loc: str) -> str:
+    """sha256 of the bytes at `loc` now, "" if they cannot be read (what `propose_file` records)."""
+    try:
+        return storage.sha256(loc)
+    except OSError:
+        return ""
+
+
+def parts_with_new_bytes(out: str | Path, done: set[int], rows: list[tuple], per_part: int) -> set[int]:
+    """The finished parts of `done` holding an image whose bytes are not those searched (the
+    sha256 its sidecar recorded: a file fixed, replaced or gone under the same key and path; the
+    fingerprint covers keys, paths and sizes, not bytes). Their parquet and sidecar are removed, so
+    the run proposes them again; the rest stay reused. Reads every image of `done` once."""
+    changed: dict[int, str] = {}
+    for p in sorted(done):
+        side = storage.join(out, f"{part_name(p)}.json")
+        records = json.loads(storage.read_text(side))["images"]
+        for rec, (key, loc, _, _) in zip(records, rows[p * per_part:(p + 1) * per_part]):
+            if rec.get("sha256") != current_digest(loc):
+                changed[p] = key
+                break
+    if changed:
+        log.info("%d finished part(s) hold images whose bytes changed (e.g. %s in %s): proposing them again",
+                 len(changed), next(iter(changed.values())), part_name(next(iter(changed))))
+        for p in changed:
+            storage.remove(storage.join(out, f"{part_name(p)}.parquet"))     # the parquet first: a part
+            storage.remove(storage.join(out, f"{part_name(p)}.json"))        # is finished while it exists
+    return set(changed)
 
 
 def write_part(out: str | Path, index: int, results: list[ImageResult], fp: str) -> None:
@@ -295,7 +338,7 @@ def _run_parts(rows: list[tuple], todo: list[int], size: dict[int, int], out: st
                     queue.extendleft(reversed([(p, s + i, [row]) for i, row in enumerate(chunk)]))
                     continue                            # the image that kills it: one by one
                 got = [ImageResult(chunk[0][0], np.zeros((0, 4), np.float32), FAILED, "worker_crashed",
-                                   raycluster.died_message(e))]
+                                   raycluster.died_message(e), sha256=current_digest(chunk[0][1]))]
             got = [_as_given(r, row[1], given[row[0]]) for r, row in zip(got, chunk)]
             results[p].update({s + i: r for i, r in enumerate(got)})
             bar.update(len(got))
@@ -322,13 +365,15 @@ def run(images_path: str | Path, out: str | Path, cfg: ProposalsConfig, *, num_w
     Uses the Ray runtime the caller started, if any; otherwise starts a local one (or joins
     `ray_address` / RAY_ADDRESS) and shuts it down at the end."""
     t0 = time.perf_counter()
+    check_node()
     images = storage.read_table(images_path, contracts.IMAGES)
     fp = fingerprint(images, cfg)
     out = str(out)
     storage.makedirs(out)
     n_parts = -(-images.num_rows // cfg.images_per_part)
-    done = finished_parts(out, n_parts, fp)
     rows, given = _table_rows(images)
+    done = finished_parts(out, n_parts, fp)
+    done -= parts_with_new_bytes(out, done, rows, cfg.images_per_part)
     todo = [i for i in range(n_parts) if i not in done]
 
     size = {p: min((p + 1) * cfg.images_per_part, len(rows)) - p * cfg.images_per_part for p in todo}

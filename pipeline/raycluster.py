@@ -14,8 +14,9 @@
   project code with the job (`runtime_env={"py_modules": [pipeline]}`), so the other nodes need
   only the pinned dependencies, not a checkout. The cluster decides on authentication. Workers'
   output (logs, warnings) is forwarded to the driver. Before the stage submits anything, one task
-  per node imports the stage's module there (`check_nodes`): a node that cannot run the job (a
-  dependency missing, the shipped code not importable) is an error naming the node, and every
+  per node imports the stage's module there and runs its `check_node()` if it defines one
+  (`check_nodes`): a node that cannot run the job (a dependency missing, OpenCV without its contrib
+  modules, the shipped code not importable) is an error naming the node, and every
   node holds a started worker when the stage's tasks arrive, so short tasks are not all taken by
   the node whose worker was ready first.
 
@@ -84,10 +85,13 @@ def start(ray_address: str | None = None, num_cpus: int | None = None, module: s
 
 
 def _import_here(module: str) -> str:
-    """A task: import `module` on this node; return the node id."""
+    """A task: import `module` on this node and run its `check_node()` if it has one (what the
+    stage needs beyond importing, e.g. OpenCV's contrib modules); return the node id."""
     import importlib
 
-    importlib.import_module(module)
+    check = getattr(importlib.import_module(module), "check_node", None)
+    if check is not None:
+        check()
     return node_id()
 
 

@@ -5,6 +5,13 @@
     python -m pipeline.readers openimages --boxes openimages/oidv6-train-annotations-bbox.csv \
         --classes openimages/class-descriptions-boxable.csv --images openimages/train \
         --out data/tables/openimages_train
+    python -m pipeline.readers rebase --images data/openimage_mini/images.parquet \
+        --prefix data/synth/openimages/train --to s3://bucket/openimages/train \
+        --out s3://bucket/openimage_mini/images.parquet
+
+`rebase` points an images table at the copy of its images in object storage (or another folder):
+every `path` under `--prefix` gets `--to` instead, the rest of the table unchanged. A row outside
+the prefix is an error naming its key and path; the first rebased location is checked to exist.
 
 The same code reads the embedded data and the real files (COCO 2017: 860k boxes; OpenImages V6
 train: 14.6 million rows over 1.74 million images).
@@ -161,6 +168,31 @@ def image_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
+def rebase(images: pa.Table, prefix: str, to: str) -> pa.Table:
+    """`images` with each `path` under `prefix` (a folder or URL prefix) moved under `to`. Raises
+    ReaderError naming the first row whose path is not under `prefix`."""
+    prefix, to = str(prefix).rstrip("/"), str(to).rstrip("/")
+    paths = images.column("path").to_pylist()
+    moved = []
+    for i, (key, path) in enumerate(zip(images.column("key").to_pylist(), paths)):
+        if path != prefix and not path.startswith(prefix + "/"):
+            raise ReaderError(f"row {i} (key {key}): its path {path} is not under --prefix {prefix}; give "
+                              "the folder (or URL prefix) every row's path starts with")
+        moved.append(to + path[len(prefix):])
+    return images.set_column(images.schema.get_field_index("path"), "path", pa.array(moved, pa.string()))
+
+
+def _rebase_cli(args) -> None:
+    from pipeline import storage
+
+    table = rebase(storage.read_table(args.images, contracts.IMAGES), args.prefix, args.to)
+    if table.num_rows and not args.no_check and not storage.exists(table.column("path")[0].as_py()):
+        raise ReaderError(f"{table.column('path')[0].as_py()} (row 0 after rebasing) does not exist; copy the "
+                          f"images there first, or check --to (pass --no-check to write the table anyway)")
+    storage.write_table(table, args.out, contracts.IMAGES)
+    log.info("wrote %s: %d images under %s", args.out, table.num_rows, args.to)
+
+
 # ----------------------------------------------------------------------------------------- CLI
 
 
@@ -176,8 +208,28 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--classes", required=True, type=Path, help="class-descriptions-boxable.csv")
     o.add_argument("--images", required=True, type=Path, help="folder holding <ImageID>.jpg")
     o.add_argument("--out", required=True, type=Path, help="folder for the tables and summary.json")
+    r = sub.add_parser("rebase", help="an images table with its paths moved to another folder or URL prefix")
+    r.add_argument("--images", required=True, help="images table (path or URL)")
+    r.add_argument("--prefix", required=True, help="what every row's path starts with now")
+    r.add_argument("--to", required=True, help="what it starts with in the output (e.g. s3://bucket/train)")
+    r.add_argument("--out", required=True, help="the rebased images table (path or URL)")
+    r.add_argument("--no-check", action="store_true", help="do not check that the first rebased path exists")
     args = p.parse_args(argv)
     cli.setup_logging(args.log_level)
+    from pipeline import storage
+
+    try:
+        _run_cli(args)
+    except (ReaderError, FileNotFoundError, storage.StorageError) as e:     # bad input: one line naming it
+        log.error("%s", e)
+        return 1
+    return 0
+
+
+def _run_cli(args) -> None:
+    if args.format == "rebase":
+        _rebase_cli(args)
+        return
     from pipeline.coco import read_coco
     from pipeline.openimages import read_openimages
 
@@ -189,7 +241,6 @@ def main(argv: list[str] | None = None) -> int:
     summary = res.summary()
     log.info("wrote %s: %d images, %d boxes, %d rejected %s", args.out, summary["images"], summary["boxes"],
              summary["rejected"], {k: v for k, v in summary["rejected_by_reason"].items() if v})
-    return 0
 
 
 if __name__ == "__main__":

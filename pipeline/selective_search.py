@@ -83,14 +83,15 @@ class ImageResult:
     reason: str = ""
     detail: str = ""
     notes: dict = field(default_factory=dict)   # mode (if not RGB), exif_orientation (if not 1), resized
+    sha256: str = ""                            # of the bytes searched ("" if the file could not be read)
 
     def record(self) -> dict:
         return {"key": self.key, "path": self.path, "boxes": int(len(self.boxes)),
-                "reason": self.reason, "detail": self.detail, **self.notes}
+                "reason": self.reason, "detail": self.detail, "sha256": self.sha256, **self.notes}
 
 
-def decode(path: str | Path, width: int, height: int) -> tuple[np.ndarray, dict]:
-    """Decode `path` by the shared policy (`pipeline.images`: stored pixel frame, no EXIF transpose)
+def decode(path: str | Path | bytes, width: int, height: int) -> tuple[np.ndarray, dict]:
+    """Decode `path` (or its bytes) by the shared policy (`pipeline.images`: stored pixel frame, no EXIF transpose)
     to HxWx3 uint8 RGB, checking its size against the table's. Returns (rgb, notes); raises ImageFailure."""
     return image_io.decode(path, width, height)
 
@@ -101,6 +102,19 @@ def search_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     if s >= 1:
         return width, height
     return max(1, round(width * s)), max(1, round(height * s))
+
+
+OPENCV_FIX = ("pip install --no-deps --force-reinstall opencv-contrib-python-headless==VERSION (the pinned "
+              "version of pyproject.toml; fiftyone pulls opencv-python-headless, which owns the same cv2 "
+              "without the contrib modules)")
+
+
+def check_opencv() -> None:
+    """Raise a RuntimeError naming the fix when this process's OpenCV has no selective search (the
+    contrib build's `cv2.ximgproc`): every image would fail, so the job must not start."""
+    if not hasattr(cv2, "ximgproc"):
+        raise RuntimeError(f"OpenCV {cv2.__version__} ({cv2.__file__}) has no cv2.ximgproc, so no selective "
+                           f"search: {OPENCV_FIX.replace('VERSION', cv2.__version__)}")
 
 
 def selective_search(bgr: np.ndarray, cfg: ProposalsConfig) -> np.ndarray:
@@ -190,15 +204,19 @@ def propose(rgb: np.ndarray, cfg: ProposalsConfig) -> tuple[np.ndarray, str, boo
 
 
 def propose_file(key: str, path: str, width: int, height: int, cfg: ProposalsConfig) -> ImageResult:
-    """Decode and propose one image file; a bad image gives a failed result, never an exception."""
+    """Decode and propose one image file; a bad image gives a failed result, never an exception.
+    The result carries the sha256 of the bytes it read (a rerun reuses it only for the same bytes)."""
+    digest = ""
     try:
-        rgb, notes = decode(path, width, height)
+        data = image_io.read_bytes(path)
+        digest = image_io.sha256_bytes(data)
+        rgb, notes = decode(data, width, height)
         try:
             boxes, taken, resized = propose(rgb, cfg)
         except cv2.error as e:
             raise ImageFailure("search_error", str(e).strip()) from None
         if resized:
             notes["resized"] = True
-        return ImageResult(key, boxes, taken, notes=notes)
+        return ImageResult(key, boxes, taken, notes=notes, sha256=digest)
     except ImageFailure as f:
-        return ImageResult(key, np.zeros((0, 4), np.float32), FAILED, f.reason, f.detail)
+        return ImageResult(key, np.zeros((0, 4), np.float32), FAILED, f.reason, f.detail, sha256=digest)

@@ -12,12 +12,13 @@ defined in `pipeline.shardset`):
     train-000000.stamp.json              what the shard was built from (hash) and its index entry
     ...
     index.json                           shards, sample and box counts, sha256 of every file, failures
-    plan.sha256                          the plan (settings, keys per shard) the shards belong to
+    plan.sha256                          the plan (settings, keys per shard, code version) the shards belong to
 
 Only what decodes fully at the images table's size is packed. Each image is read once and checked
 with the decoding policy every stage shares (`pipeline.images`): a JPEG (header size, PIL's pixel
 limit, then a draft decode at 1/8 scale, which still reads every entropy-coded byte) is packed as
-its bytes unchanged, EXIF included (no stage applies EXIF orientation); anything else (PNG, ...)
+its bytes unchanged up to its end-of-image marker, EXIF included (no stage applies EXIF
+orientation; bytes appended after the marker are not image data and are not stored); anything else (PNG, ...)
 is decoded by `pipeline.images.to_rgb` (16-bit scaled, alpha dropped, CMYK/grayscale/palette
 converted) and re-encoded once as JPEG (quality `jpeg_quality`). The images the proposals stage
 failed (its `failures.csv`) are not packed. Every image left out is listed in `index.json`
@@ -38,7 +39,8 @@ bytes, its proposal rows, the proposals stage's failures, the settings, the deco
 Pillow's version; and the shard's index entry (counts, checksums, failures). A rerun reuses a shard
 only if its stamp matches the inputs as they are now and its files match their checksums (this
 reads every image once to hash it), and takes its entry, failures included, from the stamp; a rerun
-with a different plan starts over. `index.json` holds nothing that varies between runs of the same
+with a different plan (keys, settings, or the code version of this stage: any edit of its modules but
+a comment or docstring) starts over. `index.json` holds nothing that varies between runs of the same
 inputs (no timing; a reused shard's entry equals a fresh one), so identical inputs give
 byte-identical outputs; the run's timing goes to the log.
 """
@@ -61,13 +63,15 @@ import pyarrow.compute as pc
 
 from pipeline import cli, contracts, raycluster, shardset, storage
 from pipeline import images as image_io
+from pipeline.closure import code_version
 from pipeline.params import as_dict, load_section, override
-from pipeline.shardset import SHARD_PATTERN, proposals_name, stamp_name  # noqa: F401 - the shard set's names
+from pipeline.shardset import proposals_name, stamp_name
 
 log = logging.getLogger(__name__)
 
 FAILURE_REASONS = image_io.FAILURE_REASONS + (
     "proposals_failed",     # listed in the proposals stage's failures.csv (its reason in `detail`)
+    "proposals_missing",    # neither proposed nor failed: the proposals output is of another images table
     "worker_crashed",       # checked alone, it killed its worker on every try (segfault, out of memory)
 )
 ROW_FIELDS = ("key", "source", "image_id", "path", "width", "height")
@@ -92,10 +96,39 @@ def plan_shards(keys: list[str], samples_per_shard: int, seed: int) -> list[list
     return [shuffled[i:i + samples_per_shard] for i in range(0, len(shuffled), samples_per_shard)]
 
 
+def jpeg_end(data: bytes) -> int:
+    """Offset just past the end-of-image marker (FF D9) of the JPEG that `data` starts with, found
+    by walking its segments and entropy-coded scans (an EXIF thumbnail's marker, inside its APP1
+    segment, is skipped with the segment); len(data) where the walk finds no end marker."""
+    n, i = len(data), 2                                  # after SOI (FF D8)
+    while i + 1 < n:
+        if data[i] != 0xFF:
+            return n                                     # not at a marker: keep everything
+        m = data[i + 1]
+        if m == 0xFF:                                    # fill byte before a marker
+            i += 1
+        elif m == 0xD9:
+            return i + 2
+        elif 0xD0 <= m <= 0xD7 or m == 0x01:             # markers without a length
+            i += 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+            if m == 0xDA:                                # a scan: entropy-coded data up to the next
+                while True:                              # marker (FF 00 is a stuffed byte, FF D0-D7 a restart)
+                    i = data.find(b"\xff", i)
+                    if i < 0 or i + 1 >= n:
+                        return n
+                    if data[i + 1] != 0 and not 0xD0 <= data[i + 1] <= 0xD7:
+                        break
+                    i += 2
+    return n
+
+
 def shard_bytes(data: bytes, width: int, height: int, quality: int) -> tuple[bytes, bool]:
     """What the shard stores for an image's file bytes: (JPEG bytes, re-encoded?). The file itself
-    if it is a JPEG that decodes fully at width x height; anything else decoded by the shared policy
-    and re-encoded. Raises pipeline.images.ImageFailure."""
+    if it is a JPEG that decodes fully at width x height, up to its end-of-image marker (what follows
+    it, appended text or a phone's motion-photo video, is no part of the image and is not stored);
+    anything else decoded by the shared policy and re-encoded. Raises pipeline.images.ImageFailure."""
     with image_io.open_image(data) as im:
         image_io.check_size(im, width, height)
         if im.format in ("JPEG", "MPO"):     # MPO: a camera JPEG with extra frames; all stages read frame 0
@@ -104,7 +137,7 @@ def shard_bytes(data: bytes, width: int, height: int, quality: int) -> tuple[byt
                 im.load()
             except Exception as e:  # noqa: BLE001 - a broken file can raise almost anything
                 raise image_io.classify(e) from None
-            return data, False
+            return data[:jpeg_end(data)], False
         rgb = image_io.to_rgb(im)
     return image_io.encode_jpeg(rgb, quality), True
 
@@ -137,6 +170,24 @@ def inputs_stamp(name: str, rows: list[dict], proposals: pa.Table, failed: dict[
     return h.hexdigest()
 
 
+NOT_PROPOSED = "not_proposed"    # `failed` value of an image the proposals output does not hold
+
+
+def _proposals_failure(reason: str) -> dict:
+    if reason == NOT_PROPOSED:
+        return {"reason": "proposals_missing", "detail": "the proposals stage output holds no row for it "
+                "and lists no failure: rerun the proposals stage on this images table"}
+    return {"reason": "proposals_failed", "detail": f"the proposals stage failed it: {reason}"}
+
+
+def not_proposed(keys: list[str], proposals: pa.Table, failed: dict[str, str]) -> dict[str, str]:
+    """key -> NOT_PROPOSED for the images of `keys` that have no proposal row and are not among the
+    proposals stage's failures (every image it handled has at least its whole-image box): a
+    proposals output of another (older, partial) images table. They are not packed."""
+    have = set(pc.unique(proposals.column("key")).to_pylist())
+    return {k: NOT_PROPOSED for k in keys if k not in have and k not in failed}
+
+
 def _pack(tar: tarfile.TarFile, rows: list[dict], failed: dict[str, str], jpeg_quality: int,
           digests: dict[str, str], crashed: dict[str, str]) -> tuple[list[str], list[dict], int]:
     """Pack the images of `rows` into `tar` (members `shardset.member_names`); returns the keys
@@ -145,8 +196,7 @@ def _pack(tar: tarfile.TarFile, rows: list[dict], failed: dict[str, str], jpeg_q
     for r in rows:
         key = r["key"]
         if key in failed:
-            failures.append({"key": key, "path": r["path"], "reason": "proposals_failed",
-                             "detail": f"the proposals stage failed it: {failed[key]}"})
+            failures.append({"key": key, "path": r["path"], **_proposals_failure(failed[key])})
             continue
         if key in crashed:
             failures.append({"key": key, "path": r["path"], "reason": "worker_crashed", "detail": crashed[key]})
@@ -241,12 +291,13 @@ def split_proposals(proposals: pa.Table, plan: list[list[str]]) -> list[pa.Table
 
 
 def _start_over_unless_same_plan(out: str, plan_hash: str) -> None:
-    """A previous run's shards are reused only if they come from the same plan; temporaries of a
-    killed run are removed."""
+    """A previous run's shards are reused only if they come from the same plan (keys, settings and
+    the code version of this stage, `pipeline.closure.code_version`: a docstring or comment edit is
+    no change); temporaries of a killed run are removed."""
     storage.makedirs(out)
     plan_loc = storage.join(out, shardset.PLAN_NAME)
     if storage.isfile(plan_loc) and storage.read_text(plan_loc).strip() != plan_hash:
-        log.warning("%s holds shards of another plan (other keys or shards settings): starting clean, "
+        log.warning("%s holds shards of another plan (other keys, shards settings or code): starting clean, "
                     "its shards and index are removed", out)
         for p in storage.glob(storage.join(out, shardset.SHARD_PREFIX + "*")) + [storage.join(out, shardset.INDEX_NAME)]:
             storage.remove(p)
@@ -266,12 +317,19 @@ def run(images_path: str | Path, proposals_dir: str | Path, out: str | Path, cfg
     rows = {r["key"]: r for r in images.to_pylist()}
     plan = plan_shards(list(rows), cfg.samples_per_shard, cfg.seed)
     names = [shardset.shard_name(i) for i in range(len(plan))]
-    plan_doc = json.dumps({"settings": output_settings(cfg), "shards": plan}, sort_keys=True)
+    plan_doc = json.dumps({"settings": output_settings(cfg), "shards": plan, "code": code_version("pipeline.shards")},
+                          sort_keys=True)
     # Tasks write to an absolute location: a worker's working folder is not the driver's.
     out = str(out) if storage.is_url(out) else str(storage.local_path(out).resolve())
     _start_over_unless_same_plan(out, hashlib.sha256(plan_doc.encode()).hexdigest())
 
     failed = proposals_stage.read_failures(proposals_dir)
+    missing = not_proposed(list(rows), proposals, failed)
+    if missing:
+        log.warning("%d image(s) of %s have no proposals in %s and are not among its failures (e.g. %s): "
+                    "they are left out as proposals_missing; rerun the proposals stage on this images table",
+                    len(missing), images_path, proposals_dir, next(iter(missing)))
+        failed = {**failed, **missing}
     per_shard = dict(zip(names, split_proposals(proposals, plan)))
     entries: dict[str, dict] = {}
     todo = []

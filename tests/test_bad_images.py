@@ -12,6 +12,7 @@ import collections
 import numpy as np
 
 from pipeline import contracts as C
+from pipeline import shardset
 from pipeline.images import decode
 from pipeline.proposals import ProposalsConfig, read_failures, read_parts
 from pipeline.proposals import run as run_proposals
@@ -47,10 +48,10 @@ def test_battery_through_proposals_shards_and_one_epoch(tmp_path):
         stored = decode(data, rows[key]["width"], rows[key]["height"])[0]
         assert np.abs(stored.astype(np.int16) - seen).mean() < 6, key
 
-    from train.stream import LoaderConfig, make_stream, read_index
+    from train.stream import LoaderConfig, make_stream
     from train.views import ViewConfig
 
-    shards, total = read_index(tmp_path / "shards")
+    shards, total = shardset.shards(tmp_path / "shards")
     loader = LoaderConfig(batch_size=1, workers=0, shuffle_buffer=2, resampled=False,
                           views=ViewConfig(size=64, small_size=32))
     batches = list(make_stream(shards, loader, seed=0))

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+import sys
 from functools import cache
 from pathlib import Path, PurePosixPath
 
@@ -38,7 +40,7 @@ import pytest
 import yaml
 
 from pipeline import manifest
-from pipeline.closure import closure, module_file
+from pipeline.closure import PACKAGES, closure, module_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -170,6 +172,29 @@ def test_deps_list_every_module_the_stage_imports(stage):
     missing = sorted(str(f.relative_to(REPO)) for f in needed if not covered(str(f.relative_to(REPO)), st["deps"]))
     assert not missing, (f"dvc.yaml stage {stage!r} imports these project modules but does not list them "
                          f"in its deps: {missing} (add them, or an edit there leaves the stage stale)")
+
+
+@pytest.mark.parametrize("stage", list(stages()))
+def test_deps_list_no_module_the_stage_does_not_import(stage):
+    """The converse: a listed project module outside the closure reruns the stage (and everything
+    downstream) for an edit that cannot change its result."""
+    st = stages()[stage]
+    needed = {str(f.relative_to(REPO)) for f in
+              set().union(*(closure(m) for c in st["cmd"] for m in cmd_modules(c)))}
+    extra = sorted(d for d in st["deps"] if d.endswith(".py") and d.split("/")[0] in PACKAGES and d not in needed)
+    assert not extra, (f"dvc.yaml stage {stage!r} lists project modules it does not import: {extra} (remove "
+                       "them, or an edit there reruns the stage for nothing)")
+
+
+def test_the_lock_records_only_stages_of_dvc_yaml():
+    """dvc.lock keeps the entries of stages removed from dvc.yaml (a matrix item dropped from
+    params.yaml, a renamed stage): they record runs of nothing that exists and must go."""
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    listed = subprocess.run([sys.executable, "-m", "dvc", "stage", "list", "--name-only"], cwd=REPO, check=True,
+                            capture_output=True, text=True).stdout
+    names = set(listed.split())
+    assert not set(lock) - names, f"dvc.lock holds stages dvc.yaml does not define: {sorted(set(lock) - names)}"
+    assert not names - set(lock), f"stages of dvc.yaml never run (no dvc.lock entry): {sorted(names - set(lock))}"
 
 
 @pytest.mark.parametrize("stage", list(stages()))

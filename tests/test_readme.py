@@ -2,7 +2,8 @@
 the commands `dvc.yaml` runs.
 
 - Every line of a fenced code block that starts with `python -m` (continuation lines joined) names
-  a module whose `--help` exits 0, fast.
+  a module whose `--help` exits 0, fast; every such command, and every inline `python -m ...` span,
+  parses with its module's own argument parser (an unknown or misspelt flag fails), nothing run.
 - The block under "Run one stage alone" holds only stage commands, each exactly one of dvc.yaml's
   (matrix and foreach expanded, `${...}` resolved against params.yaml), so none runs code defaults
   instead of the stage's settings.
@@ -39,6 +40,38 @@ finally:
 """
 
 
+# `python -m MODULE ARGS...` up to its argument parsing, then exit 0 ("parsed"): the module's own
+# parser judges the README's flags, and nothing of the command runs. The outermost parse stops it
+# (parse_args, or parse_known_args when a launcher forwards the rest); a subcommand's inner parse
+# does not.
+PARSE_ONLY = """
+import argparse, runpy, sys
+module, sys.argv = sys.argv[1], [sys.argv[1], *sys.argv[2:]]
+parse_args, parse_known_args = argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args
+depth = [0]
+def stop():
+    sys.stderr.write("\\nparsed\\n")
+    sys.exit(0)
+def known(self, args=None, namespace=None):
+    depth[0] += 1
+    try:
+        result = parse_known_args(self, args, namespace)
+    finally:
+        depth[0] -= 1
+    if depth[0] == 0:
+        stop()
+    return result
+def parse(self, args=None, namespace=None):
+    depth[0] += 1                   # parse_args's own parse_known_args is not the outermost
+    parse_args(self, args, namespace)
+    stop()
+argparse.ArgumentParser.parse_known_args, argparse.ArgumentParser.parse_args = known, parse
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+sys.stderr.write("\\nthe module ended without parsing its arguments\\n")
+sys.exit(3)
+"""
+
+
 def blocks(text: str) -> list[tuple[str, str, int]]:
     """(language, body, offset) of every ``` fenced block."""
     return [(m.group(1), m.group(2), m.start()) for m in re.finditer(r"^```(\w*)\n(.*?)^```", text, re.S | re.M)]
@@ -52,6 +85,17 @@ def commands(body: str) -> list[str]:
 
 def readme_commands() -> list[str]:
     return [c for _, body, _ in blocks(README.read_text()) for c in commands(body)]
+
+
+def inline_commands() -> list[str]:
+    """The README's inline `python -m MODULE ARGS` spans, whitespace normalised (a bare
+    `python -m MODULE` names the module, it is no command: its `--help` is checked)."""
+    spans = [" ".join(m.split()) for m in re.findall(r"`(python -m [^`]+)`", README.read_text())]
+    return [s for s in spans if len(s.split()) > 3]
+
+
+def inline_modules() -> list[str]:
+    return [m.split()[2] for m in re.findall(r"`(python -m [^`]+)`", README.read_text())]
 
 
 def stage_block() -> list[str]:
@@ -106,7 +150,7 @@ def test_readme_stage_examples_are_the_commands_dvc_runs():
 
 
 def test_every_readme_module_answers_help_fast():
-    modules = sorted({shlex.split(c)[2] for c in readme_commands()})
+    modules = sorted({shlex.split(c)[2] for c in readme_commands()} | set(inline_modules()) - {"pytest"})
     assert {"pipeline.browse", "eval.oknn", "eval.report"} <= set(modules), modules
     env = dict(os.environ, PYTHONPATH=str(REPO))
     procs = {m: subprocess.Popen([sys.executable, "-c", TIMED_HELP, m], cwd=REPO, env=env, text=True,
@@ -124,6 +168,23 @@ def test_every_readme_module_answers_help_fast():
         elif m.startswith("pipeline.") and "torch True" in err:
             failures.append(f"{m}: --help imports torch (a pipeline stage imports it inside main(), if at all)")
     assert not failures, failures
+
+
+def test_every_readme_command_parses_with_its_module_parser():
+    cmds = sorted({c for c in readme_commands() + inline_commands() if shlex.split(c)[2] != "pytest"})
+    assert any("pipeline.readers rebase" in c for c in cmds) and any("--ray-address" in c for c in cmds), cmds
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    failures = []
+    for chunk in range(0, len(cmds), 4):                       # 4 interpreters at a time
+        procs = {c: subprocess.Popen([sys.executable, "-c", PARSE_ONLY, *shlex.split(c, comments=True)[2:]],
+                                     cwd=REPO, env=env,
+                                     text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for c in cmds[chunk:chunk + 4]}
+        for c, p in procs.items():
+            _, err = p.communicate(timeout=180)
+            if p.returncode != 0 or not err.rstrip().endswith("parsed"):
+                failures.append(f"{c}\n    exit {p.returncode}: {err.strip()[-400:]}")
+    assert not failures, "README commands its module's parser refuses:\n" + "\n".join(failures)
 
 
 def _committed(*paths: str) -> None:

@@ -10,8 +10,9 @@ steps' health records, the settings and the run's stamp. It loads with
 
 The stamp says what a checkpoint was trained from: a hash of the stamped settings (`pretrain`
 with `loader`, `methods.<name>`, the method and world size; not the UNSTAMPED ones, which do not
-change what is trained), the content hash of the shards' index.json and the code version (the
-sources of `train.pretrain`'s import closure, `pipeline.closure`). RUN_DIR/stamp.json shows it
+change what is trained), the content hash of the shards' index.json and the code version
+(`pipeline.closure.code_version` of `train.pretrain`: its import closure's syntax trees, so an edit
+to a comment or docstring is no change). RUN_DIR/stamp.json shows it
 beside the checkpoint; it is written when the stamp it holds differs (once per run, not at every
 checkpoint). `plan_resume` compares a checkpoint's stamp with the run's, `agree_on_resume` makes
 every rank take the same decision.
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from pipeline import shardset, storage
-from pipeline.closure import REPO, closure
+from pipeline.closure import code_version
 from pipeline.files import atomic_path, write_text
 from pipeline.params import as_dict
 from train import dist
@@ -153,27 +154,13 @@ def run_settings(method_name: str, cfg: dict, mcfg: dict, world: int) -> dict:
     return flat
 
 
-def code_files(start: str = "train.pretrain") -> list[str]:
-    """The project modules `start` runs (its import closure, `pipeline.closure`), as paths relative
-    to the repository, sorted."""
-    return sorted(str(f.relative_to(REPO)) for f in closure(start))
-
-
-def code_version() -> str:
-    """sha256 over the sources of `code_files()`: the code version part of the stamp."""
-    h = hashlib.sha256()
-    for rel in code_files():
-        h.update(rel.encode() + b"\0" + (REPO / rel).read_bytes() + b"\0")
-    return h.hexdigest()
-
-
 def make_stamp(shards: str | Path, method_name: str, cfg, mcfg, world: int) -> dict:
     """What a checkpoint was trained from: the stamped settings (and their hash), the content hash
     of the shards' index.json and the code version."""
     settings = run_settings(method_name, as_dict(cfg), as_dict(mcfg), world)
     return {"params": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
             "shards": storage.sha256(storage.join(shards, shardset.INDEX_NAME)),
-            "code": code_version(), "settings": settings}
+            "code": code_version("train.pretrain"), "settings": settings}
 
 
 def stamp_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:

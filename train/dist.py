@@ -48,11 +48,13 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def init_device(name: str = "auto") -> torch.device:
-    """This process's device (`resolve_device`; on CUDA the GPU of LOCAL_RANK, made current),
-    after joining torchrun's process group when launched by it (`init_from_env`)."""
+    """This process's device (`resolve_device`), after which it joins torchrun's process group when
+    launched by it (`init_from_env`). On CUDA the device gets an index and is made current: the GPU
+    of LOCAL_RANK under torchrun or when none is named ("cuda"), else the one named ("cuda:1")."""
     device = resolve_device(name)
-    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        device = torch.device("cuda", local_rank())
+    if device.type == "cuda":
+        if device.index is None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
     init_from_env(device)
     return device

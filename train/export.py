@@ -30,20 +30,14 @@ import torch
 from pipeline import cli
 from pipeline.files import atomic_path, write_text
 
-C4_NAMES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
-
 log = logging.getLogger(__name__)
 
 
 def backbone_from_checkpoint(state: dict) -> dict[str, torch.Tensor]:
     """torchvision ResNet keys from a pre-training checkpoint's student (student.c4.*, student.res5.*)."""
-    out = {}
-    for k, v in state["model"].items():
-        if k.startswith("student.c4."):
-            idx, rest = k[len("student.c4."):].split(".", 1)
-            out[f"{C4_NAMES[int(idx)]}.{rest}"] = v
-        elif k.startswith("student.res5."):
-            out["layer4." + k[len("student.res5."):]] = v
+    from train.resnet import torchvision_backbone
+
+    out = torchvision_backbone(state["model"], prefix="student.")
     if not out:
         raise ValueError("the checkpoint holds no student backbone (keys student.c4.* / student.res5.*)")
     return out
@@ -66,11 +60,11 @@ def detectron2_names(backbone: dict[str, torch.Tensor]) -> dict[str, "object"]:
 
 
 def random_backbone(arch: str, seed: int) -> dict[str, torch.Tensor]:
-    """A seeded, randomly initialised torchvision ResNet state_dict (without fc)."""
-    from train.model import make_resnet
+    """A seeded, randomly initialised torchvision ResNet state_dict (without fc): `train.resnet.seeded_resnet`,
+    the network `eval.backbone.build_resnet(arch, "random", seed)` evaluates."""
+    from train.resnet import seeded_resnet
 
-    torch.manual_seed(seed)
-    return {k: v for k, v in make_resnet(arch).state_dict().items() if not k.startswith("fc.")}
+    return {k: v for k, v in seeded_resnet(arch, seed).state_dict().items() if not k.startswith("fc.")}
 
 
 def export(checkpoint: Path | None, out: Path, arch: str | None = None, seed: int = 0) -> dict:

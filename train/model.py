@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from train.resnet import C4_TRUNK, STRIDES, c4_trunk, make_resnet, out_channels, region_features
+from train.resnet import STRIDES, c4_trunk, make_resnet, out_channels, region_features, torchvision_backbone
 
 # ------------------------------------------------------------------------------ split batch norm
 
@@ -199,14 +199,8 @@ class RegionEncoder(nn.Module):
             return self.projector(h)
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
-        """The backbone as a torchvision ResNet state_dict (every key but `fc.*`)."""
-        out = {}
-        for name, module in zip(C4_TRUNK, self.c4):
-            for k, v in module.state_dict().items():
-                out[f"{name}.{k}"] = v.detach().clone()
-        for k, v in self.res5.state_dict().items():
-            out[f"layer4.{k}"] = v.detach().clone()
-        return out
+        """The backbone as a torchvision ResNet state_dict (every key but `fc.*`), copies."""
+        return {k: v.detach().clone() for k, v in torchvision_backbone(self.state_dict()).items()}
 
 
 def momentum_copy(module: nn.Module) -> nn.Module:

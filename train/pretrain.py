@@ -74,12 +74,12 @@ from pipeline import cli, storage
 from pipeline.shardset import ShardDataError
 from pipeline.files import write_text
 from pipeline.params import ParamsError, from_dict, override
+from pipeline import shardset
 from train import dist
 from train.checkpoint import ResumeError, make_stamp
 from train.methods import DEFAULTS, METHODS, MethodConfig
-from train.runlog import health  # noqa: F401 (the end-of-run check, importable from the stage)
-from train.stream import LoaderConfig, read_index
-from train.trainer import Schedule, Trainer, set_up_device, use_sync_batchnorm  # noqa: F401
+from train.stream import LoaderConfig
+from train.trainer import Schedule, Trainer, use_deterministic_algorithms
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +165,10 @@ def train(shards: str | Path, out: Path, method_name: str, cfg: PretrainConfig, 
     `resume`: "auto" (continue a checkpoint of the same stamp, else start clean), "require" or True
     (continue or raise ResumeError), "never" or False (start clean)."""
     mode = resume_mode(resume)
-    dev = set_up_device(device, cfg.deterministic)
-    shard_paths, total_samples = read_index(shards)
+    dev = dist.init_device(device or "auto")
+    if cfg.deterministic:
+        use_deterministic_algorithms()
+    shard_paths, total_samples = shardset.shards(shards)
     run = Trainer(out, method_name, cfg, mcfg, dev, Schedule.of(cfg, total_samples, dist.world_size()))
     run.resume(mode, make_stamp(shards, method_name, cfg, mcfg, run.world))
     run.fit(shard_paths, total_samples, progress)

@@ -73,7 +73,8 @@ def preview(shards: Path, out: Path, loader: LoaderConfig, augment: AugmentConfi
     )
     from train.backgrounds import backgrounds
     from train.methods import prepare
-    from train.stream import LoaderConfig, make_stream, read_index
+    from pipeline.shardset import shards as read_index
+    from train.stream import LoaderConfig, make_stream
 
     found, total = read_index(shards)
     cfg = LoaderConfig(**{**loader.__dict__, "batch_size": samples, "workers": 0, "resampled": False})

@@ -52,6 +52,27 @@ def make_resnet(arch: str) -> torchvision.models.ResNet:
     return ARCHS[arch](weights=None)
 
 
+def torchvision_backbone(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """The `train.model.RegionEncoder` backbone in `state` (keys `{prefix}c4.I.*`, `{prefix}res5.*`; other keys
+    are left out) under torchvision ResNet names (`C4_TRUNK[I].*`, `layer4.*`), in `state`'s order."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith(prefix + "c4."):
+            idx, rest = k[len(prefix + "c4."):].split(".", 1)
+            out[f"{C4_TRUNK[int(idx)]}.{rest}"] = v
+        elif k.startswith(prefix + "res5."):
+            out["layer4." + k[len(prefix + "res5."):]] = v
+    return out
+
+
+def seeded_resnet(arch: str, seed: int) -> nn.Module:
+    """`make_resnet(arch)` initialised from torch's generator seeded with `seed`; the global
+    generator is left as it was. The `random` backbone of the exports and of the evaluations."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make_resnet(arch)
+
+
 def stem(net: torchvision.models.ResNet) -> nn.Sequential:
     """conv1, bn1, relu, maxpool of `net` (the modules themselves, not copies): image -> stride 4."""
     return nn.Sequential(*(getattr(net, name) for name in STEM))

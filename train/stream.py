@@ -1,6 +1,6 @@
 """The streaming input pipeline: WebDataset shards + proposal tables -> batches of views.
 
-    shards, total = read_index("data/shards")          # or "s3://bucket/shards"
+    shards, total = shardset.shards("data/shards")     # pipeline.shardset; or "s3://bucket/shards"
     loader = make_loader(shards, LoaderConfig(), seed=0, epoch=e, total_samples=total)
 
 The shard set's layout (tar members, sidecar names, `index.json`) is `pipeline.shardset`'s; shards
@@ -59,7 +59,6 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,7 +67,7 @@ import webdataset as wds
 from pipeline import images as image_io
 from pipeline import shardset, storage
 from pipeline.params import ParamsError
-from pipeline.shardset import REBUILD, ShardDataError  # noqa: F401 - the stream's errors
+from pipeline.shardset import REBUILD, ShardDataError
 from train import loader_workers
 from train.views import ViewConfig, make_views
 
@@ -385,10 +384,3 @@ def make_loader(shards: list[str], cfg: LoaderConfig, *, seed: int, epoch: int =
         generator=torch.Generator().manual_seed(_seed(seed, epoch, 5)),
         multiprocessing_context=loader_workers.context(cfg.start_method) if cfg.workers else None,
     )
-
-
-def read_index(folder: str | Path) -> tuple[list[str], int]:
-    """(shard locations, total samples) of a shard set (a folder or URL prefix) from its
-    index.json; a missing or unreadable index, or a listed shard or sidecar that is not there, is
-    a ShardDataError naming it."""
-    return shardset.shards(folder)

@@ -14,6 +14,7 @@ import shutil
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,10 +25,13 @@ from train.checkpoint import (
     weights_checksum,
 )
 from train.export import write_export
-from train.methods import build, prepare
+from train.methods import MethodConfig, build, prepare
 from train.optim import learning_rate, make_optimizer
 from train.runlog import HEALTH_WINDOW, StepLog, health
 from train.stream import batches_per_worker, make_loader
+
+if TYPE_CHECKING:                       # train.pretrain imports this module
+    from train.pretrain import PretrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +56,11 @@ class Schedule:
                    int(round(cfg.warmup_epochs * steps_per_epoch)))
 
 
-def set_up_device(device: str | None, deterministic: bool) -> torch.device:
-    """This rank's device (cuda:LOCAL_RANK on CUDA), the process group, deterministic algorithms."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda":
-        torch.cuda.set_device(dist.local_rank())
-        dev = torch.device("cuda", dist.local_rank())
-    dist.init_from_env(dev)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    return dev
+def use_deterministic_algorithms() -> None:
+    """torch's deterministic algorithms (`pretrain.deterministic`), with the cuBLAS workspace
+    setting they need on CUDA."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
 
 
 def use_sync_batchnorm(method: torch.nn.Module) -> torch.nn.Module:

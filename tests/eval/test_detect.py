@@ -12,9 +12,12 @@ import torch
 from PIL import Image
 
 from eval.backbone import build_resnet
-from eval.detect import (
-    CocoDetection, DetectConfig, Schedule, build_detector, evaluate, lr_factor, main, preset, schedule_of, train,
-)
+from eval.detect import main
+from eval.detection.coco_eval import evaluate
+from eval.detection.data import CocoDetection
+from eval.detection.engine import train
+from eval.detection.model import build_detector
+from eval.detection.schedule import DetectConfig, Schedule, lr_factor, preset, schedule_of
 
 CLASSES = {1: "square", 2: "disc"}
 

@@ -14,10 +14,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from eval.backbone import region_feature, to_input
-from eval.oknn import (
-    OknnConfig, RegionImages, Split, box_mask, disturb, eligible, fed_shapes, knn_classify, knn_search, knn_vote,
-    main, object_cells, pick_donors, read_split, run_oknn, select_bank, shape_batches, topk_accuracy,
-)
+from eval.knn import knn_classify, knn_search, knn_vote, topk_accuracy
+from eval.oknn import OknnConfig, RegionImages, Split, fed_shapes, main, object_cells, read_split, run_oknn, shape_batches
+from eval.oknn_objects import box_mask, disturb, eligible, pick_donors, select_bank
 from pipeline.params import load_section
 from tests.eval.nets import TinyStages
 

@@ -129,6 +129,23 @@ def test_detection_is_read_for_detect_models_only(tmp_path):
         make_report(reports, list(MODELS), [0, 1], tmp_path / "results", None, detect_models=["d3ssl"])
 
 
+
+def test_the_metrics_file_holds_the_headline_means_per_model(tmp_path):
+    """`dvc metrics show` prints results_metrics.json: one mean per model and headline metric (O-KNN
+    10 and 11 over the seeds: 10.5), detection only where it ran, not the spreads and seeds."""
+    reports = tmp_path / "models"
+    for m in MODELS:
+        for s in (0, 1):
+            _write(reports, m, s)
+    make_report(reports, list(MODELS), [0, 1], tmp_path / "results", None, detect_models=["d3ssl"])
+    got = json.loads((tmp_path / "results_metrics.json").read_text())
+    assert set(got) == set(MODELS)
+    assert got["d3ssl"] == {"oknn_top1": 10.5, "oknn_top5": 40.0, "oknn_disturbed_top1": 8.0,
+                            "cr_C5": round(1.0 + 0.01 * LAYERS.index("C5"), 3),
+                            "mcs_C5": round(1.0 - 0.01 * LAYERS.index("C5"), 3), "det_AP": 1.0}
+    assert "det_AP" not in got["random"] and got["random"]["oknn_top1"] == 10.5
+
+
 METHODS = ("d3ssl", "d3ssl_dc", "soco", "mocov2")
 
 

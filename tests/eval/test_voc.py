@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval.detect import CocoDetection
+from eval.detection.data import CocoDetection
 from eval.voc import VOC_CLASSES, main, read_voc_xml, voc_to_coco
 
 XML_000005 = """<annotation>

@@ -27,3 +27,44 @@ def test_the_pretraining_closure_holds_what_it_imports_and_nothing_else():
     files = {str(p.relative_to(REPO)) for p in closure("train.pretrain")}
     assert {"train/pretrain.py", "train/checkpoint.py", "train/methods.py", "pipeline/params.py"} <= files
     assert not any(f.startswith(("eval/", "benchmarks/", "tests/")) for f in files)
+
+
+def test_code_version_ignores_comments_docstrings_and_layout_but_no_code_edit(tmp_path):
+    """The stamps of the resumable stages hold `code_version`: a docstring or comment edit must
+    keep it (the stage reuses its outputs), any edit of code in the closure must change it."""
+    from pipeline.closure import code_version
+
+    pkg = tmp_path / "pipeline"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    top = pkg / "top.py"
+    top.write_text('"""Top."""\nfrom pipeline import sub\n\ndef f(x):\n    """Double."""\n    return 2 * x\n')
+    sub = pkg / "sub.py"
+    sub.write_text("class C:\n    'C.'\n    K = 'a string that is no docstring'\n")
+    try:
+        base = code_version("pipeline.top", tmp_path)
+        same = [
+            (top, '"""Top, reworded."""\nfrom pipeline import sub  # a comment\n\n\n'
+                  'def f(x):\n    """Twice x."""\n\n    return 2 * x\n'),
+            (sub, "class C:\n    '''C, a class.'''\n    K = 'a string that is no docstring'\n"),
+        ]
+        for path, text in same:
+            old = path.read_text()
+            path.write_text(text)
+            assert code_version("pipeline.top", tmp_path) == base, text
+            path.write_text(old)
+        changed = [
+            (top, '"""Top."""\nfrom pipeline import sub\n\ndef f(x):\n    """Double."""\n    return 3 * x\n'),
+            (sub, "class C:\n    'C.'\n    K = 'another string'\n"),     # a constant, not a docstring
+            (sub, "class C:\n    K = 'a string that is no docstring'\n    'C.'\n"),   # no longer first
+        ]
+        for path, text in changed:
+            old = path.read_text()
+            path.write_text(text)
+            imported_names.cache_clear()
+            assert code_version("pipeline.top", tmp_path) != base, text
+            path.write_text(old)
+        (tmp_path / "pipeline" / "unused.py").write_text("X = 1\n")     # outside the closure: no change
+        assert code_version("pipeline.top", tmp_path) == base
+    finally:
+        imported_names.cache_clear()

@@ -136,3 +136,24 @@ def test_pixel_limit_is_pils_limit(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", W * H - 1)
     with pytest.raises(image_io.ImageFailure, match="too_large"):
         image_io.decode(data)
+
+
+def test_a_jpeg_is_stored_up_to_its_end_marker_never_what_follows(tmp_path: Path):
+    """Bytes after a JPEG's end-of-image marker (appended text, a phone's motion-photo video, the
+    other frames of an MPO) are no part of the image: the shard must not carry them, and the part
+    it keeps must be the whole image, whatever end markers hide inside segments or scans."""
+    rgb = gradient()
+    plain, progressive = jpeg(rgb), jpeg(rgb, progressive=True)
+    inner = jpeg(gradient(8, 8))                       # a thumbnail with its own FF D9, inside a segment
+    with_segment = plain[:2] + b"\xff\xfe" + (len(inner) + 2).to_bytes(2, "big") + inner + plain[2:]
+    mpo = io.BytesIO()
+    Image.fromarray(rgb).save(mpo, "MPO", save_all=True, append_images=[Image.fromarray(rgb[::-1].copy())])
+    mpo = mpo.getvalue()
+    secret = b"AWS_SECRET_ACCESS_KEY=abc\n" + b"\xff\xd9" + b"\x00" * 64   # an end marker in the tail too
+    for name, image, tail in [("plain", plain, secret), ("progressive", progressive, secret),
+                              ("segment", with_segment, secret), ("plain_no_tail", plain, b"")]:
+        stored, reencoded = shard_bytes(image + tail, W, H, 95)
+        assert not reencoded and stored == image, name
+    stored, _ = shard_bytes(mpo, W, H, 95)
+    assert len(stored) < len(mpo) and b"MPF" in stored                 # the first frame, its header kept
+    np.testing.assert_array_equal(image_io.decode(stored, W, H)[0], image_io.decode(mpo, W, H)[0])

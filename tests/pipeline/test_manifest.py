@@ -75,6 +75,23 @@ def test_check_names_each_stale_manifest_and_write_makes_it_clean(tmp_path, capl
     assert not any("coco_train2017.tsv does not match" in r.getMessage() for r in caplog.records)
 
 
+def test_a_rewrite_keeps_each_manifests_mode_unless_told(tmp_path):
+    """The README's `python -m pipeline.manifest --params params.yaml` run on a checkout whose
+    manifests hash content (the embedded data) must not turn them into modification times: that
+    changes every stage's deps and reruns the whole graph."""
+    params = make_roots(tmp_path)
+    assert manifest.main(["--params", str(params), "--mode", "content"]) == 0
+    written = {p.name: p.read_text() for p in (tmp_path / "manifests").iterdir()}
+    (tmp_path / "manifests" / "coco_val2017.tsv").unlink()                 # a new one: stat
+    assert manifest.main(["--params", str(params)]) == 0
+    now = {p.name: p.read_text() for p in (tmp_path / "manifests").iterdir()}
+    assert {n: t for n, t in now.items() if n != "coco_val2017.tsv"} == {
+        n: t for n, t in written.items() if n != "coco_val2017.tsv"}
+    assert manifest.mode_of(tmp_path / "manifests" / "coco_val2017.tsv") == "stat"
+    assert manifest.main(["--params", str(params), "--mode", "stat"]) == 0
+    assert {manifest.mode_of(p) for p in (tmp_path / "manifests").iterdir()} == {"stat"}
+
+
 def test_a_missing_folder_or_a_foreign_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope: no such image folder"):
         manifest.render(tmp_path / "nope")

@@ -541,3 +541,75 @@ def test_parts_of_another_run_are_replaced_never_mixed_in(dataset, undisturbed, 
     (out / "notes.txt").unlink()
     assert folder_bytes(out) == folder_bytes(fresh)
     assert folder_bytes(out) != folder_bytes(src)
+
+
+def test_a_new_code_version_starts_clean(dataset, undisturbed, tmp_path, caplog, monkeypatch):
+    """DVC reruns the stage when its code changes, and keeps the folder (persist): parts of the old
+    code must not be reused, even with the same settings and images."""
+    from pipeline import proposals
+
+    images, _ = dataset
+    src, _ = undisturbed
+    out = tmp_path / "reused"
+    shutil.copytree(src, out)
+    monkeypatch.setattr(proposals, "code_version", lambda module: "another version")
+    with caplog.at_level(logging.WARNING, logger="pipeline.proposals"):
+        run_stage(images, out, STAGE_CFG)
+    assert "of a different run" in caplog.text and "starting clean" in caplog.text
+    parts = sorted(out.glob("part-*.json"))
+    assert parts and all(json.loads(p.read_text())["fingerprint"] != json.loads((src / p.name).read_text())["fingerprint"]
+                         for p in parts)
+
+
+
+def test_a_part_whose_image_bytes_changed_is_proposed_again(ray_cluster, tmp_path, caplog):
+    """The fingerprint covers keys, paths and sizes; an image fixed or replaced in place (same key,
+    path and size: DVC reruns the stage through the manifest) must not keep the proposals of its
+    old bytes or its old failure. Only its part is redone, and the output equals a fresh run."""
+    paths = [tmp_path / f"s{i}.jpg" for i in range(8)]
+    for i, p in enumerate(paths):
+        p.write_bytes(jpeg_bytes(scene(300 + i, 160, 120)))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(jpeg_bytes(scene(399, 160, 120))[:200])          # truncated: a failure
+    keys = [f"k{i}" for i in range(8)] + ["kb"]
+    locs = [str(p) for p in paths] + [str(broken)]
+    table = pa.table({"key": keys, "source": ["test"] * 9, "image_id": keys, "path": locs,
+                      "width": pa.array([160] * 9, pa.int32()), "height": pa.array([120] * 9, pa.int32())})
+    images = tmp_path / "images.parquet"
+    C.write_table(table, images, C.IMAGES)
+    cfg = dataclasses.replace(STAGE_CFG, images_per_part=3)         # parts: k0-k2, k3-k5, k6-k8
+    out = tmp_path / "out"
+    first = run_stage(images, out, cfg)
+    assert first["failures"] == {"truncated": 1}
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*")}
+
+    paths[4].write_bytes(jpeg_bytes(scene(500, 160, 120)))             # replaced in place, same size
+    broken.write_bytes(jpeg_bytes(scene(399, 160, 120)))               # fixed in place
+    with caplog.at_level(logging.INFO, logger="pipeline.proposals"):
+        second = run_stage(images, out, cfg)
+    assert "2 finished part(s) hold images whose bytes changed" in caplog.text
+    assert second["failures"] == {} and second["images_with_boxes"] == 9
+    now = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*")}
+    assert [n for n in sorted(now) if now[n] != mtimes[n]] == [
+        "part-00001.json", "part-00001.parquet", "part-00002.json", "part-00002.parquet"]
+    fresh = tmp_path / "fresh"
+    run_stage(images, fresh, cfg)
+    assert folder_bytes(out) == folder_bytes(fresh)
+
+
+def test_opencv_without_selective_search_stops_the_stage_and_each_node_check(dataset, tmp_path, monkeypatch):
+    """fiftyone's opencv-python-headless owns the same cv2 without `ximgproc`: on the driver, or on
+    any Ray node (`raycluster.check_nodes` runs the stage's `check_node` there), that is one clear
+    error naming the fix before any task, not a traceback per image."""
+    from pipeline import raycluster
+
+    images, _ = dataset
+    monkeypatch.delattr(cv2, "ximgproc")
+    fix = r"no cv2\.ximgproc.*pip install --no-deps --force-reinstall opencv-contrib-python-headless=="
+    with pytest.raises(RuntimeError, match=fix):
+        run_stage(images, tmp_path / "out", STAGE_CFG)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(RuntimeError, match=fix):
+        raycluster._import_here("pipeline.proposals")
+    monkeypatch.undo()
+    raycluster._import_here("pipeline.proposals")                       # the contrib build passes

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -264,3 +265,29 @@ def test_openimages_unquoted_comma_names_the_line(tmp_path: Path):
     csv.write_text(HEADER + "\n" + OI_ROWS[0] + "\n" + OI_ROWS[7] + "\n" + extra + "\n")
     with pytest.raises(ReaderError, match=r"oidv6-train-annotations-bbox\.csv: line 4 has 14 fields"):
         read_openimages_boxes(csv, OI_CLASSES)
+
+
+def test_rebase_moves_every_path_under_the_prefix_and_names_a_row_outside_it(tmp_path, caplog):
+    """`readers rebase`: the README's way to point an images table at the copy of its images in a
+    bucket. Every path under --prefix moves under --to, nothing else changes; a row outside the
+    prefix or a first location that does not exist is an error naming it."""
+    from pipeline import readers
+
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "a.jpg").write_bytes(b"x")
+    table = pa.table({"key": ["k_a", "k_b"], "source": ["t", "t"], "image_id": ["a", "b"],
+                      "path": ["/data/train/a.jpg", "/data/train/sub/b.jpg"],
+                      "width": pa.array([4, 5], pa.int32()), "height": pa.array([6, 7], pa.int32())})
+    src = C.write_table(table, tmp_path / "images.parquet", C.IMAGES)
+    out = tmp_path / "rebased.parquet"
+    assert readers.main(["rebase", "--images", str(src), "--prefix", "/data/train/", "--to",
+                         str(tmp_path / "copy"), "--out", str(out)]) == 0
+    got = C.read_table(out, C.IMAGES)
+    assert got.column("path").to_pylist() == [f"{tmp_path}/copy/a.jpg", f"{tmp_path}/copy/sub/b.jpg"]
+    assert got.drop(["path"]).equals(table.drop(["path"]))
+    with pytest.raises(readers.ReaderError, match=r"row 0 \(key k_a\): its path /data/train/a.jpg is not under --prefix /data/train/sub"):
+        readers.rebase(table, "/data/train/sub", "s3://b/x")
+    assert readers.main(["rebase", "--images", str(src), "--prefix", "/data/train", "--to", str(tmp_path / "missing"),
+                         "--out", str(tmp_path / "no.parquet")]) == 1
+    assert "missing/a.jpg (row 0 after rebasing) does not exist" in caplog.text
+    assert not (tmp_path / "no.parquet").exists()

@@ -9,12 +9,11 @@ import os
 import socket
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 import torch
 
 from pipeline import contracts as C
-from pipeline import proposals, raycluster, shards, shardset, storage
+from pipeline import proposals, raycluster, readers, shards, shardset, storage
 from tests.pipeline.test_shards import make_inputs
 
 BUCKET = "d3ssl-test"
@@ -62,25 +61,21 @@ def s3(monkeypatch, tmp_path):
 
 def _upload_inputs(root: Path) -> tuple[Path, str]:
     """Local inputs (JPEGs, a PNG with alpha, a missing file) and the same in the bucket: the
-    images under s3://BUCKET/img/, an images table whose paths are those URLs."""
+    images under s3://BUCKET/img/, an images table whose paths are those URLs (`readers rebase`)."""
     images, _, _ = make_inputs(root, n=7)
-    table = C.read_table(images, C.IMAGES)
-    urls = []
-    for p in table.column("path").to_pylist():
-        url = f"s3://{BUCKET}/img/{Path(p).name}"
-        if Path(p).is_file():
-            storage.write_bytes(url, Path(p).read_bytes())
-        urls.append(url)
-    remote = table.set_column(table.schema.get_field_index("path"), "path", pa.array(urls, pa.string()))
-    storage.write_table(remote, f"s3://{BUCKET}/images.parquet", C.IMAGES)
+    for p in (root / "img").iterdir():
+        storage.write_bytes(f"s3://{BUCKET}/img/{p.name}", p.read_bytes())
+    # the README's way to point a table at the bucket's copy of its images
+    assert readers.main(["rebase", "--images", str(images), "--prefix", str(root / "img"), "--to",
+                         f"s3://{BUCKET}/img", "--out", f"s3://{BUCKET}/images.parquet"]) == 0
     return images, f"s3://{BUCKET}/images.parquet"
 
 
 def _epoch(folder: str) -> list[dict]:
-    from train.stream import LoaderConfig, make_stream, read_index
+    from train.stream import LoaderConfig, make_stream
     from train.views import ViewConfig
 
-    found, total = read_index(folder)
+    found, total = shardset.shards(folder)
     cfg = LoaderConfig(batch_size=2, workers=0, shuffle_buffer=4, resampled=False,
                        views=ViewConfig(size=64, small_size=32))
     return list(make_stream(found, cfg, seed=0))

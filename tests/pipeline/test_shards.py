@@ -16,12 +16,14 @@ from PIL import Image
 
 from pipeline import contracts as C
 from pipeline.shards import ShardsConfig, plan_shards, run, split_proposals
+from pipeline import shards as shards_module
 from pipeline import shardset
 from pipeline.shardset import proposals_name
 
 
 def make_inputs(root: Path, n: int = 23) -> tuple[Path, Path, dict[str, bytes]]:
-    """n JPEGs, one PNG with alpha, one missing file; an images table and proposals for most keys."""
+    """n JPEGs, one PNG with alpha, one missing file; an images table and 1-4 proposals per key but
+    key 1 (a JPEG the proposals output does not hold: left out as `proposals_missing`)."""
     rng = np.random.default_rng(0)
     rows, props, sources = [], [], {}
     for i in range(n + 2):
@@ -38,7 +40,7 @@ def make_inputs(root: Path, n: int = 23) -> tuple[Path, Path, dict[str, bytes]]:
             sources[key] = path.read_bytes()
         rows.append({"key": key, "source": "openimages_train", "image_id": f"{i:016x}", "path": str(path),
                      "width": w, "height": h})
-        for r in range(i % 4):  # keys with i % 4 == 0 have no proposals
+        for r in range(0 if i == 1 else 1 + i % 4):
             props.append({"key": key, "x1": float(r), "y1": 1.0, "x2": float(r + 20), "y2": 30.0, "rank": r})
     images = C.write_table(pa.Table.from_pylist(rows), root / "images.parquet", C.IMAGES)
     (root / "props").mkdir()
@@ -86,14 +88,19 @@ def test_round_trip_bytes_proposals_and_checksums(built):
         table = C.read_table(prop_path, C.PROPOSALS).to_pylist()
         expected = sorted((p for p in props if p["key"] in keys), key=lambda p: (keys.index(p["key"]), p["rank"]))
         assert table == expected                      # exactly that shard's keys, in tar order then rank
+    not_proposed = "openimages_train_" + f"{1:016x}"
     for k, data in sources.items():
-        assert seen[k] == data                        # JPEGs: the original bytes
+        if k != not_proposed:
+            assert seen[k] == data                    # JPEGs: the original bytes
     png_key = "openimages_train_" + f"{23:016x}"
     assert seen[png_key][:3] == b"\xff\xd8\xff"        # the PNG became a JPEG
     assert Image.open(io.BytesIO(seen[png_key])).mode == "RGB"
-    assert index["total_samples"] == 24 and len(index["failures"]) == 1
-    assert index["failures"][0]["key"].endswith(f"{24:016x}") and index["failures"][0]["reason"] == "missing_file"
-    assert index["failure_reasons"] == {"missing_file": 1}
+    assert index["total_samples"] == 23 and not_proposed not in seen
+    failures = {f["key"]: f for f in index["failures"]}
+    assert failures[not_proposed]["reason"] == "proposals_missing" and "rerun the proposals stage" in \
+        failures[not_proposed]["detail"]
+    assert failures["openimages_train_" + f"{24:016x}"]["reason"] == "missing_file"
+    assert index["failure_reasons"] == {"missing_file": 1, "proposals_missing": 1}
     assert json.loads((out / "index.json").read_text()) == index
 
 
@@ -104,12 +111,12 @@ def test_reads_back_with_webdataset_and_ray_data(built):
     root, index, _ = built
     urls = [str(root / "out" / s["name"]) for s in index["shards"]]
     keys = [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
-    assert len(keys) == 24 == len(set(keys))
+    assert len(keys) == 23 == len(set(keys))
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         ds = ray.data.read_webdataset(urls)
         rows = ds.take_all()
-        assert len(rows) == 24 and all("jpg" in r and "json" in r for r in rows)
+        assert len(rows) == 23 and all("jpg" in r and "json" in r for r in rows)
     finally:
         ray.shutdown()
 
@@ -137,6 +144,12 @@ def test_rerun_writes_only_missing_shards_and_a_new_plan_starts_over(tmp_path: P
     # nothing to do: no Ray cluster is started, the index is the same
     third = run(images, props, out, cfg, num_workers=2, progress=False)
     assert third == first
+    # another code version of the stage (DVC reruns it after a code edit): every shard is rebuilt
+    before = {n: (out / n).stat().st_mtime_ns for n in names}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(shards_module, "code_version", lambda module: "another version")
+        fourth = run(images, props, out, cfg, num_workers=2, progress=False)
+    assert fourth == first and all((out / n).stat().st_mtime_ns != before[n] for n in names)
     # another plan: the old shards go
     run(images, props, out, ShardsConfig(samples_per_shard=6, seed=0), num_workers=2, progress=False)
     assert sorted(p.name for p in out.glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar"]
@@ -255,10 +268,10 @@ def test_battery_packs_only_what_decodes_and_lists_the_rest(tmp_path: Path):
     assert json.loads((out / "index.json").read_text()) == first
 
     # One training epoch over these shards: every packed image trains, none is skipped.
-    from train.stream import LoaderConfig, make_stream, read_index
+    from train.stream import LoaderConfig, make_stream
     from train.views import ViewConfig
 
-    urls, total = read_index(out)
+    urls, total = shardset.shards(out)
     loader = LoaderConfig(batch_size=1, workers=0, shuffle_buffer=2, resampled=False,
                           views=ViewConfig(size=64, small_size=32))
     batches = list(make_stream(urls, loader, seed=0))
@@ -338,7 +351,7 @@ def test_the_shard_set_reads_back_and_its_validator_catches_what_breaks_it(built
     shutil.copytree(root / "out", out)
     assert shardset.validate(out, checksums=True) == index
     found, total = shardset.shards(out)
-    assert found == [str(out / s["name"]) for s in index["shards"] if s["samples"]] and total == 24
+    assert found == [str(out / s["name"]) for s in index["shards"] if s["samples"]] and total == 23
     assert shardset.sidecars(out) == [str(out / proposals_name(s["name"])) for s in index["shards"]]
     with open(found[0], "rb") as f:
         first = list(shardset.samples(f))
@@ -399,8 +412,9 @@ def slow_inputs(root: Path, n: int = 6) -> tuple[Path, Path]:
         rows.append({"key": f"k{i}", "source": "t", "image_id": str(i), "path": str(path), "width": 1200, "height": 900})
     images = C.write_table(pa.Table.from_pylist(rows), root / "images.parquet", C.IMAGES)
     (root / "props").mkdir()
-    C.write_table(pa.Table.from_pylist([{"key": "k0", "x1": 0.0, "y1": 0.0, "x2": 9.0, "y2": 9.0, "rank": 0}],
-                                       schema=C.PROPOSALS_SCHEMA), root / "props" / "part-00000.parquet", C.PROPOSALS)
+    C.write_table(pa.Table.from_pylist([{"key": f"k{i}", "x1": 0.0, "y1": 0.0, "x2": 9.0, "y2": 9.0, "rank": 0}
+                                        for i in range(n)], schema=C.PROPOSALS_SCHEMA),
+                  root / "props" / "part-00000.parquet", C.PROPOSALS)
     return images, root / "props"
 
 

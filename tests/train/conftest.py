@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipeline.shards import SHARD_PATTERN, write_shard
+from pipeline.shardset import SHARD_PATTERN
+from pipeline.shards import write_shard
 
 N_SHARDS, PER_SHARD = 6, 5
 

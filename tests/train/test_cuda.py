@@ -19,11 +19,12 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 import torchvision
 
+from pipeline import shardset
 from train import dist
 from train.methods import DEFAULTS, METHODS, build, prepare
 from train.model import RegionEncoder, SplitBatchNorm2d, bn_segments, chunk_sizes
 from train.shuffle_bn import shuffled_forward
-from train.stream import LoaderConfig, make_stream, read_index
+from train.stream import LoaderConfig, make_stream
 from train.trainer import use_sync_batchnorm
 from train.views import ViewConfig
 
@@ -53,7 +54,7 @@ def autocast(device: torch.device):
 
 
 def loader_batch(shards: Path, batch: int = BATCH) -> dict:
-    urls, total = read_index(shards)
+    urls, total = shardset.shards(shards)
     cfg = LoaderConfig(batch_size=batch, workers=0, views=ViewConfig(size=64, small_size=32, num_proposals=2))
     return next(iter(make_stream(urls, cfg, seed=0, total_samples=total)))
 

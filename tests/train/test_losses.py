@@ -74,7 +74,7 @@ def test_health_detectors_tell_chance_and_collapse():
     import math
 
     from train.losses import batch_top1, chance_loss, key_spread, queue_top1
-    from train.pretrain import health
+    from train.runlog import health
     g = torch.Generator().manual_seed(0)
     q = torch.randn(64, 16, generator=g)
     negatives = torch.randn(256, 16, generator=g)

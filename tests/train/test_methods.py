@@ -7,14 +7,15 @@ from dataclasses import replace
 import pytest
 import torch
 
+from pipeline import shardset
 from train.methods import DEFAULTS, METHODS, build, prepare
-from train.stream import LoaderConfig, make_stream, read_index
+from train.stream import LoaderConfig, make_stream
 from train.views import ViewConfig
 
 
 @pytest.fixture(scope="module")
 def fixed_batch(shards):
-    urls, total = read_index(shards)
+    urls, total = shardset.shards(shards)
     cfg = LoaderConfig(batch_size=4, workers=0, views=ViewConfig(size=64, small_size=32, num_proposals=2))
     return prepare(next(iter(make_stream(urls, cfg, seed=0, total_samples=total))), torch.device("cpu"))
 

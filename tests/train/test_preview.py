@@ -7,9 +7,10 @@ import pytest
 from PIL import Image
 
 from tests.train.test_pretrain import write_params
+from pipeline import shardset
 from train import preview as pv
 from train.methods import DEFAULTS
-from train.stream import LoaderConfig, make_stream, read_index
+from train.stream import LoaderConfig, make_stream
 from train.views import ViewConfig
 
 SIZE, SAMPLES, COLUMNS, PAD, HEAD = 64, 4, 8, 4, 18
@@ -26,7 +27,7 @@ def picture(shards, tmp_path_factory):
     loader = LoaderConfig(batch_size=8, workers=0, views=ViewConfig(size=SIZE, small_size=SIZE // 2, num_proposals=2))
     out = tmp_path_factory.mktemp("preview") / "sub" / "preview.png"
     assert pv.preview(shards, out, loader, DEFAULTS["d3ssl"].augment, samples=SAMPLES, seed=3) == out
-    urls, total = read_index(shards)
+    urls, total = shardset.shards(shards)
     cfg = LoaderConfig(**{**loader.__dict__, "batch_size": SAMPLES, "resampled": False})
     batch = next(iter(make_stream(urls, cfg, seed=3, total_samples=total)))
     return np.asarray(Image.open(out).convert("RGB")).astype(int), batch

@@ -120,7 +120,7 @@ def test_a_stamp_mismatch_starts_clean_and_says_why(shards, cut_run, tmp_path, c
         cfg["base_lr"] = 0.1
         why = f"base_lr was {pretrain.load_config(params).base_lr}, is now 0.1"
     else:
-        monkeypatch.setattr(checkpoint, "code_version", lambda: "another version")
+        monkeypatch.setattr(checkpoint, "code_version", lambda module: "another version")
         why = "the code version (the sources train.pretrain imports) differs"
     with caplog.at_level(logging.INFO, logger="train"):
         summary = run(shards, run_dir, params, **cfg)

@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
+from pipeline import shardset
 from pipeline.shardset import SHARD_PATTERN
-from train.stream import LoaderConfig, batches_per_worker, make_loader, make_stream, read_index
+from train.stream import LoaderConfig, batches_per_worker, make_loader, make_stream
 from train.views import ViewConfig
 
 from tests.conftest import REPO
@@ -29,7 +30,7 @@ def run_epoch(urls, cfg, **kw) -> list[dict]:
 
 
 def test_two_ranks_two_workers_see_every_sample_once(shards, monkeypatch):
-    urls, total = read_index(shards)
+    urls, total = shardset.shards(shards)
     keys = []
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
@@ -40,7 +41,7 @@ def test_two_ranks_two_workers_see_every_sample_once(shards, monkeypatch):
 
 
 def test_resampled_epochs_have_equal_batch_counts_per_rank(shards, monkeypatch):
-    urls, total = read_index(shards)
+    urls, total = shardset.shards(shards)
     cfg = small(epoch_samples=40)
     counts = []
     for rank in (0, 1):
@@ -53,7 +54,7 @@ def test_resampled_epochs_have_equal_batch_counts_per_rank(shards, monkeypatch):
 
 
 def test_batches_hold_the_views_and_boxes(shards):
-    urls, total = read_index(shards)
+    urls, total = shardset.shards(shards)
     b = run_epoch(urls, small(), seed=0, total_samples=total)[0]
     assert b["x1"].shape == (4, 3, 64, 64) and b["x1"].dtype == torch.uint8
     assert b["x2s"].shape == (4, 3, 32, 32) and b["boxes2"].shape == (4, 4, 4) and b["valid"].shape == (4, 4)
@@ -67,7 +68,7 @@ def test_batches_hold_the_views_and_boxes(shards):
 
 
 def test_same_seed_rank_worker_same_batches(shards):
-    urls, total = read_index(shards)
+    urls, total = shardset.shards(shards)
     a = run_epoch(urls, small(), seed=5, total_samples=total)
     b = run_epoch(urls, small(), seed=5, total_samples=total)
     c = run_epoch(urls, small(), seed=6, total_samples=total)
@@ -80,7 +81,7 @@ def test_same_seed_rank_worker_same_batches(shards):
 
 @pytest.mark.parametrize("start", [1, 3, 4])
 def test_resuming_mid_epoch_continues_exactly(shards, start):
-    urls, total = read_index(shards)
+    urls, total = shardset.shards(shards)
     cfg = small(epoch_samples=48)
     full = run_epoch(urls, cfg, seed=2, total_samples=total)
     rest = run_epoch(urls, cfg, seed=2, total_samples=total, start_batch=start)
@@ -95,7 +96,7 @@ def test_a_corrupt_shard_is_reported_and_skipped(shards, tmp_path, caplog):
     bad = copy / SHARD_PATTERN.format(2)
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) // 2])                     # truncated mid-shard
-    urls, total = read_index(copy)
+    urls, total = shardset.shards(copy)
     with caplog.at_level(logging.WARNING, logger="train.stream"):
         batches = list(make_stream(urls, small(resampled=False, workers=0), seed=0))
     keys = [k for b in batches for k in b["key"]]
@@ -107,7 +108,7 @@ def test_a_corrupt_shard_is_reported_and_skipped(shards, tmp_path, caplog):
 
 
 def test_resuming_needs_the_resampled_mode(shards):
-    urls, _ = read_index(shards)
+    urls, _ = shardset.shards(shards)
     with pytest.raises(ValueError, match="resampled"):
         make_stream(urls, small(resampled=False), seed=0, start_batch=2)
 
@@ -125,7 +126,8 @@ def test_workers_start_in_a_process_that_has_used_opencv_and_ray(shards, tmp_pat
     script.write_text(
         "import sys\n"
         "import cv2, numpy as np, ray\n"
-        "from train.stream import LoaderConfig, make_loader, read_index\n"
+        "from pipeline import shardset\n"
+        "from train.stream import LoaderConfig, make_loader\n"
         "from train.views import ViewConfig\n"
         "if __name__ == '__main__':\n"      # forkserver and spawn import the main module again
         "    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()\n"
@@ -135,7 +137,7 @@ def test_workers_start_in_a_process_that_has_used_opencv_and_ray(shards, tmp_pat
         "    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
         "    ray.get(ray.remote(lambda: 1).remote())\n"
         "    ray.shutdown()\n"
-        "    urls, total = read_index(sys.argv[1])\n"
+        "    urls, total = shardset.shards(sys.argv[1])\n"
         "    cfg = LoaderConfig(batch_size=4, workers=2, shuffle_buffer=8, resampled=False,\n"
         "                       views=ViewConfig(size=64, small_size=32))\n"
         "    keys = [k for b in make_loader(urls, cfg, seed=0) for k in b['key']]\n"
@@ -163,10 +165,11 @@ def test_forkserver_workers_inherit_the_main_modules_imports(shards, tmp_path):
     (pkg / "probe_main.py").write_text(
         "import sys\n"
         "import heavy_marker\n"
-        "from train.stream import LoaderConfig, make_loader, read_index\n"
+        "from pipeline import shardset\n"
+        "from train.stream import LoaderConfig, make_loader\n"
         "from train.views import ViewConfig\n"
         "if __name__ == '__main__':\n"
-        "    urls, total = read_index(sys.argv[1])\n"
+        "    urls, total = shardset.shards(sys.argv[1])\n"
         "    cfg = LoaderConfig(batch_size=4, workers=1, shuffle_buffer=8, epoch_samples=8,\n"
         "                       views=ViewConfig(size=64, small_size=32))\n"
         "    n = sum(len(b['key']) for epoch in range(2) for b in make_loader(urls, cfg, seed=0, epoch=epoch,\n"
@@ -186,7 +189,7 @@ def test_a_batch_carries_a_stable_id_of_each_image(shards):
     every rank (a hash of the key, not Python's salted hash())."""
     from train.stream import image_id
     assert image_id("img_0_1") == 7728776974478735790
-    urls, total = read_index(shards)
+    urls, total = shardset.shards(shards)
     b = run_epoch(urls, small(), seed=0, total_samples=total)[0]
     assert b["image_id"].dtype == torch.int64
     assert b["image_id"].tolist() == [image_id(k) for k in b["key"]]

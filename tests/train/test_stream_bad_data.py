@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 import train.stream as stream
+from pipeline import shardset
 from pipeline.params import ParamsError
-from pipeline.shardset import PROPOSALS_SUFFIX, SHARD_PATTERN
-from train.stream import (LoaderConfig, ShardDataError, batches_per_worker, make_loader,
-                          make_stream, read_index)
+from pipeline.shardset import PROPOSALS_SUFFIX, SHARD_PATTERN, ShardDataError
+from train.stream import LoaderConfig, batches_per_worker, make_loader, make_stream
 from train.views import ViewConfig
 
 
@@ -79,7 +79,7 @@ def test_missing_shards_stop_the_worker_with_an_error_naming_them(copy, tmp_path
 def test_one_bad_shard_among_good_ones_is_skipped_not_fatal(copy):
     bad = copy / SHARD_PATTERN.format(2)
     bad.write_bytes(bad.read_bytes()[:700])
-    urls, total = read_index(copy)
+    urls, total = shardset.shards(copy)
     batches = list(make_stream(urls, small(max_shard_failures=2, epoch_samples=80), seed=0, total_samples=total))
     assert len(batches) == 20 and int(batches[-1]["errors"]) > 0
 
@@ -89,17 +89,17 @@ def test_missing_or_unreadable_index_and_proposal_tables_are_errors_naming_the_f
     text = index.read_text()
     index.write_text(text[: len(text) // 2])
     with pytest.raises(ShardDataError, match=rf"{index}.*dvc repro shards"):
-        read_index(copy)
+        shardset.shards(copy)
     index.unlink()
     with pytest.raises(ShardDataError, match=rf"no shard index {index}.*dvc repro shards"):
-        read_index(copy)
+        shardset.shards(copy)
     index.write_text(text)
     sidecar = copy / SHARD_PATTERN.format(3).replace(".tar", PROPOSALS_SUFFIX)
     sidecar.rename(sidecar.with_suffix(".bak"))
     with pytest.raises(ShardDataError, match=rf"not there: {sidecar}.*dvc repro shards"):
-        read_index(copy)
+        shardset.shards(copy)
     sidecar.with_suffix(".bak").rename(sidecar)
-    urls, _ = read_index(copy)
+    urls, _ = shardset.shards(copy)
     sidecar.write_bytes(sidecar.read_bytes()[:100])                 # truncated parquet
     with pytest.raises(ShardDataError, match=rf"proposal table {sidecar}.*dvc repro shards"):
         list(make_stream(urls, small(resampled=False), seed=0))
@@ -116,7 +116,7 @@ def test_a_sidecar_that_breaks_the_proposals_contract_is_an_error_naming_it(copy
     assert t.num_rows > 0
     flipped = t.set_column(t.schema.get_field_index("x2"), "x2", pa.compute.subtract(t.column("x1"), 1.0))
     pq.write_table(flipped, sidecar)
-    shards, _ = read_index(copy)
+    shards, _ = shardset.shards(copy)
     with pytest.raises(ShardDataError, match=rf"proposal table {sidecar}.*breaks its contract.*dvc repro shards"):
         list(make_stream(shards, small(resampled=False), seed=0))
 
@@ -128,7 +128,7 @@ def test_resume_after_an_undecodable_sample_lands_on_the_same_sample(copy, worke
     for s, keys in ((1, ("img_1_1", "img_1_3")), (4, ("img_4_2",))):
         tar = copy / SHARD_PATTERN.format(s)
         rewrite(tar, {f"{k}.jpg": truncated(tar, k) for k in keys})
-    urls, total = read_index(copy)
+    urls, total = shardset.shards(copy)
     cfg = small(workers=workers, epoch_samples=48)
     full = list(make_loader(urls, cfg, seed=2, total_samples=total))
     assert any(int(b["errors"]) for b in full[:start])             # a bad sample was skipped before `start`
@@ -171,7 +171,7 @@ def test_a_worker_that_decodes_nothing_stops_with_an_error(shards, monkeypatch):
         raise TypeError("broken views")
 
     monkeypatch.setattr(stream, "make_views", broken)
-    urls, total = read_index(shards)
+    urls, total = shardset.shards(shards)
     with pytest.raises(ShardDataError, match=r"5 samples in a row \(loader.max_sample_failures: 5\).*TypeError"):
         next(iter(make_stream(urls, small(max_sample_failures=5), seed=0, total_samples=total)))
 
@@ -179,7 +179,7 @@ def test_a_worker_that_decodes_nothing_stops_with_an_error(shards, monkeypatch):
 # ------------------------------------------------------------------------- settings
 
 def test_exact_mode_is_refused_for_several_training_processes(shards):
-    urls, total = read_index(shards)
+    urls, total = shardset.shards(shards)
     for world in (2, 8):
         with pytest.raises(ParamsError, match="loader.resampled is false with"):
             make_stream(urls, small(resampled=False), seed=0, world=world)

@@ -49,10 +49,11 @@ def test_loader_processes_exit_when_the_trainer_is_killed(shards, tmp_path, star
     script = tmp_path / "trainer.py"
     script.write_text(
         "import sys, time\n"
-        "from train.stream import LoaderConfig, make_loader, read_index\n"
+        "from pipeline import shardset\n"
+        "from train.stream import LoaderConfig, make_loader\n"
         "from train.views import ViewConfig\n"
         "if __name__ == '__main__':\n"
-        "    urls, total = read_index(sys.argv[1])\n"
+        "    urls, total = shardset.shards(sys.argv[1])\n"
         "    cfg = LoaderConfig(batch_size=4, workers=1, shuffle_buffer=8, resampled=True,\n"
         f"                       start_method={start_method!r}, views=ViewConfig(size=64, small_size=32))\n"
         "    it = iter(make_loader(urls, cfg, seed=0, total_samples=total))\n"
