@@ -26,24 +26,27 @@ hang, an error or an out-of-memory stops only that check; past the total budget 
 remaining checks are "skipped: budget". `--cpu-smoke`: ResNet-18, batch 4, 64/32 px views, 2 steps,
 loader with 0 and 1 workers, torch.compile with the "eager" backend (Dynamo only, no Inductor),
 gloo for NCCL (the tests' D3SSL_CPU_SMOKE=1).
+
+This module is the parent (settings, the groups' processes, the CUDA tests); the checks of a group
+run in `benchmarks.gpu_workers`, the report is written by `benchmarks.gpu_report`.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import os
-import platform
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 import xml.etree.ElementTree as ET
-from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline import cli
+
+log = logging.getLogger("benchmarks.gpu_check")
 REPO = Path(__file__).resolve().parents[1]
 METHOD_NAMES = ("d3ssl", "d3ssl_dc", "soco", "mocov2")
 
@@ -70,302 +73,6 @@ def planned_checks(smoke: bool) -> list[str]:
         names += [f"throughput.{mode}.baseline"] + [f"throughput.{mode}.{m}" for m in METHOD_NAMES]
     names += [f"loader.workers{w}" for w in s["loader_workers"]]
     return names
-
-
-# ------------------------------------------------------------------------------ worker side
-
-
-class CheckTimeout(Exception):
-    pass
-
-
-@contextmanager
-def alarm(seconds: float):
-    """Raise CheckTimeout in the main thread after `seconds` (checked when Python code runs)."""
-    def handler(signum, frame):
-        raise CheckTimeout(f"timeout after {seconds:.0f} s")
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.1))
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-class Emitter:
-    """Writes one JSON line per finished check (what a killed worker finished survives)."""
-
-    def __init__(self, path: Path, deadline: float, per_check: float):
-        self.path, self.deadline, self.per_check = path, deadline, per_check
-
-    def write(self, rec: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-
-    def run(self, name: str, fn, *a, **kw):
-        """Run one check under its alarm; record pass / fail / skipped; return its figures or None."""
-        left = self.deadline - time.time()
-        if left < 3:
-            self.write({"name": name, "status": "skipped: budget", "seconds": 0.0, "figures": {}})
-            return None
-        t0 = time.time()
-        by_budget = left < self.per_check
-        try:
-            with alarm(min(self.per_check, left)):
-                figures = fn(*a, **kw)
-            self.write({"name": name, "status": "pass", "seconds": round(time.time() - t0, 2), "figures": figures})
-            return figures
-        except BaseException as e:        # noqa: BLE001 - a failed check must not stop the others
-            if isinstance(e, KeyboardInterrupt):
-                raise
-            err = f"{type(e).__name__}: {e}"[:2000]
-            # stopped by the run's budget rather than by its own limit: not a verdict on the code
-            status = "skipped: budget" if isinstance(e, CheckTimeout) and by_budget else "fail"
-            self.write({"name": name, "status": status, "seconds": round(time.time() - t0, 2), "figures": {},
-                        "error": err, "traceback": traceback.format_exc()[-4000:]})
-            return None
-        finally:
-            _free()
-
-
-def _free() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _sync(dev) -> None:
-    import torch
-
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def _peak_reset(dev) -> None:
-    import torch
-
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-
-
-def _peak_gib(dev):
-    import torch
-
-    return round(torch.cuda.max_memory_allocated(dev) / 2**30, 3) if dev.type == "cuda" else None
-
-
-def _timed_steps(step, warmup: int, steps: int, dev) -> float:
-    """Seconds per step after `warmup` steps (compilation happens there)."""
-    for _ in range(warmup):
-        step()
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(dev)
-    return (time.perf_counter() - t0) / steps
-
-
-def _graphs() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
-
-
-def _compiled_graphs(compiled: bool, before: int) -> dict:
-    """Graphs Dynamo compiled since `before` (0 where an earlier method's graphs were reused) and in
-    the process; with compile on, none at all is a failure (compile did nothing)."""
-    if not compiled:
-        return {}
-    if _graphs() <= 0:
-        raise RuntimeError("torch.compile compiled no graph")
-    return {"compiled_graphs": _graphs() - before, "compiled_graphs_in_process": _graphs()}
-
-
-def _compile(module, dev):
-    import torch
-
-    # The CPU smoke traces with Dynamo only: Inductor's C++ build would take minutes on 2 cores.
-    return torch.compile(module, backend="inductor" if dev.type == "cuda" else "eager")
-
-
-def throughput_worker(s: dict, compiled: bool, em: Emitter) -> None:
-    import torch
-    import torch.nn.functional as F
-    import torchvision
-
-    from benchmarks.bench_augment import fake_batch
-    from train.methods import DEFAULTS, build
-
-    dev = torch.device("cuda" if torch.cuda.is_available() and not s["smoke"] else "cpu")
-    cuda = dev.type == "cuda"
-    torch.backends.cudnn.benchmark = True
-    mode = "compile" if compiled else "eager"
-    B, size = s["batch"], s["size"]
-    common = {"arch": s["arch"], "batch": B, "size": size, "small_size": size // 2, "K": 4, "bf16": True,
-              "channels_last": cuda, "compile": compiled, "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
-              "steps": s["steps"]}
-
-    def baseline():
-        torch.manual_seed(0)
-        _peak_reset(dev)
-        net = getattr(torchvision.models, s["arch"])(weights=None).to(dev)
-        if cuda:
-            net = net.to(memory_format=torch.channels_last)
-        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-        fwd = _compile(net, dev) if compiled else net
-        x = torch.randn(B, 3, size, size, device=dev)
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, 1000, (B,), device=dev)
-
-        def step():
-            with torch.autocast(dev.type, dtype=torch.bfloat16):
-                loss = F.cross_entropy(fwd(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        graphs = _graphs()
-        t = _timed_steps(step, s["warmup"], s["steps"], dev)
-        return {**common, "images_per_s": round(B / t, 2), "s_per_step": round(t, 4), "peak_gib": _peak_gib(dev),
-                **_compiled_graphs(compiled, graphs)}
-
-    base = em.run(f"throughput.{mode}.baseline", baseline)
-    batch = fake_batch(B, size, 4, dev)
-    if cuda:
-        batch = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in batch.items()}
-
-    def method(name: str):
-        torch.manual_seed(0)
-        _peak_reset(dev)
-        m = build(name, s["arch"], DEFAULTS[name], roi_size=s["roi_size"], bn_splits=1).to(dev)
-        if cuda:
-            m = m.to(memory_format=torch.channels_last)
-        if compiled:
-            for enc in (m.student, m.teacher):
-                for part in ("c4", "res5", "projector"):
-                    setattr(enc, part, _compile(getattr(enc, part), dev))
-            if hasattr(m, "predictor"):
-                m.predictor = _compile(m.predictor, dev)
-        opt = torch.optim.SGD(m.trainable(), lr=0.01, momentum=0.9)
-        g = torch.Generator(device=dev).manual_seed(0)
-        losses = []
-
-        def step():
-            with torch.autocast(dev.type, dtype=torch.bfloat16):
-                loss, _ = m(batch, g, 0.5)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.detach())
-        graphs = _graphs()
-        t = _timed_steps(step, s["warmup"], s["steps"], dev)
-        dynamo = _compiled_graphs(compiled, graphs)
-        last = float(losses[-1])
-        if last != last:
-            raise FloatingPointError(f"{name}: loss is NaN")
-        out = {**common, "method": name, "images_per_s": round(B / t, 2), "s_per_step": round(t, 4),
-               "peak_gib": _peak_gib(dev), "loss": round(last, 4), **dynamo}
-        if base:
-            out["ratio_to_baseline"] = round(out["images_per_s"] / base["images_per_s"], 4)
-            out["baseline_images_per_s"] = base["images_per_s"]
-            if out["peak_gib"] is not None and base["peak_gib"]:
-                out["peak_ratio_to_baseline"] = round(out["peak_gib"] / base["peak_gib"], 3)
-        return out
-
-    for name in METHOD_NAMES:
-        em.run(f"throughput.{mode}.{name}", method, name)
-
-
-def make_shards(root: Path, s: dict) -> Path:
-    """Generated shards through the real writer: smooth colour images (JPEG sizes like photos')."""
-    import numpy as np
-    import pyarrow as pa
-    from PIL import Image
-
-    from pipeline.shards import write_shard
-    from pipeline.shardset import SHARD_PATTERN
-
-    rng = np.random.default_rng(0)
-    W, H = s["image_size"]
-    per = s["images"] // s["shards"]
-    entries = []
-    schema = pa.schema([("key", pa.string()), ("x1", pa.float32()), ("y1", pa.float32()), ("x2", pa.float32()),
-                        ("y2", pa.float32()), ("rank", pa.int32())])
-    for sh in range(s["shards"]):
-        rows, props = [], []
-        for j in range(per):
-            key = f"img_{sh}_{j}"
-            path = root / "src" / f"{key}.jpg"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            small = rng.integers(0, 255, (H // 16 + 1, W // 16 + 1, 3), dtype=np.uint8)
-            im = Image.fromarray(small).resize((W, H), Image.BILINEAR)
-            im.save(path, quality=90)
-            rows.append({"key": key, "source": "t", "image_id": key, "path": str(path), "width": W, "height": H})
-            for r in range(8):
-                x0, y0 = float(rng.uniform(0, W * 0.5)), float(rng.uniform(0, H * 0.5))
-                props.append({"key": key, "x1": x0, "y1": y0, "x2": x0 + W * 0.4, "y2": y0 + H * 0.4, "rank": r})
-        entries.append(write_shard(SHARD_PATTERN.format(sh), rows, pa.Table.from_pylist(props, schema=schema), root, 95))
-    (root / "index.json").write_text(json.dumps({"shards": entries, "total_samples": per * s["shards"]}))
-    return root
-
-
-def loader_worker(s: dict, em: Emitter, tmp: Path) -> None:
-    from pipeline.shardset import shards as read_index
-    from train.stream import LoaderConfig, make_loader
-    from train.views import ViewConfig
-
-    shards = make_shards(tmp / "shards", s)
-    urls, total = read_index(shards)
-    views = ViewConfig(size=s["size"], small_size=s["size"] // 2, num_proposals=4)
-
-    def rate(workers: int):
-        """Steady samples/s: skip the batches the workers prefetch while starting (2 per worker),
-        then count batches for `loader_window_s` seconds."""
-        w = max(workers, 1)
-        cfg = LoaderConfig(batch_size=s["loader_batch"], workers=workers, shuffle_buffer=32,
-                           epoch_samples=w * 1000 * s["loader_batch"], views=views)
-        t_start = time.perf_counter()
-        it = iter(make_loader(urls, cfg, seed=0, total_samples=total))
-        next(it)
-        first = time.perf_counter() - t_start
-        for _ in range(2 * workers):
-            next(it)
-        t0, n = time.perf_counter(), 0
-        while time.perf_counter() - t0 < s["loader_window_s"]:
-            n += len(next(it)["key"])
-        dt = time.perf_counter() - t0
-        del it                                     # stops the workers
-        return {"workers": workers, "samples_per_s": round(n / dt, 1),
-                "samples_per_s_per_worker": round(n / dt / w, 1), "first_batch_s": round(first, 2),
-                "measured_samples": n, "batch": s["loader_batch"], "view_size": s["size"],
-                "image_size": list(s["image_size"]), "cpu_count": os.cpu_count()}
-
-    for w in s["loader_workers"]:
-        em.run(f"loader.workers{w}", rate, w)
-
-
-def worker_main(group: str, s: dict, out: Path) -> int:
-    import torch
-
-    if s["smoke"]:
-        torch.set_num_threads(1)
-    em = Emitter(out, s["deadline"], s["per_compile_check_s"] if group == "throughput.compile" else s["per_check_s"])
-    if group == "throughput.eager":
-        throughput_worker(s, False, em)
-    elif group == "throughput.compile":
-        throughput_worker(s, True, em)
-    elif group == "loader":
-        with tempfile.TemporaryDirectory(prefix="gpu_check_loader_") as tmp:
-            loader_worker(s, em, Path(tmp))
-    else:
-        raise SystemExit(f"unknown group {group}")
-    return 0
 
 
 # ------------------------------------------------------------------------------ parent side
@@ -459,8 +166,7 @@ def run_group(group: str, names: list[str], s: dict, out: Path, env: dict, timeo
     lines = out / f"{group}.jsonl"
     lines.unlink(missing_ok=True)
     spec = {**s, "deadline": time.time() + timeout - 2}
-    cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--worker", group, "--worker-spec", json.dumps(spec),
-           "--worker-out", str(lines)]
+    cmd = [sys.executable, "-m", "benchmarks.gpu_workers", group, json.dumps(spec), str(lines)]
     rc, secs = _run(cmd, timeout, env, out / f"{group}.log")
     got = [json.loads(x) for x in lines.read_text().splitlines()] if lines.is_file() else []
     seen = {r["name"] for r in got}
@@ -472,135 +178,43 @@ def run_group(group: str, names: list[str], s: dict, out: Path, env: dict, timeo
     return got
 
 
-def machine(smoke: bool) -> dict:
-    import torch
-
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-            "host": platform.node(), "mode": "cpu-smoke" if smoke else "gpu"}
-    try:
-        git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()  # noqa: E731
-        info["git"] = {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-    except Exception:             # noqa: BLE001 - a copy without git
-        pass
-    if torch.cuda.is_available():
-        info.update(gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(), cuda=torch.version.cuda,
-                    gpu_memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
-    return info
-
-
-def add_loader_vs_trainer(checks: list[dict]) -> None:
-    """Loader samples/s against what each method consumes (images/s, eager, same run)."""
-    eager = {c["figures"]["method"]: c["figures"]["images_per_s"] for c in checks
-             if c["name"].startswith("throughput.eager.") and c["status"] == "pass" and "method" in c["figures"]}
-    for c in checks:
-        if c["name"].startswith("loader.") and c["status"] == "pass":
-            sps = c["figures"]["samples_per_s"]
-            c["figures"]["trainer_images_per_s"] = eager
-            c["figures"]["loader_over_trainer"] = {m: round(sps / v, 3) for m, v in eager.items() if v}
-            c["figures"]["keeps_up"] = {m: sps >= v for m, v in eager.items()}
-
-
-def loader_summary(checks: list[dict]) -> dict:
-    """Per method: the fewest loader workers measured whose samples/s reach its images/s (None: none did)."""
-    rows = sorted((c["figures"]["workers"], c["figures"]) for c in checks
-                  if c["name"].startswith("loader.") and c["status"] == "pass")
-    out = {}
-    for m in METHOD_NAMES:
-        enough = [w for w, f in rows if f.get("keeps_up", {}).get(m)]
-        if rows and m in rows[0][1].get("keeps_up", {}):
-            out[m] = enough[0] if enough else None
-    return out
-
-
-def fmt_figures(c: dict) -> str:
-    f = c.get("figures") or {}
-    if c["name"] == "cuda_tests":
-        if "tests" not in f:
-            return ""
-        return f"{f.get('passed')} passed, {f.get('failed')} failed, {f.get('skipped')} skipped of {f.get('tests')}"
-    if c["name"].startswith("throughput."):
-        if "images_per_s" not in f:
-            return ""
-        parts = [f"{f['images_per_s']} img/s"]
-        if "ratio_to_baseline" in f:
-            parts.append(f"{f['ratio_to_baseline']:.2f}x baseline")
-        if f.get("peak_gib") is not None:
-            parts.append(f"peak {f['peak_gib']} GiB")
-        return ", ".join(parts)
-    if c["name"].startswith("loader."):
-        if "samples_per_s" not in f:
-            return ""
-        over = f.get("loader_over_trainer") or {}
-        return f"{f['samples_per_s']} samples/s" + (
-            "; vs trainer " + ", ".join(f"{m} {r:.2f}x" for m, r in over.items()) if over else "")
-    return ""
-
-
-def write_markdown(path: Path, report: dict) -> None:
-    m = report["machine"]
-    lines = [f"# GPU check ({m['mode']}), {report['started']}", "",
-             f"Machine: {m.get('gpu', 'no GPU')}, {m['cpu_count']} CPU cores, torch {m['torch']}"
-             f"{', CUDA ' + m['cuda'] if m.get('cuda') else ''}. Total {report['elapsed_s']} s of a "
-             f"{report['budget_s']} s budget; {report['counts']['pass']} pass, {report['counts']['fail']} fail, "
-             f"{report['counts']['skipped']} skipped.", "",
-             "| check | status | figures | s |", "|---|---|---|---|"]
-    tail = []
-    if report.get("loader_workers_to_keep_up"):
-        tail = ["", "Loader workers that keep one process's trainer fed (fewest measured; none: no count did): "
-                + ", ".join(f"{m} {w if w is not None else 'none'}" for m, w in report["loader_workers_to_keep_up"].items())
-                + f" (of {', '.join(map(str, report['settings']['loader_workers']))} measured)."]
-    for c in report["checks"]:
-        status = c["status"] + (f" ({c['error'][:120]})" if c.get("error") else "")
-        lines.append(f"| `{c['name']}` | {status.replace('|', '/')} | {fmt_figures(c).replace('|', '/')} | {c['seconds']} |")
-    path.write_text("\n".join(lines + tail) + "\n")
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, help="folder for gpu_check.json, gpu_check.md and the logs")
-    p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (the test of this script)")
-    p.add_argument("--budget-s", type=float, help=f"total seconds (default {GPU['budget_s']} on a GPU, {SMOKE['budget_s']} for the smoke)")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--worker-spec", help=argparse.SUPPRESS)
-    p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.worker:
-        return worker_main(args.worker, json.loads(args.worker_spec), args.worker_out)
-    if args.out is None:
-        p.error("--out is required")
-    t_start = time.time()
-    smoke = args.cpu_smoke
-    s = {**(SMOKE if smoke else GPU), "smoke": smoke}
-    budget = args.budget_s or s["budget_s"]
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
+def worker_env(smoke: bool) -> dict:
+    """The environment of the groups' processes (the smoke: the CPU, one thread, D3SSL_CPU_SMOKE=1)."""
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if smoke:
         env.update(D3SSL_CPU_SMOKE="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     else:
         env.pop("D3SSL_CPU_SMOKE", None)
-    groups = [
+    return env
+
+
+def groups_of(s: dict) -> list[tuple[str, list[str], float]]:
+    """(group, its checks, its time cap) in the order they run (compile last: it gets what is left)."""
+    return [
         ("cuda_tests", ["cuda_tests"], s["tests_timeout_s"]),
         ("throughput.eager", [f"throughput.eager.{n}" for n in ("baseline", *METHOD_NAMES)], s["throughput_timeout_s"]),
         ("loader", [f"loader.workers{w}" for w in s["loader_workers"]], s["loader_timeout_s"]),
         ("throughput.compile", [f"throughput.compile.{n}" for n in ("baseline", *METHOD_NAMES)], s["compile_timeout_s"]),
     ]
-    checks: list[dict] = []
-    groups_s: dict[str, float] = {}
+
+
+def run_groups(s: dict, budget: float, out: Path, t_start: float) -> tuple[list[dict], dict[str, float]]:
+    """Every group within the budget; (the checks, seconds per group). A group the budget cannot
+    start is "skipped: budget"; without a GPU (and not the smoke) every check fails, saying why."""
     import torch
 
-    if not smoke and not torch.cuda.is_available():
-        checks += [{"name": n, "status": "fail", "seconds": 0.0, "figures": {},
-                    "error": "no CUDA device visible (torch.cuda.is_available() is false); --cpu-smoke runs on the CPU"}
-                   for _, names, _ in groups for n in names]
-        groups = []
+    env, groups, checks, groups_s = worker_env(s["smoke"]), groups_of(s), [], {}
+    if not s["smoke"] and not torch.cuda.is_available():
+        return [{"name": n, "status": "fail", "seconds": 0.0, "figures": {},
+                 "error": "no CUDA device visible (torch.cuda.is_available() is false); --cpu-smoke runs on the CPU"}
+                for _, names, _ in groups for n in names], {}
     for group, names, cap in groups:
         left = budget - (time.time() - t_start)
         if left < 10:
             checks += [{"name": n, "status": "skipped: budget", "seconds": 0.0, "figures": {}} for n in names]
             continue
         timeout = min(cap, left)
-        print(f"[gpu_check] {group} (up to {timeout:.0f} s)", flush=True)
+        log.info("%s (up to %.0f s)", group, timeout)
         t_group = time.time()
         try:
             if group == "cuda_tests":
@@ -612,20 +226,29 @@ def main(argv: list[str] | None = None) -> int:
             checks += [{"name": n, "status": "fail", "seconds": 0.0, "figures": {}, "error": f"{type(e).__name__}: {e}"}
                        for n in names if n not in have]
         groups_s[group] = round(time.time() - t_group, 1)
-    add_loader_vs_trainer(checks)
-    counts = {"pass": sum(c["status"] == "pass" for c in checks), "fail": sum(c["status"] == "fail" for c in checks),
-              "skipped": sum(c["status"].startswith("skipped") for c in checks),
-              "out_of_budget": sum(c["status"] == "skipped: budget" for c in checks)}
-    report = {"issue": 17, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t_start)),
-              "elapsed_s": round(time.time() - t_start, 1), "budget_s": budget, "machine": machine(smoke),
-              "settings": {k: v for k, v in s.items() if k != "deadline"}, "planned": planned_checks(smoke),
-              "counts": counts, "passed": counts["fail"] == counts["out_of_budget"] == 0, "loader_workers_to_keep_up": loader_summary(checks),
-              "groups_s": groups_s, "checks": checks}
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_markdown(out / "gpu_check.md", report)
+    return checks, groups_s
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.gpu_report import build_report, fmt_figures, write_markdown
+
+    p = cli.parser("python -m benchmarks.gpu_check", __doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="folder for gpu_check.json, gpu_check.md and the logs")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (the test of this script)")
+    p.add_argument("--budget-s", type=float, help=f"total seconds (default {GPU['budget_s']} on a GPU, {SMOKE['budget_s']} for the smoke)")
+    args = p.parse_args(argv)
+    cli.setup_logging(args.log_level)
+    t_start = time.time()
+    s = {**(SMOKE if args.cpu_smoke else GPU), "smoke": args.cpu_smoke}
+    budget = args.budget_s or s["budget_s"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    checks, groups_s = run_groups(s, budget, args.out, t_start)
+    report = build_report(checks, groups_s, s, budget, t_start, planned_checks(s["smoke"]))
+    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(args.out / "gpu_check.md", report)
     for c in checks:
-        print(f"[gpu_check] {c['status']:<8} {c['name']}  {fmt_figures(c)}", flush=True)
-    print(f"[gpu_check] {counts} in {report['elapsed_s']} s -> {out / 'gpu_check.json'}", flush=True)
+        log.info("%-8s %s  %s", c["status"], c["name"], fmt_figures(c))
+    log.info("%s in %s s -> %s", report["counts"], report["elapsed_s"], args.out / "gpu_check.json")
     return 0 if report["passed"] else 1
 
 

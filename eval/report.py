@@ -27,9 +27,9 @@ Reads, for each model and seed, `REPORTS/<model>/seed<s>/oknn.json`, `probes.jso
   (O-KNN top-1 against step: the random start, the curve stage's snapshots, the final backbones), with their means in `OUT_loss.csv` and
   `OUT_oknn.csv` for `dvc plots show`;
 - `OUT_cr.png` / `OUT_mcs.png`: the probes over layers, one line per model (mean over seeds);
-- `OUT_metrics.json`: the headline means per model (`METRICS`: O-KNN, disturbed O-KNN, CR and MCS
-  at C5, detection AP where it ran), what `dvc metrics show` prints (a few dozen columns, where
-  `OUT.json` holds every value, spread and seed).
+- `OUT_metrics/<model>.json`: the headline means of each model (`METRICS`: O-KNN, disturbed O-KNN,
+  CR and MCS at C5, detection AP where it ran), what `dvc metrics show` prints, one row per model
+  (`OUT.json` holds every value, spread and seed).
 Every number is mean and sample standard deviation over the seeds (percent for accuracies and AP).
 """
 from __future__ import annotations
@@ -50,6 +50,16 @@ log = logging.getLogger(__name__)
 TABLE4 = ("top1", "top5", "disturbed_top1", "disturbed_top5")
 TABLE1 = ("AP", "AP50", "AP75")
 METRICS = ("oknn_top1", "oknn_top5", "oknn_disturbed_top1", "cr_C5", "mcs_C5", "det_AP")
+
+
+def write_metrics(folder: Path, means: dict[str, dict]) -> None:
+    """One `<model>.json` per model in `folder` (a model no longer reported loses its file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.json"):
+        if old.stem not in means:
+            old.unlink()
+    for model, values in means.items():
+        write_text(folder / f"{model}.json", json.dumps(values, indent=2) + "\n")
 
 
 def headline(results: dict) -> dict:
@@ -349,7 +359,7 @@ def make_report(reports: Path, models: list[str], seeds: list[int], out: Path, d
            "probe_control_max_deviation": max(control),
            "dataset": {k: stats[k] for k in ("openimage_mini", "coco")} if stats else None}
     write_text(out.with_suffix(".json"), json.dumps(doc, indent=2) + "\n")
-    write_text(out.with_name(out.name + "_metrics.json"), json.dumps(headline(results), indent=2) + "\n")
+    write_metrics(out.with_name(out.name + "_metrics"), headline(results))
     write_text(out.with_suffix(".md"), render(results, orderings, stats, seeds, [str(p) for p in plots], protocol,
                                               problems, sorted(pngs), settings))
     return doc
@@ -384,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                       args.detect_models, args.runs)
     for o in doc["orderings"]:
         log.info("%s%s: %s", "holds" if o["holds"] else "fails", " (clear)" if o["clear"] else "", o["claim"])
-    log.info("wrote %s, %s (means: %s_metrics.json) and %d figures (%s) for %d models x %d seeds", args.out.with_suffix(".md"),
+    log.info("wrote %s, %s (means: %s_metrics/) and %d figures (%s) for %d models x %d seeds", args.out.with_suffix(".md"),
              args.out.with_suffix(".json"), args.out, len(doc["figures"]), ", ".join(doc["figures"]), len(models), len(seeds))
     return 0
 

@@ -127,6 +127,19 @@ def band(series: dict[int, list[float]]) -> dict[str, list]:
             "n": [len(series[s]) for s in steps]}
 
 
+def n_label(band: dict) -> str:
+    """Runs behind a band's points: "n=3", or "n=3; 1 at step 84" where a step had fewer (the curve
+    stage snapshots seed 0 only), so a reader knows where the band is no band."""
+    top = max(band["n"])
+    fewer: dict[int, list[int]] = {}
+    for step, n in zip(band["step"], band["n"]):
+        if n < top:
+            fewer.setdefault(n, []).append(step)
+    parts = [f"{n} at step{'s' if len(st) > 1 else ''} {', '.join(map(str, st[:3]))}{', ...' if len(st) > 3 else ''}"
+             for n, st in sorted(fewer.items())]
+    return "; ".join([f"n={top}", *parts])
+
+
 def overlay(bands: dict[str, dict], path: Path, ylabel: str, title: str,
             dotted: dict[str, dict] | None = None, hlines: dict[str, float] | None = None) -> list[str]:
     """One plot: a mean line and a min-max band per method; `dotted` adds a dotted line per method
@@ -137,7 +150,7 @@ def overlay(bands: dict[str, dict], path: Path, ylabel: str, title: str,
     for i, (m, b) in enumerate(bands.items()):
         colour = f"C{i}"
         ax.plot(b["step"], b["mean"], color=colour, lw=1.4, marker="o" if len(b["step"]) < 20 else None,
-                label=f"{m} (n={max(b['n'])})")
+                label=f"{m} ({n_label(b)})")
         ax.fill_between(b["step"], b["min"], b["max"], color=colour, alpha=0.2, lw=0)
         if dotted and m in dotted:
             ax.plot(dotted[m]["step"], dotted[m]["mean"], color=colour, ls=":", lw=1)

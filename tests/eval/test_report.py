@@ -131,14 +131,17 @@ def test_detection_is_read_for_detect_models_only(tmp_path):
 
 
 def test_the_metrics_file_holds_the_headline_means_per_model(tmp_path):
-    """`dvc metrics show` prints results_metrics.json: one mean per model and headline metric (O-KNN
-    10 and 11 over the seeds: 10.5), detection only where it ran, not the spreads and seeds."""
+    """`dvc metrics show` prints results_metrics/<model>.json: one row per model, one mean per headline
+    metric (O-KNN 10 and 11 over the seeds: 10.5), detection only where it ran; a model no longer
+    reported loses its file."""
     reports = tmp_path / "models"
     for m in MODELS:
         for s in (0, 1):
             _write(reports, m, s)
+    (tmp_path / "results_metrics").mkdir()
+    (tmp_path / "results_metrics" / "gone.json").write_text("{}")
     make_report(reports, list(MODELS), [0, 1], tmp_path / "results", None, detect_models=["d3ssl"])
-    got = json.loads((tmp_path / "results_metrics.json").read_text())
+    got = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "results_metrics").iterdir()}
     assert set(got) == set(MODELS)
     assert got["d3ssl"] == {"oknn_top1": 10.5, "oknn_top5": 40.0, "oknn_disturbed_top1": 8.0,
                             "cr_C5": round(1.0 + 0.01 * LAYERS.index("C5"), 3),
@@ -210,3 +213,12 @@ def test_report_help_shows_defaults(capsys):
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "--runs" in text and "(default: reports/models)" in text and "--log-level" in text
+
+
+def test_the_legend_says_where_a_band_has_fewer_runs():
+    """The curve stage snapshots seed 0 only: the legend must not claim n=3 for those points."""
+    from eval.report_plots import n_label
+
+    assert n_label({"step": [0, 84, 168], "n": [3, 1, 3]}) == "n=3; 1 at step 84"
+    assert n_label({"step": [0, 168], "n": [3, 3]}) == "n=3"
+    assert n_label({"step": [0, 10, 20, 30, 40], "n": [2, 1, 1, 1, 1]}) == "n=2; 1 at steps 10, 20, 30, ..."

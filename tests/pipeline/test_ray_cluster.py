@@ -154,18 +154,29 @@ def _join_and_check_shipping(address: str) -> None:
             assert time.monotonic() < deadline, "the second node never joined"
             time.sleep(0.2)
 
-        def where() -> tuple[str, list[str]]:
-            """This node's id and the copies of `pipeline` the job shipped onto its import path.
-            (Here the checkout is on the path too, since driver and nodes share this machine;
-            a node on another machine has only the shipped copy.)"""
+        def where() -> tuple[str, list[str], str]:
+            """This node's id, the copies of `pipeline` the job shipped onto its import path, and
+            the file the stages' modules load from in an interpreter that has only that copy and
+            the dependencies (no checkout, no editable install: what a node on another machine
+            has; here the checkout is on the workers' path too, since they share this machine)."""
+            import subprocess
             import sys
+            import sysconfig
+            import tempfile
 
             shipped = [p for p in sys.path if "runtime_resources" in p and Path(p, "pipeline", "shards.py").is_file()]
-            return ray.get_runtime_context().get_node_id(), shipped
+            code = ("import sys; sys.path[:0] = [sys.argv[1]]; sys.path.append(sys.argv[2]); "
+                    "import pipeline.proposals, pipeline.shards; print(pipeline.__file__)")
+            with tempfile.TemporaryDirectory() as cwd:          # -I: no PYTHONPATH; -S: no .pth (editable) hooks
+                loaded = subprocess.run([sys.executable, "-I", "-S", "-c", code, shipped[0] if shipped else "",
+                                         sysconfig.get_paths()["purelib"]], cwd=cwd, capture_output=True,
+                                        text=True).stdout.strip()
+            return ray.get_runtime_context().get_node_id(), shipped, loaded
 
         got = ray.get([ray.remote(resources={r: 1}, num_cpus=0)(where).remote() for r in ("head", "node2")])
-        assert len({node for node, _ in got}) == 2
-        assert all(len(shipped) == 1 for _, shipped in got), got
+        assert len({node for node, _, _ in got}) == 2
+        assert all(len(shipped) == 1 for _, shipped, _ in got), got
+        assert all(loaded.startswith(shipped[0] + "/") for _, shipped, loaded in got), got
     finally:
         raycluster.stop()
 
