@@ -9,7 +9,8 @@ the dvc.yaml check (tests/test_dvc_deps.py) requires every stage to list its clo
 The code version hashes each file's syntax tree less its docstrings, so an edit to a comment, a
 docstring or the layout changes no stamp: DVC reruns the stage (its code dependency changed) and the
 stage reuses every finished part, checkpoint or shard, so the outputs and everything downstream stay
-as they were. Any other edit starts the stage clean. What counts as an import:
+as they were. Any other edit starts the stage clean, and so does another Python minor version
+(`ast.dump` is not the same text across them): every rank of a run must use the same Python. What counts as an import:
 
 - every `import` / `from ... import` anywhere in a file (function-level and
   `if __name__ == "__main__"` imports included), `from . import x` resolved against the file's

@@ -108,7 +108,7 @@ def mode_of(path: str | Path) -> str:
     header = Path(path).read_text().split("\n", 1)[0].split("\t")
     if header[:2] != ["path", "size"] or len(header) != 3 or header[2] not in ("sha256", "mtime_ns"):
         raise ValueError(f"{path}: line 1 is not a manifest header (path, size, sha256|mtime_ns); "
-                         "rewrite it with `python -m pipeline.manifest`")
+                         "rewrite it with `python -m pipeline.manifest --mode stat` (or `--mode content`)")
     return "content" if header[2] == "sha256" else "stat"
 
 

@@ -227,26 +227,37 @@ def finished_parts(out: str | Path, n_parts: int, fp: str) -> set[int]:
 
 
 def current_digest(loc: str) -> str:
-    """sha256 of the bytes at `loc` now, "" if they cannot be read (what `propose_file` records)."""
+    """sha256 of the bytes at `loc` now, "" if the file cannot be read (what `propose_file`
+    records). A store that cannot be reached at all (`storage.StorageError`: credentials, endpoint)
+    raises: that is the job's problem, and must not make every finished part look changed."""
     try:
         return storage.sha256(loc)
+    except storage.StorageError:
+        raise
     except OSError:
         return ""
+
+
+DIGEST_THREADS = 16     # images hashed at once when a rerun checks its finished parts (I/O bound on object storage)
 
 
 def parts_with_new_bytes(out: str | Path, done: set[int], rows: list[tuple], per_part: int) -> set[int]:
     """The finished parts of `done` holding an image whose bytes are not those searched (the
     sha256 its sidecar recorded: a file fixed, replaced or gone under the same key and path; the
     fingerprint covers keys, paths and sizes, not bytes). Their parquet and sidecar are removed, so
-    the run proposes them again; the rest stay reused. Reads every image of `done` once."""
+    the run proposes them again; the rest stay reused. Reads every image of `done` once,
+    `DIGEST_THREADS` at a time (on object storage: one GET per image)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     changed: dict[int, str] = {}
-    for p in sorted(done):
-        side = storage.join(out, f"{part_name(p)}.json")
-        records = json.loads(storage.read_text(side))["images"]
-        for rec, (key, loc, _, _) in zip(records, rows[p * per_part:(p + 1) * per_part]):
-            if rec.get("sha256") != current_digest(loc):
-                changed[p] = key
-                break
+    with ThreadPoolExecutor(DIGEST_THREADS) as pool:
+        for p in sorted(done):
+            records = json.loads(storage.read_text(storage.join(out, f"{part_name(p)}.json")))["images"]
+            part = rows[p * per_part:(p + 1) * per_part]
+            for rec, (key, _, _, _), now in zip(records, part, pool.map(current_digest, [r[1] for r in part])):
+                if rec.get("sha256") != now:
+                    changed[p] = key
+                    break
     if changed:
         log.info("%d finished part(s) hold images whose bytes changed (e.g. %s in %s): proposing them again",
                  len(changed), next(iter(changed.values())), part_name(next(iter(changed))))
@@ -365,7 +376,8 @@ def run(images_path: str | Path, out: str | Path, cfg: ProposalsConfig, *, num_w
     Uses the Ray runtime the caller started, if any; otherwise starts a local one (or joins
     `ray_address` / RAY_ADDRESS) and shuts it down at the end."""
     t0 = time.perf_counter()
-    check_node()
+    if raycluster.address_of(ray_address) is None:
+        check_node()            # a cluster's nodes are checked one by one when it is joined
     images = storage.read_table(images_path, contracts.IMAGES)
     fp = fingerprint(images, cfg)
     out = str(out)

@@ -104,17 +104,27 @@ def search_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, round(width * s)), max(1, round(height * s))
 
 
-OPENCV_FIX = ("pip install --no-deps --force-reinstall opencv-contrib-python-headless==VERSION (the pinned "
-              "version of pyproject.toml; fiftyone pulls opencv-python-headless, which owns the same cv2 "
-              "without the contrib modules)")
+def opencv_release() -> str:
+    """The installed OpenCV wheel's version ("4.14.0.94"; pyproject.toml pins the plain and the contrib
+    build to the same one), else cv2's own with a wildcard for the wheel's build number."""
+    from importlib import metadata
+
+    for dist in ("opencv-contrib-python-headless", "opencv-python-headless", "opencv-python"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return cv2.__version__ + ".*"
 
 
 def check_opencv() -> None:
     """Raise a RuntimeError naming the fix when this process's OpenCV has no selective search (the
     contrib build's `cv2.ximgproc`): every image would fail, so the job must not start."""
     if not hasattr(cv2, "ximgproc"):
-        raise RuntimeError(f"OpenCV {cv2.__version__} ({cv2.__file__}) has no cv2.ximgproc, so no selective "
-                           f"search: {OPENCV_FIX.replace('VERSION', cv2.__version__)}")
+        raise RuntimeError(
+            f"OpenCV {cv2.__version__} ({cv2.__file__}) has no cv2.ximgproc, so no selective search: pip install "
+            f"--no-deps --force-reinstall opencv-contrib-python-headless=={opencv_release()} (fiftyone pulls "
+            "opencv-python-headless, which owns the same cv2 without the contrib modules)")
 
 
 def selective_search(bgr: np.ndarray, cfg: ProposalsConfig) -> np.ndarray:

@@ -131,15 +131,18 @@ def shard_bytes(data: bytes, width: int, height: int, quality: int) -> tuple[byt
     anything else decoded by the shared policy and re-encoded. Raises pipeline.images.ImageFailure."""
     with image_io.open_image(data) as im:
         image_io.check_size(im, width, height)
-        if im.format in ("JPEG", "MPO"):     # MPO: a camera JPEG with extra frames; all stages read frame 0
-            try:
-                im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
-                im.load()
-            except Exception as e:  # noqa: BLE001 - a broken file can raise almost anything
-                raise image_io.classify(e) from None
-            return data[:jpeg_end(data)], False
-        rgb = image_io.to_rgb(im)
-    return image_io.encode_jpeg(rgb, quality), True
+        jpeg = im.format in ("JPEG", "MPO")     # MPO: a camera JPEG with extra frames; all stages read frame 0
+        if not jpeg:
+            return image_io.encode_jpeg(image_io.to_rgb(im), quality), True
+    stored = data[:jpeg_end(data)]
+    with image_io.open_image(stored) as im:     # what is checked is what is stored
+        image_io.check_size(im, width, height)
+        try:
+            im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
+            im.load()
+        except Exception as e:  # noqa: BLE001 - a broken file can raise almost anything
+            raise image_io.classify(e) from None
+    return stored, False
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -171,21 +174,28 @@ def inputs_stamp(name: str, rows: list[dict], proposals: pa.Table, failed: dict[
 
 
 NOT_PROPOSED = "not_proposed"    # `failed` value of an image the proposals output does not hold
+NOT_PROPOSED_NO_RECORD = "not_proposed_no_failures_csv"   # ... and whose failures.csv is missing
 
 
 def _proposals_failure(reason: str) -> dict:
     if reason == NOT_PROPOSED:
         return {"reason": "proposals_missing", "detail": "the proposals stage output holds no row for it "
                 "and lists no failure: rerun the proposals stage on this images table"}
+    if reason == NOT_PROPOSED_NO_RECORD:
+        return {"reason": "proposals_missing", "detail": "the proposals stage output holds no row for it and has "
+                "no failures.csv to say whether it failed: rerun the proposals stage on this images table"}
     return {"reason": "proposals_failed", "detail": f"the proposals stage failed it: {reason}"}
 
 
-def not_proposed(keys: list[str], proposals: pa.Table, failed: dict[str, str]) -> dict[str, str]:
+def not_proposed(keys: list[str], proposals: pa.Table, failed: dict[str, str],
+                 failures_listed: bool = True) -> dict[str, str]:
     """key -> NOT_PROPOSED for the images of `keys` that have no proposal row and are not among the
     proposals stage's failures (every image it handled has at least its whole-image box): a
-    proposals output of another (older, partial) images table. They are not packed."""
+    proposals output of another (older, partial) images table. They are not packed.
+    NOT_PROPOSED_NO_RECORD instead when the output has no failures.csv (`failures_listed` False)."""
     have = set(pc.unique(proposals.column("key")).to_pylist())
-    return {k: NOT_PROPOSED for k in keys if k not in have and k not in failed}
+    why = NOT_PROPOSED if failures_listed else NOT_PROPOSED_NO_RECORD
+    return {k: why for k in keys if k not in have and k not in failed}
 
 
 def _pack(tar: tarfile.TarFile, rows: list[dict], failed: dict[str, str], jpeg_quality: int,
@@ -324,7 +334,8 @@ def run(images_path: str | Path, proposals_dir: str | Path, out: str | Path, cfg
     _start_over_unless_same_plan(out, hashlib.sha256(plan_doc.encode()).hexdigest())
 
     failed = proposals_stage.read_failures(proposals_dir)
-    missing = not_proposed(list(rows), proposals, failed)
+    listed = storage.isfile(storage.join(proposals_dir, proposals_stage.FAILURES_NAME))
+    missing = not_proposed(list(rows), proposals, failed, listed)
     if missing:
         log.warning("%d image(s) of %s have no proposals in %s and are not among its failures (e.g. %s): "
                     "they are left out as proposals_missing; rerun the proposals stage on this images table",

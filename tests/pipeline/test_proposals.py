@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -605,7 +606,9 @@ def test_opencv_without_selective_search_stops_the_stage_and_each_node_check(dat
 
     images, _ = dataset
     monkeypatch.delattr(cv2, "ximgproc")
-    fix = r"no cv2\.ximgproc.*pip install --no-deps --force-reinstall opencv-contrib-python-headless=="
+    pin = re.search(r'"opencv-contrib-python-headless==([^"]+)"', (Path(__file__).parents[2] / "pyproject.toml")
+                    .read_text()).group(1)                        # the command must install what exists
+    fix = rf"no cv2\.ximgproc.*pip install --no-deps --force-reinstall opencv-contrib-python-headless=={re.escape(pin)} "
     with pytest.raises(RuntimeError, match=fix):
         run_stage(images, tmp_path / "out", STAGE_CFG)
     assert not (tmp_path / "out").exists()
@@ -613,3 +616,23 @@ def test_opencv_without_selective_search_stops_the_stage_and_each_node_check(dat
         raycluster._import_here("pipeline.proposals")
     monkeypatch.undo()
     raycluster._import_here("pipeline.proposals")                       # the contrib build passes
+
+
+def test_a_store_that_cannot_be_reached_stops_the_rerun_and_keeps_every_part(dataset, undisturbed, tmp_path,
+                                                                            monkeypatch):
+    """Checking a rerun's finished parts reads every image: when the store itself fails (credentials,
+    endpoint), that is the job's error, not "every image changed", which would delete all the parts."""
+    from pipeline import proposals, storage
+
+    images, _ = dataset
+    src, _ = undisturbed
+    out = tmp_path / "reused"
+    shutil.copytree(src, out)
+
+    def unreachable(loc):
+        raise storage.StorageError(f"cannot read {loc}: NoCredentialsError: Unable to locate credentials")
+    monkeypatch.setattr(proposals.storage, "sha256", unreachable)
+    with pytest.raises(storage.StorageError, match="NoCredentialsError"):
+        run_stage(images, out, STAGE_CFG)
+    assert folder_bytes(out) == folder_bytes(src)
+

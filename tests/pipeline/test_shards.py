@@ -99,6 +99,7 @@ def test_round_trip_bytes_proposals_and_checksums(built):
     failures = {f["key"]: f for f in index["failures"]}
     assert failures[not_proposed]["reason"] == "proposals_missing" and "rerun the proposals stage" in \
         failures[not_proposed]["detail"]
+    assert "no failures.csv" in failures[not_proposed]["detail"]       # make_inputs writes none
     assert failures["openimages_train_" + f"{24:016x}"]["reason"] == "missing_file"
     assert index["failure_reasons"] == {"missing_file": 1, "proposals_missing": 1}
     assert json.loads((out / "index.json").read_text()) == index
