@@ -87,15 +87,19 @@ def readme_commands() -> list[str]:
     return [c for _, body, _ in blocks(README.read_text()) for c in commands(body)]
 
 
+def inline_spans() -> list[str]:
+    """The README's inline `python -m ...` spans, whitespace normalised."""
+    return [" ".join(m.split()) for m in re.findall(r"`(python -m [^`]+)`", README.read_text())]
+
+
 def inline_commands() -> list[str]:
-    """The README's inline `python -m MODULE ARGS` spans, whitespace normalised (a bare
-    `python -m MODULE` names the module, it is no command: its `--help` is checked)."""
-    spans = [" ".join(m.split()) for m in re.findall(r"`(python -m [^`]+)`", README.read_text())]
-    return [s for s in spans if len(s.split()) > 3]
+    """The spans with arguments (a bare `python -m MODULE` names the module, it is no command: its
+    `--help` is checked)."""
+    return [s for s in inline_spans() if len(s.split()) > 3]
 
 
 def inline_modules() -> list[str]:
-    return [m.split()[2] for m in re.findall(r"`(python -m [^`]+)`", README.read_text())]
+    return [s.split()[2] for s in inline_spans()]
 
 
 def stage_block() -> list[str]:
@@ -150,7 +154,7 @@ def test_readme_stage_examples_are_the_commands_dvc_runs():
 
 
 def test_every_readme_module_answers_help_fast():
-    modules = sorted({shlex.split(c)[2] for c in readme_commands()} | set(inline_modules()) - {"pytest"})
+    modules = sorted(({shlex.split(c)[2] for c in readme_commands()} | set(inline_modules())) - {"pytest"})
     assert {"pipeline.browse", "eval.oknn", "eval.report"} <= set(modules), modules
     env = dict(os.environ, PYTHONPATH=str(REPO))
     procs = {m: subprocess.Popen([sys.executable, "-c", TIMED_HELP, m], cwd=REPO, env=env, text=True,
