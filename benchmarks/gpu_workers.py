@@ -263,15 +263,14 @@ def make_shards(root: Path, s: dict) -> Path:
     import pyarrow as pa
     from PIL import Image
 
-    from pipeline.shards import write_shard
+    from pipeline.contracts import PROPOSALS_SCHEMA
+    from pipeline.shards import ShardsConfig, write_index, write_shard
     from pipeline.shardset import SHARD_PATTERN
 
     rng = np.random.default_rng(0)
     W, H = s["image_size"]
     per = s["images"] // s["shards"]
     entries = []
-    schema = pa.schema([("key", pa.string()), ("x1", pa.float32()), ("y1", pa.float32()), ("x2", pa.float32()),
-                        ("y2", pa.float32()), ("rank", pa.int32())])
     for sh in range(s["shards"]):
         rows, props = [], []
         for j in range(per):
@@ -285,8 +284,9 @@ def make_shards(root: Path, s: dict) -> Path:
             for r in range(8):
                 x0, y0 = float(rng.uniform(0, W * 0.5)), float(rng.uniform(0, H * 0.5))
                 props.append({"key": key, "x1": x0, "y1": y0, "x2": x0 + W * 0.4, "y2": y0 + H * 0.4, "rank": r})
-        entries.append(write_shard(SHARD_PATTERN.format(sh), rows, pa.Table.from_pylist(props, schema=schema), root, 95))
-    (root / "index.json").write_text(json.dumps({"shards": entries, "total_samples": per * s["shards"]}))
+        entries.append(write_shard(SHARD_PATTERN.format(sh), rows, pa.Table.from_pylist(props, schema=PROPOSALS_SCHEMA),
+                                   root, 95))
+    write_index(root, entries, ShardsConfig(samples_per_shard=per), "(generated: no images table)")
     return root
 
 

@@ -26,13 +26,12 @@ is `<data.openimages_root>/train`; they are written to `data.manifests`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline import cli
+from pipeline import cli, storage
 from pipeline.files import write_text
 from pipeline.params import ParamsError, load_section
 
@@ -68,14 +67,6 @@ def manifest_path(name: str, manifests: str | Path) -> Path:
     return Path(manifests) / f"{name}{SUFFIX}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def lines(folder: str | Path, mode: str = "stat") -> Iterator[str]:
     """The manifest of `folder` line by line (header first), files sorted by relative path."""
     if mode not in MODES:
@@ -88,7 +79,7 @@ def lines(folder: str | Path, mode: str = "stat") -> Iterator[str]:
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     for p in paths:
         st = p.stat()
-        third = _sha256(p) if mode == "content" else str(st.st_mtime_ns)
+        third = storage.sha256(p) if mode == "content" else str(st.st_mtime_ns)
         yield f"{p.relative_to(folder).as_posix()}\t{st.st_size}\t{third}"
 
 

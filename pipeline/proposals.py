@@ -36,7 +36,7 @@ over PIL's pixel limit `too_large`. What cannot be decoded is a failure with one
 The per-image compute (the settings, selective search, the filters, near-duplicate removal) is
 `pipeline.selective_search`; this module runs it on Ray and writes the outputs.
 
-Outputs in `--out`:
+Outputs in `--out` (the layout, its readers and the rerun checks: `pipeline.proposalset`):
 - `part-00000.parquet`, ...: the proposals contract (`key, x1, y1, x2, y2, rank`, float32 pixels,
   rank from 0 per image in the seeded rank order after filtering), `images_per_part` images per
   part, in the images table's order. Every `*.parquet` under `--out` is a proposal table.
@@ -78,10 +78,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import io
 import json
 import logging
-import re
 import sys
 import time
 from pathlib import Path
@@ -97,6 +95,9 @@ from pipeline import images as image_io
 from pipeline.closure import code_version
 from pipeline.images import ImageFailure, to_rgb  # noqa: F401 - re-exported
 from pipeline.params import as_dict, load_section
+from pipeline.proposalset import (
+    FAILURES_NAME, FAILURES_SCHEMA, SUMMARY_NAME, finished_parts, part_name, parts_with_new_bytes, read_records,
+)
 # The per-image compute, re-exported: tests, benchmarks and pipeline.shards import it from here.
 from pipeline.selective_search import (  # noqa: F401 - re-exported
     FAILED, FAILURE_REASONS, PATHS, ImageResult, ProposalsConfig, check_opencv, decode, nms, propose, propose_file,
@@ -104,9 +105,6 @@ from pipeline.selective_search import (  # noqa: F401 - re-exported
 )
 
 log = logging.getLogger(__name__)
-
-FAILURES_SCHEMA = pa.schema([("key", pa.string()), ("path", pa.string()),
-                             ("reason", pa.string()), ("detail", pa.string())])
 
 # ------------------------------------------------------------------------------ Ray and the disk
 
@@ -122,35 +120,6 @@ def _propose_task(rows: list[tuple[str, str, int, int]], cfg: ProposalsConfig) -
     thread; returns their results and the node it ran on."""
     cv2.setNumThreads(1)   # Ray runs one task per core; OpenCV's own threads would oversubscribe
     return [propose_file(*row, cfg) for row in rows], raycluster.node_id()
-
-
-def part_name(index: int) -> str:
-    return f"part-{index:05d}"
-
-
-PART_GLOB = "part-*.parquet"
-FAILURES_NAME = "failures.csv"
-SUMMARY_NAME = "summary.json"
-
-
-def read_parts(folder: str | Path) -> pa.Table:
-    """All proposal parts (`part-*.parquet`) of a proposals stage output (a path or URL)."""
-    parts = storage.glob(storage.join(folder, PART_GLOB))
-    if not parts:
-        raise FileNotFoundError(f"no proposal parts ({PART_GLOB}) in {folder}; run pipeline.proposals first")
-    return pa.concat_tables([storage.read_table(p, contracts.PROPOSALS) for p in parts])
-
-
-def read_failures(folder: str | Path) -> dict[str, str]:
-    """key -> reason of the images the proposals stage failed (its `failures.csv`; none if absent)."""
-    loc = storage.join(folder, FAILURES_NAME)
-    if not storage.isfile(loc):
-        log.warning("%s has no %s: no image is known to have failed the proposals stage", folder, FAILURES_NAME)
-        return {}
-    cols = FAILURES_SCHEMA.names
-    t = pacsv.read_csv(io.BytesIO(storage.read_bytes(loc)), convert_options=pacsv.ConvertOptions(
-        column_types={c: pa.string() for c in cols}, include_columns=cols, strings_can_be_null=False))
-    return dict(zip(t.column("key").to_pylist(), t.column("reason").to_pylist()))
 
 
 def results_table(results: list[ImageResult]) -> pa.Table:
@@ -185,86 +154,6 @@ def fingerprint(images: pa.Table, cfg: ProposalsConfig) -> str:
     for col in ("key", "path", "width", "height"):
         h.update(json.dumps(images.column(col).to_pylist()).encode())
     return h.hexdigest()[:16]
-
-
-_OUR_TMP = re.compile(r"^\.(part-\d{5}\.(parquet|json)|summary\.json|failures\.csv)\.tmp-[0-9a-f]{8}$")
-_OUR_OUTPUT = re.compile(r"^part-\d{5}\.(parquet|json)$")
-
-
-def finished_parts(out: str | Path, n_parts: int, fp: str) -> set[int]:
-    """Parts of `out` (path or URL) a previous run finished with the same fingerprint. Temporary
-    files a killed run left behind are removed; if any part comes from a different run (other
-    settings or images table), every output of the stage in `out` is removed (logged: the stage
-    starts clean) and nothing is reused."""
-    for f in storage.stale_temporaries(out):
-        if _OUR_TMP.match(storage.name(f)):
-            storage.remove(f)
-    done, foreign = set(), []
-    for f in storage.glob(storage.join(out, PART_GLOB)):
-        m = re.fullmatch(r"part-(\d{5})\.parquet", storage.name(f))
-        side = f.removesuffix(".parquet") + ".json"
-        theirs = json.loads(storage.read_text(side)).get("fingerprint") if storage.isfile(side) else None
-        if m is None or int(m.group(1)) >= n_parts or theirs != fp:
-            foreign.append((storage.name(f), theirs))
-        else:
-            done.add(int(m.group(1)))
-    if foreign:
-        log.warning("%s holds %d part(s) of a different run (%s: fingerprint %s; this run %s: other settings, "
-                    "images table or code): starting clean, the stage's outputs there are removed",
-                    out, len(foreign), foreign[0][0], foreign[0][1], fp)
-        for f in storage.glob(storage.join(out, PART_GLOB)):       # every table read_parts would read,
-            side = f.removesuffix(".parquet") + ".json"             # whatever its name, and its sidecar
-            for loc in (f, side) if storage.isfile(side) else (f,):
-                storage.remove(loc)
-        for f in storage.glob(storage.join(out, "part-*.json")):    # sidecars left without their table
-            if _OUR_OUTPUT.match(storage.name(f)):
-                storage.remove(f)
-        for name in (SUMMARY_NAME, FAILURES_NAME):
-            if storage.isfile(storage.join(out, name)):
-                storage.remove(storage.join(out, name))
-        done = set()
-    return done
-
-
-def current_digest(loc: str) -> str:
-    """sha256 of the bytes at `loc` now, "" if the file cannot be read (what `propose_file`
-    records). A store that cannot be reached at all (`storage.StorageError`: credentials, endpoint)
-    raises: that is the job's problem, and must not make every finished part look changed."""
-    try:
-        return storage.sha256(loc)
-    except storage.StorageError:
-        raise
-    except OSError:
-        return ""
-
-
-DIGEST_THREADS = 16     # images hashed at once when a rerun checks its finished parts (I/O bound on object storage)
-
-
-def parts_with_new_bytes(out: str | Path, done: set[int], rows: list[tuple], per_part: int) -> set[int]:
-    """The finished parts of `done` holding an image whose bytes are not those searched (the
-    sha256 its sidecar recorded: a file fixed, replaced or gone under the same key and path; the
-    fingerprint covers keys, paths and sizes, not bytes). Their parquet and sidecar are removed, so
-    the run proposes them again; the rest stay reused. Reads every image of `done` once,
-    `DIGEST_THREADS` at a time (on object storage: one GET per image)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    changed: dict[int, str] = {}
-    with ThreadPoolExecutor(DIGEST_THREADS) as pool:
-        for p in sorted(done):
-            records = json.loads(storage.read_text(storage.join(out, f"{part_name(p)}.json")))["images"]
-            part = rows[p * per_part:(p + 1) * per_part]
-            for rec, (key, _, _, _), now in zip(records, part, pool.map(current_digest, [r[1] for r in part])):
-                if rec.get("sha256") != now:
-                    changed[p] = key
-                    break
-    if changed:
-        log.info("%d finished part(s) hold images whose bytes changed (e.g. %s in %s): proposing them again",
-                 len(changed), next(iter(changed.values())), part_name(next(iter(changed))))
-        for p in changed:
-            storage.remove(storage.join(out, f"{part_name(p)}.parquet"))     # the parquet first: a part
-            storage.remove(storage.join(out, f"{part_name(p)}.json"))        # is finished while it exists
-    return set(changed)
 
 
 def write_part(out: str | Path, index: int, results: list[ImageResult], fp: str) -> None:
@@ -349,7 +238,7 @@ def _run_parts(rows: list[tuple], todo: list[int], size: dict[int, int], out: st
                     queue.extendleft(reversed([(p, s + i, [row]) for i, row in enumerate(chunk)]))
                     continue                            # the image that kills it: one by one
                 got = [ImageResult(chunk[0][0], np.zeros((0, 4), np.float32), FAILED, "worker_crashed",
-                                   raycluster.died_message(e), sha256=current_digest(chunk[0][1]))]
+                                   raycluster.died_message(e), sha256=storage.digest(chunk[0][1]))]
             got = [_as_given(r, row[1], given[row[0]]) for r, row in zip(got, chunk)]
             results[p].update({s + i: r for i, r in enumerate(got)})
             bar.update(len(got))
@@ -360,9 +249,9 @@ def _run_parts(rows: list[tuple], todo: list[int], size: dict[int, int], out: st
 
 def _table_rows(images: pa.Table) -> tuple[list[tuple], dict[str, str]]:
     """(key, location a worker opens, width, height) per image, and key -> path as the table gives
-    it. Relative local paths are made absolute (a worker's working folder is not the driver's)."""
+    it. Relative local paths are made absolute (`storage.worker_location`)."""
     keys, table_paths = images.column("key").to_pylist(), images.column("path").to_pylist()
-    opened = [p if storage.is_url(p) else str(Path(p).absolute()) for p in table_paths]
+    opened = [storage.worker_location(p) for p in table_paths]
     rows = list(zip(keys, opened, images.column("width").to_pylist(), images.column("height").to_pylist()))
     return rows, dict(zip(keys, table_paths))
 
@@ -385,7 +274,7 @@ def run(images_path: str | Path, out: str | Path, cfg: ProposalsConfig, *, num_w
     n_parts = -(-images.num_rows // cfg.images_per_part)
     rows, given = _table_rows(images)
     done = finished_parts(out, n_parts, fp)
-    done -= parts_with_new_bytes(out, done, rows, cfg.images_per_part)
+    done -= parts_with_new_bytes(out, done, [r[1] for r in rows], cfg.images_per_part)
     todo = [i for i in range(n_parts) if i not in done]
 
     size = {p: min((p + 1) * cfg.images_per_part, len(rows)) - p * cfg.images_per_part for p in todo}
@@ -401,8 +290,7 @@ def run(images_path: str | Path, out: str | Path, cfg: ProposalsConfig, *, num_w
             if started:
                 raycluster.stop()
 
-    records = [r for i in range(n_parts)
-               for r in json.loads(storage.read_text(storage.join(out, f"{part_name(i)}.json")))["images"]]
+    records = [r for i in range(n_parts) for r in read_records(out, i)]
     write_failures(out, records, given)
     summary = {
         **summarize(records),

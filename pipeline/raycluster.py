@@ -79,8 +79,9 @@ def start(ray_address: str | None = None, num_cpus: int | None = None, module: s
     else:
         for k, v in LOCAL_ENV_DEFAULTS.items():
             os.environ.setdefault(k, v)
+        # log_to_driver: a worker's warnings (a decoder's, ours) reach the stage's log, as on a cluster
         ray.init(address="local", num_cpus=num_cpus or len(os.sched_getaffinity(0)), include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=False)
+                 logging_level=logging.WARNING, log_to_driver=True)
     return True
 
 

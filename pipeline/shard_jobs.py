@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from pipeline import images as image_io
 from pipeline import raycluster, shards
+from pipeline.shard_reuse import location
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def _check_task(row: dict, jpeg_quality: int) -> None:
     """A Ray task: read and check one image as packing does (after its shard's worker died); a
     failure it finds is the shard task's to list: only a worker dying here matters."""
     try:
-        shards.shard_bytes(image_io.read_bytes(row["path"]), row["width"], row["height"], jpeg_quality)
+        shards.shard_bytes(image_io.read_bytes(location(row)), row["width"], row["height"], jpeg_quality)
     except image_io.ImageFailure:
         pass
 

@@ -29,11 +29,14 @@ end up in different shards. Pixel frame: the stored one (EXIF orientation is not
 frame as the images table and the proposals.
 
 Each shard is one Ray task (`pipeline.shard_jobs`, which also handles a worker that dies; Ray is
-started or joined by `pipeline.raycluster`); its three files are written under temporary names
+started or joined by `pipeline.raycluster`). Workers read each image at its `path` made absolute
+against the command's working folder (a `ray start` node's workers run in the folder it was started
+in), so on a cluster the images must be URLs or on a file system shared at the same path; what the
+stage writes names the path as the images table gives it. A shard's three files are written under temporary names
 (keys on object storage) and renamed when complete, the stamp last.
 A run that writes any shard first removes `index.json` and writes it again only after every shard
 is written and the whole set validated (`shardset.validate`), so a killed run never leaves a shard,
-or a set, that looks finished. The stamp holds
+or a set, that looks finished. What a rerun reuses is decided by `pipeline.shard_reuse`. The stamp holds
 a hash of everything the shard is built from: its images-table rows, the sha256 of each image's
 bytes, its proposal rows, the proposals stage's failures, the settings, the decoding policy and
 Pillow's version; and the shard's index entry (counts, checksums, failures). A rerun reuses a shard
@@ -61,10 +64,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import cli, contracts, raycluster, shardset, storage
+from pipeline import cli, contracts, proposalset, raycluster, shardset, storage
 from pipeline import images as image_io
 from pipeline.closure import code_version
 from pipeline.params import as_dict, load_section, override
+from pipeline.shard_reuse import finished_entries, inputs_stamp, location, start_over_unless_same_plan
 from pipeline.shardset import proposals_name, stamp_name
 
 log = logging.getLogger(__name__)
@@ -74,7 +78,6 @@ FAILURE_REASONS = image_io.FAILURE_REASONS + (
     "proposals_missing",    # neither proposed nor failed: the proposals output is of another images table
     "worker_crashed",       # checked alone, it killed its worker on every try (segfault, out of memory)
 )
-ROW_FIELDS = ("key", "source", "image_id", "path", "width", "height")
 
 
 @dataclass(frozen=True)
@@ -154,25 +157,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def inputs_stamp(name: str, rows: list[dict], proposals: pa.Table, failed: dict[str, str],
-                 digests: dict[str, str], jpeg_quality: int) -> str:
-    """Hash of everything shard `name` is built from: its rows (in shard order), each image's bytes
-    (`digests`: key -> sha256, "missing" when unreadable; none for images the proposals stage
-    failed, which are not read), its proposal rows (in shard order, then rank), the proposals
-    stage's failures, the setting, the decoding policy and Pillow (the re-encoded bytes depend on it)."""
-    import PIL
-
-    doc = {
-        "name": name, "jpeg_quality": jpeg_quality, "decode": image_io.POLICY, "pillow": PIL.__version__,
-        "rows": [[r[k] for k in ROW_FIELDS] + [failed.get(r["key"], ""), digests.get(r["key"], "")] for r in rows],
-    }
-    h = hashlib.sha256(json.dumps(doc, sort_keys=True).encode())
-    h.update(json.dumps(proposals.column("key").to_pylist()).encode())
-    for col in ("x1", "y1", "x2", "y2", "rank"):
-        h.update(np.ascontiguousarray(proposals.column(col).to_numpy()).tobytes())
-    return h.hexdigest()
-
-
 NOT_PROPOSED = "not_proposed"    # `failed` value of an image the proposals output does not hold
 NOT_PROPOSED_NO_RECORD = "not_proposed_no_failures_csv"   # ... and whose failures.csv is missing
 
@@ -198,6 +182,12 @@ def not_proposed(keys: list[str], proposals: pa.Table, failed: dict[str, str],
     return {k: why for k in keys if k not in have and k not in failed}
 
 
+def _as_given(detail: str, row: dict) -> str:
+    """`detail` naming the file as the images table does, not as the worker opened it (an absolute
+    path depends on the folder the stage ran in, and index.json must not)."""
+    return detail.replace(location(row), row["path"]) if location(row) != row["path"] else detail
+
+
 def _pack(tar: tarfile.TarFile, rows: list[dict], failed: dict[str, str], jpeg_quality: int,
           digests: dict[str, str], crashed: dict[str, str]) -> tuple[list[str], list[dict], int]:
     """Pack the images of `rows` into `tar` (members `shardset.member_names`); returns the keys
@@ -208,14 +198,15 @@ def _pack(tar: tarfile.TarFile, rows: list[dict], failed: dict[str, str], jpeg_q
         if key in failed:
             failures.append({"key": key, "path": r["path"], **_proposals_failure(failed[key])})
             continue
-        if key in crashed:
+        if key in crashed:      # hashed, not decoded: the stamp then matches a rerun's (which keeps the record)
+            digests[key] = storage.digest(location(r))
             failures.append({"key": key, "path": r["path"], "reason": "worker_crashed", "detail": crashed[key]})
             continue
         try:
-            data = image_io.read_bytes(r["path"])
+            data = image_io.read_bytes(location(r))
         except image_io.ImageFailure as f:
-            digests[key] = "missing"
-            failures.append({"key": key, "path": r["path"], "reason": f.reason, "detail": f.detail})
+            digests[key] = storage.digest(location(r))
+            failures.append({"key": key, "path": r["path"], "reason": f.reason, "detail": _as_given(f.detail, r)})
             continue
         digests[key] = image_io.sha256_bytes(data)
         try:
@@ -237,9 +228,11 @@ def write_shard(name: str, rows: list[dict], proposals: pa.Table, out: str | Pat
     """Write one shard (tar, sidecar, then its stamp) atomically into `out` (path or URL); return
     its index entry.
 
-    `rows` are images-table rows in shard order; `proposals` holds their proposals in that order;
+    `rows` are images-table rows in shard order (read at `shard_reuse.location`); `proposals` holds
+    their proposals in that order;
     `failed`: key -> reason of the images the proposals stage failed (not packed); `crashed`: key ->
-    error of the images that killed their worker when checked alone (not packed, not read)."""
+    error of the images that killed their worker when checked alone (not packed, not decoded;
+    their bytes are hashed for the stamp)."""
     failed, crashed = failed or {}, crashed or {}
     digests: dict[str, str] = {}
     tar_loc, prop_loc = storage.join(out, name), storage.join(out, proposals_name(name))
@@ -259,35 +252,6 @@ def write_shard(name: str, rows: list[dict], proposals: pa.Table, out: str | Pat
     return entry
 
 
-def _digest(path: str) -> str:
-    try:
-        return storage.sha256(path)
-    except OSError:
-        return "missing"
-
-
-def finished_entry(name: str, rows: list[dict], proposals: pa.Table, failed: dict[str, str], out: str | Path,
-                   jpeg_quality: int) -> dict | None:
-    """The index entry of a shard a previous run completed from the same inputs (as its stamp
-    recorded it, failures included), or None: a file missing, a checksum off, or any input changed
-    (rows, image bytes, proposals, the proposals stage's failures, settings, decoding policy)."""
-    tar_loc, prop_loc = storage.join(out, name), storage.join(out, proposals_name(name))
-    stamp_loc = storage.join(out, stamp_name(name))
-    if not all(storage.isfile(p) for p in (tar_loc, prop_loc, stamp_loc)):
-        return None
-    try:
-        stamp = json.loads(storage.read_text(stamp_loc))
-        entry = stamp["entry"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    digests = {r["key"]: _digest(r["path"]) for r in rows if r["key"] not in failed}
-    if stamp.get("inputs") != inputs_stamp(name, rows, proposals, failed, digests, jpeg_quality):
-        return None
-    if _digest(tar_loc) != entry.get("sha256") or _digest(prop_loc) != entry.get("proposals_sha256"):
-        return None
-    return entry
-
-
 def split_proposals(proposals: pa.Table, plan: list[list[str]]) -> list[pa.Table]:
     """The proposals of each planned shard, in shard order then rank (one sort, then slices)."""
     keys = pa.array([k for keys in plan for k in keys], pa.string())
@@ -300,41 +264,25 @@ def split_proposals(proposals: pa.Table, plan: list[list[str]]) -> list[pa.Table
     return [t.slice(bounds[i], bounds[i + 1] - bounds[i]) for i in range(len(plan))]
 
 
-def _start_over_unless_same_plan(out: str, plan_hash: str) -> None:
-    """A previous run's shards are reused only if they come from the same plan (keys, settings and
-    the code version of this stage, `pipeline.closure.code_version`: a docstring or comment edit is
-    no change); temporaries of a killed run are removed."""
-    storage.makedirs(out)
-    plan_loc = storage.join(out, shardset.PLAN_NAME)
-    if storage.isfile(plan_loc) and storage.read_text(plan_loc).strip() != plan_hash:
-        log.warning("%s holds shards of another plan (other keys, shards settings or code): starting clean, "
-                    "its shards and index are removed", out)
-        for p in storage.glob(storage.join(out, shardset.SHARD_PREFIX + "*")) + [storage.join(out, shardset.INDEX_NAME)]:
-            storage.remove(p)
-    storage.write_text(plan_loc, plan_hash + "\n")
-    for stale in storage.stale_temporaries(out, "train-"):
-        storage.remove(stale)
-
-
 def run(images_path: str | Path, proposals_dir: str | Path, out: str | Path, cfg: ShardsConfig,
         ray_address: str | None = None, num_workers: int | None = None, progress: bool = True) -> dict:
     """The whole stage; returns the index written to `out/index.json` (locations: paths or URLs)."""
-    from pipeline import proposals as proposals_stage
-
     t0 = time.perf_counter()
     images = storage.read_table(images_path, contracts.IMAGES)
-    proposals = proposals_stage.read_parts(proposals_dir)
-    rows = {r["key"]: r for r in images.to_pylist()}
+    proposals = proposalset.read_parts(proposals_dir)
+    # Workers read `location`: a relative path made absolute here (a worker's working folder, on a
+    # `ray start` node the folder it was started in, is not the driver's); outputs name `path`.
+    rows = {r["key"]: {**r, "location": storage.worker_location(r["path"])} for r in images.to_pylist()}
     plan = plan_shards(list(rows), cfg.samples_per_shard, cfg.seed)
     names = [shardset.shard_name(i) for i in range(len(plan))]
     plan_doc = json.dumps({"settings": output_settings(cfg), "shards": plan, "code": code_version("pipeline.shards")},
                           sort_keys=True)
     # Tasks write to an absolute location: a worker's working folder is not the driver's.
     out = str(out) if storage.is_url(out) else str(storage.local_path(out).resolve())
-    _start_over_unless_same_plan(out, hashlib.sha256(plan_doc.encode()).hexdigest())
+    start_over_unless_same_plan(out, hashlib.sha256(plan_doc.encode()).hexdigest(), names)
 
-    failed = proposals_stage.read_failures(proposals_dir)
-    listed = storage.isfile(storage.join(proposals_dir, proposals_stage.FAILURES_NAME))
+    failed = proposalset.read_failures(proposals_dir)
+    listed = storage.isfile(storage.join(proposals_dir, proposalset.FAILURES_NAME))
     missing = not_proposed(list(rows), proposals, failed, listed)
     if missing:
         log.warning("%d image(s) of %s have no proposals in %s and are not among its failures (e.g. %s): "
@@ -342,15 +290,10 @@ def run(images_path: str | Path, proposals_dir: str | Path, out: str | Path, cfg
                     len(missing), images_path, proposals_dir, next(iter(missing)))
         failed = {**failed, **missing}
     per_shard = dict(zip(names, split_proposals(proposals, plan)))
-    entries: dict[str, dict] = {}
-    todo = []
-    for name, keys in zip(names, plan):
-        shard_rows, shard_failed = [rows[k] for k in keys], {k: failed[k] for k in keys if k in failed}
-        done = finished_entry(name, shard_rows, per_shard[name], shard_failed, out, cfg.jpeg_quality)
-        if done is not None:
-            entries[name] = done
-        else:
-            todo.append((name, shard_rows, per_shard[name], shard_failed))
+    shards = [(name, [rows[k] for k in keys], per_shard[name], {k: failed[k] for k in keys if k in failed})
+              for name, keys in zip(names, plan)]
+    entries = finished_entries(shards, out, cfg.jpeg_quality)
+    todo = [s for s in shards if s[0] not in entries]
     nodes: dict[str, int] = {}
     index_loc = storage.join(out, shardset.INDEX_NAME)
     if todo:
@@ -362,9 +305,7 @@ def run(images_path: str | Path, proposals_dir: str | Path, out: str | Path, cfg
 
         written, nodes = shard_jobs.run_tasks(todo, out, cfg, ray_address, num_workers, progress)
         entries.update(written)
-    index = make_index([entries[n] for n in names], cfg, images_path)
-    shardset.validate(out, index=index, read_tars=False)       # every listed file there, tables sound
-    storage.write_text(index_loc, json.dumps(index, indent=2) + "\n")   # last
+    index = write_index(out, [entries[n] for n in names], cfg, images_path)
     # What varies between runs of the same inputs stays out of index.json (DVC hashes the folder,
     # and a changed hash reruns every pre-training run): logged instead.
     log.info("shards run (not in index.json): %s", json.dumps(
@@ -379,6 +320,15 @@ def output_settings(cfg: ShardsConfig) -> dict:
     `index.json` and the plan, so changing it reruns the stage (DVC tracks the whole section) with a
     byte-identical output, and nothing downstream."""
     return {k: v for k, v in as_dict(cfg).items() if k != "max_retries"}
+
+
+def write_index(out: str | Path, shards: list[dict], cfg: ShardsConfig, images_path: str | Path) -> dict:
+    """Check the set the entries `shards` describe (every listed file there, tables sound) and
+    write its `index.json`, the file that marks a set finished; returns the index."""
+    index = make_index(shards, cfg, images_path)
+    shardset.validate(out, index=index, read_tars=False)
+    storage.write_text(storage.join(out, shardset.INDEX_NAME), json.dumps(index, indent=2) + "\n")
+    return index
 
 
 def make_index(shards: list[dict], cfg: ShardsConfig, images_path: str | Path) -> dict:

@@ -211,6 +211,41 @@ def sha256(loc: str | Path) -> str:
     return h.hexdigest()
 
 
+DIGEST_THREADS = 16     # files hashed at once by `digests` (I/O bound: on object storage, one GET each)
+
+
+def digest(loc: str | Path) -> str:
+    """sha256 of the bytes at `loc` now, or "" when that file cannot be read (missing, a folder,
+    no permission): what a stamp records for an input it could not read, so a file that appears
+    or is fixed later changes the stamp. A store that cannot be reached at all (`StorageError`:
+    credentials, endpoint, bucket) raises: that is the job's problem, and must not make every
+    finished output look changed (and be thrown away)."""
+    try:
+        return sha256(loc)
+    except StorageError:
+        raise
+    except OSError:
+        return ""
+
+
+def digests(locs: list[str]) -> list[str]:
+    """`digest` of each of `locs`, in order, `DIGEST_THREADS` at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(locs) <= 1:
+        return [digest(loc) for loc in locs]
+    with ThreadPoolExecutor(min(DIGEST_THREADS, len(locs))) as pool:
+        return list(pool.map(digest, locs))
+
+
+def worker_location(loc: str | Path) -> str:
+    """`loc` as a process started in another working folder (a Ray worker, on this node or
+    another) must open it: a URL unchanged, a local path absolute (a relative path in an images
+    table is relative to the driver's folder; `ray start` workers run in the folder `ray start`
+    ran in)."""
+    return str(loc) if is_url(loc) else str(local_path(loc).absolute())
+
+
 def tmp_location(loc: str | Path) -> str:
     """A unique temporary sibling of `loc` ('.NAME.tmp-xxxxxxxx' in the same folder or prefix)."""
     from pipeline.files import tmp_basename

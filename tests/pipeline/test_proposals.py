@@ -535,7 +535,7 @@ def test_parts_of_another_run_are_replaced_never_mixed_in(dataset, undisturbed, 
     shutil.copytree(src, out)
     (out / "notes.txt").write_text("not the stage's")
     shutil.copy(out / "part-00000.parquet", out / "part-old.parquet")     # a table read_parts would read
-    with caplog.at_level(logging.WARNING, logger="pipeline.proposals"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.proposalset"):
         run_stage(images, out, other)
     assert "of a different run" in caplog.text and "starting clean" in caplog.text
     assert (out / "notes.txt").read_text() == "not the stage's"
@@ -554,7 +554,7 @@ def test_a_new_code_version_starts_clean(dataset, undisturbed, tmp_path, caplog,
     out = tmp_path / "reused"
     shutil.copytree(src, out)
     monkeypatch.setattr(proposals, "code_version", lambda module: "another version")
-    with caplog.at_level(logging.WARNING, logger="pipeline.proposals"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.proposalset"):
         run_stage(images, out, STAGE_CFG)
     assert "of a different run" in caplog.text and "starting clean" in caplog.text
     parts = sorted(out.glob("part-*.json"))
@@ -586,7 +586,7 @@ def test_a_part_whose_image_bytes_changed_is_proposed_again(ray_cluster, tmp_pat
 
     paths[4].write_bytes(jpeg_bytes(scene(500, 160, 120)))             # replaced in place, same size
     broken.write_bytes(jpeg_bytes(scene(399, 160, 120)))               # fixed in place
-    with caplog.at_level(logging.INFO, logger="pipeline.proposals"):
+    with caplog.at_level(logging.INFO, logger="pipeline.proposalset"):
         second = run_stage(images, out, cfg)
     assert "2 finished part(s) hold images whose bytes changed" in caplog.text
     assert second["failures"] == {} and second["images_with_boxes"] == 9

@@ -1,6 +1,7 @@
 """A two-node Ray cluster on one machine: a head and a second node (`ray start`, loopback ports,
-their own temporary folder), the proposals and shards stages run with `--ray-address`; tasks run
-on both nodes, the project code is shipped to them, and the output equals a local run's. The
+their own temporary folder, started in a folder of their own as on another machine), the proposals
+and shards stages run with `--ray-address` on an images table of relative paths; tasks run on both
+nodes, the project code is shipped to them, and the output equals a local run's. The
 test stops exactly the processes it started (never a global `ray stop`: other Ray instances on
 the machine are left alone)."""
 from __future__ import annotations
@@ -55,11 +56,13 @@ def _node_args(temp_dir: str, resources: dict, ports: list[int]) -> list[str]:
             f"--temp-dir={temp_dir}", "--disable-usage-stats", "--block"]
 
 
-def _start_node(args: list[str], log: Path) -> subprocess.Popen:
+def _start_node(args: list[str], log: Path, cwd: Path) -> subprocess.Popen:
+    """`ray start ARGS` in `cwd`: its workers run there, not in the driver's folder."""
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
+    cwd.mkdir(exist_ok=True)
     return subprocess.Popen([RAY, "start", *args], stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
+                            env=env, start_new_session=True, cwd=cwd)
 
 
 def _ours(marker: str) -> list[int]:
@@ -108,11 +111,11 @@ def cluster(tmp_path, monkeypatch):
     address = f"127.0.0.1:{port}"
     head_ports, node2_ports = ports[:PORTS_PER_NODE], ports[PORTS_PER_NODE:]
     nodes = [_start_node(["--head", f"--port={port}", "--include-dashboard=false",
-                          *_node_args(temp_dir, {"head": 1}, head_ports)], tmp_path / "head.log")]
+                          *_node_args(temp_dir, {"head": 1}, head_ports)], tmp_path / "head.log", tmp_path / "head")]
     try:
         _wait_for_port(port, nodes[0], tmp_path / "head.log")
         nodes.append(_start_node([f"--address={address}", *_node_args(temp_dir, {"node2": 1}, node2_ports)],
-                                 tmp_path / "node2.log"))
+                                 tmp_path / "node2.log", tmp_path / "node2"))
         _wait_for_start(nodes[1], tmp_path / "node2.log")
         yield address
     finally:
@@ -208,7 +211,8 @@ def _files(folder: Path) -> dict[str, bytes]:
 def _inputs(root: Path) -> Path:
     """The images of `make_inputs` (JPEGs, a PNG, a missing file) plus 6 scenes of 640x480 as PNG:
     their selective search and their re-encoding as JPEG take long enough (tenths of a second per
-    task) that both nodes get tasks while the other works."""
+    task) that both nodes get tasks while the other works. Paths relative to `root` (the stages
+    run there), as in the embedded images tables."""
     import pyarrow as pa
     from PIL import Image
 
@@ -219,11 +223,14 @@ def _inputs(root: Path) -> Path:
         Image.fromarray(scene(i, 640, 480)).save(path)
         rows.append({"key": f"scene{i}", "source": "test", "image_id": f"scene{i}", "path": str(path),
                      "width": 640, "height": 480})
+    rows = [dict(r, path=os.path.relpath(r["path"], root)) for r in rows]
+    assert not any(Path(r["path"]).is_absolute() for r in rows)
     return C.write_table(pa.Table.from_pylist(rows), root / "images.parquet", C.IMAGES)
 
 
-def test_two_node_cluster_runs_proposals_and_shards_like_a_local_run(cluster, tmp_path, caplog):
+def test_two_node_cluster_runs_proposals_and_shards_like_a_local_run(cluster, tmp_path, caplog, monkeypatch):
     images = _inputs(tmp_path)
+    monkeypatch.chdir(tmp_path)          # the driver's folder: the table's paths are relative to it
     local, remote = tmp_path / "local", tmp_path / "cluster"
     raycluster.start(None, 2)            # one local Ray for both local runs
     try:
@@ -253,6 +260,10 @@ def test_two_node_cluster_runs_proposals_and_shards_like_a_local_run(cluster, tm
 
     assert _files(remote / "props") == _files(local / "props")
     assert _files(remote / "shards") == _files(local / "shards")
+    index = json.loads((remote / "shards" / "index.json").read_text())
+    assert index["total_samples"] == 10 and index["failure_reasons"] == {"proposals_failed": 1}, index["failures"]
+    for text in (json.dumps(index["failures"]), (remote / "props" / "failures.csv").read_text()):
+        assert str(tmp_path) not in text                # failures name the path as the table gives it
 
 
 def test_stages_set_no_environment_at_import_and_the_helper_sets_local_defaults_at_start():

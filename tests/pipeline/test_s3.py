@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline import contracts as C
-from pipeline import proposals, raycluster, readers, shards, shardset, storage
+from pipeline import proposals, proposalset, raycluster, readers, shards, shardset, storage
 from tests.pipeline.test_shards import make_inputs
 
 BUCKET = "d3ssl-test"
@@ -107,7 +107,7 @@ def test_stages_and_stream_on_s3_match_a_local_run(s3, tmp_path, caplog):
     assert [storage.name(p) for p in parts] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     for p in parts:
         assert storage.read_bytes(p) == (local_props / storage.name(p)).read_bytes()
-    assert proposals.read_failures(remote_props) == proposals.read_failures(local_props) != {}
+    assert proposalset.read_failures(remote_props) == proposalset.read_failures(local_props) != {}
 
     index = shardset.validate(remote_shards, checksums=True)
     assert index == _local_paths_as_urls(local, tmp_path)

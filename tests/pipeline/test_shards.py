@@ -133,7 +133,9 @@ def test_rerun_writes_only_missing_shards_and_a_new_plan_starts_over(tmp_path: P
     (out / names[1]).unlink()
     (out / proposals_name(names[2])).unlink()
     (out / f".{names[0]}.tmp-deadbeef").write_bytes(b"half")
+    (out / "train-000099.tar").write_bytes(b"a shard of a run with more shards")    # no plan names it
     second = run(images, props, out, cfg, num_workers=2, progress=False)
+    assert not (out / "train-000099.tar").exists()
     for n in names:
         if n in (names[1], names[2]):
             assert (out / n).exists()
@@ -154,6 +156,25 @@ def test_rerun_writes_only_missing_shards_and_a_new_plan_starts_over(tmp_path: P
     # another plan: the old shards go
     run(images, props, out, ShardsConfig(samples_per_shard=6, seed=0), num_workers=2, progress=False)
     assert sorted(p.name for p in out.glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar"]
+
+
+def test_a_store_that_cannot_be_reached_stops_the_rerun_and_keeps_the_set(tmp_path: Path, monkeypatch):
+    """Checking a rerun's shards reads every image: when the store itself fails (credentials,
+    endpoint), that is the job's error, not "every image changed", which would hide the index and
+    rebuild every shard."""
+    from pipeline import storage
+
+    images, props, _ = make_inputs(tmp_path, n=4)
+    out = tmp_path / "out"
+    run(images, props, out, ShardsConfig(samples_per_shard=3), num_workers=1, progress=False)
+    before = folder_bytes(out)
+
+    def unreachable(loc):
+        raise storage.StorageError(f"cannot read {loc}: NoCredentialsError: Unable to locate credentials")
+    monkeypatch.setattr(storage, "sha256", unreachable)
+    with pytest.raises(storage.StorageError, match="NoCredentialsError"):
+        run(images, props, out, ShardsConfig(samples_per_shard=3), num_workers=1, progress=False)
+    assert folder_bytes(out) == before
 
 
 def test_split_proposals_slices_per_shard():
@@ -319,7 +340,7 @@ def jpeg_of_noise() -> bytes:
 def test_stamp_covers_every_input_of_a_shard():
     """The stamp a shard is reused by changes with each input: a row's path, size or ids, an image's
     bytes, a proposal, the proposals stage's failures, the setting; and with nothing else."""
-    from pipeline.shards import inputs_stamp
+    from pipeline.shard_reuse import inputs_stamp
 
     rows = [{"key": k, "source": "s", "image_id": k, "path": f"img/{k}.jpg", "width": 40, "height": 30} for k in "ab"]
     props = pa.table({"key": ["a", "a", "b"], "x1": [0.0, 1.0, 2.0], "y1": [0.0] * 3, "x2": [9.0] * 3,
@@ -447,6 +468,11 @@ def test_a_worker_that_dies_lists_the_image_that_killed_it_and_keeps_the_rest(tm
         with tarfile.open(tmp_path / "out" / index["shards"][0]["name"]) as tar:
             keys = {Path(m).stem for m in tar.getnames()}
         assert keys == {f"k{i}" for i in range(6)} - {crashed[0]["key"]}
+        # a rerun reuses the shard as it is: its stamp covers the crashed image's bytes, and the
+        # record of the crash comes back from it (no worker is killed, nothing is rewritten)
+        before = folder_bytes(tmp_path / "out")
+        assert run(images, props, tmp_path / "out", cfg, num_workers=2, progress=False) == index
+        assert folder_bytes(tmp_path / "out") == before
 
 
 def test_a_shard_whose_worker_dies_after_every_check_is_an_error_naming_it(tmp_path):

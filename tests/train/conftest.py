@@ -1,7 +1,6 @@
 """Fixtures for the train tests: tiny WebDataset shards made with the real shard writer."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +8,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from pipeline.contracts import PROPOSALS_SCHEMA
 from pipeline.shardset import SHARD_PATTERN
-from pipeline.shards import write_shard
+from pipeline.shards import ShardsConfig, write_index, write_shard
 
 N_SHARDS, PER_SHARD = 6, 5
 
@@ -32,11 +32,9 @@ def shards(tmp_path_factory) -> Path:
             rows.append({"key": key, "source": "t", "image_id": key, "path": str(path), "width": w, "height": h})
             for r in range(j):
                 props.append({"key": key, "x1": 0.0, "y1": 0.0, "x2": float(w - r), "y2": float(h - r), "rank": r})
-        table = pa.Table.from_pylist(props, schema=pa.schema([
-            ("key", pa.string()), ("x1", pa.float32()), ("y1", pa.float32()), ("x2", pa.float32()),
-            ("y2", pa.float32()), ("rank", pa.int32())]))
+        table = pa.Table.from_pylist(props, schema=PROPOSALS_SCHEMA)
         entries.append(write_shard(SHARD_PATTERN.format(s), rows, table, root, 95))
-    (root / "index.json").write_text(json.dumps({"shards": entries, "total_samples": N_SHARDS * PER_SHARD}))
+    write_index(root, entries, ShardsConfig(samples_per_shard=PER_SHARD), "(generated: no images table)")
     return root
 
 
