@@ -87,6 +87,16 @@ def checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+LOSS_TSV = Path("dvclive") / "plots" / "metrics" / "train" / "loss.tsv"     # in a run folder
+
+
+def logged_rows(tsv: Path) -> int:
+    """Complete rows (steps) of a dvclive metric history; 0 before its first."""
+    if not tsv.is_file():
+        return 0
+    return max(0, tsv.read_text().count("\n") - 1)
+
+
 @pytest.mark.slow
 def test_a_killed_pretrain_stage_resumes_under_dvc_and_equals_an_undisturbed_run(shards, tmp_path):  # noqa: F811
     proj = tmp_path / "proj"
@@ -97,13 +107,15 @@ def test_a_killed_pretrain_stage_resumes_under_dvc_and_equals_an_undisturbed_run
     stage = {"cmd": " ".join(["python -m train.launch", *args, "--out", "run"]),
              "deps": ["shards"], "params": ["pretrain", "loader", "methods.d3ssl"],
              "outs": [project_out("pretrain", "checkpoint.pt", "run/checkpoint.pt"),
-                      project_out("pretrain", "snapshots", "run/snapshots")]}
+                      project_out("pretrain", "snapshots", "run/snapshots"),
+                      project_out("pretrain", "dvclive/plots/metrics", "run/dvclive/plots/metrics")]}
     dvc_project(proj, {"pretrain": stage})
 
-    ckpt = proj / "run" / "checkpoint.pt"
-    repro_killed_when(proj, ckpt.exists)
+    # killed once a step after the checkpoint (step 2) is logged: its row is in the log, not in the checkpoint
+    ckpt, loss_log = proj / "run" / "checkpoint.pt", proj / "run" / LOSS_TSV
+    repro_killed_when(proj, lambda: ckpt.exists() and logged_rows(loss_log) > 2)
     killed_at = checkpoint(ckpt)["step"]
-    assert 0 < killed_at < STEPS
+    assert 0 < killed_at < logged_rows(loss_log) and killed_at < STEPS
     out = repro(proj)
     assert f"resumed from step {killed_at}" in out.stdout + out.stderr, out.stdout + out.stderr
 
@@ -116,6 +128,9 @@ def test_a_killed_pretrain_stage_resumes_under_dvc_and_equals_an_undisturbed_run
     assert a["model"].keys() == b["model"].keys() and any("queue" in k for k in a["model"])
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k       # student, teacher, queue, BN statistics
+    # the loss log too: the resumed run dropped the rows after its checkpoint and logged each step once
+    assert logged_rows(proj / "whole" / LOSS_TSV) == logged_rows(loss_log) == STEPS
+    assert folder_state(proj / "run" / "dvclive") == folder_state(proj / "whole" / "dvclive")   # TSVs, metrics.json
     assert "pretrain" not in subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=proj, env=env(),
                                             capture_output=True, text=True).stdout
 

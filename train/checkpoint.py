@@ -10,12 +10,14 @@ steps' health records, the settings and the run's stamp. It loads with
 
 The stamp says what a checkpoint was trained from: a hash of the stamped settings (`pretrain`
 with `loader`, `methods.<name>`, the method and world size; not the UNSTAMPED ones, which do not
-change what is trained), the content hash of the shards' index.json and the code version
-(`pipeline.closure.code_version` of `train.pretrain`: its import closure's syntax trees, so an edit
-to a comment or docstring is no change). RUN_DIR/stamp.json shows it
-beside the checkpoint; it is written when the stamp it holds differs (once per run, not at every
-checkpoint). `plan_resume` compares a checkpoint's stamp with the run's, `agree_on_resume` makes
-every rank take the same decision.
+change what is trained; and the versions of torch, torchvision and Pillow, `versions.<library>`,
+since an upgrade changes the kernels and the image decoding that produced the weights), the content
+hash of the shards' index.json and the code version (`pipeline.closure.code_version` of
+`train.pretrain`: its import closure's syntax trees, so an edit to a comment or docstring is no
+change). RUN_DIR/stamp.json shows it beside the checkpoint; it is written when the stamp it holds
+differs (once per run, not at every checkpoint). `load_checkpoint` reads a checkpoint (an unreadable
+or old-format one starts clean, or is an error under --resume), `plan_resume` compares its stamp
+with the run's, `agree_on_resume` makes every rank take the same decision.
 """
 from __future__ import annotations
 
@@ -126,13 +128,29 @@ STAMP_FILE = "stamp.json"
 # left out of the stamp, so a run can be continued with another max_steps or checkpoint interval.
 UNSTAMPED = {"max_steps", "checkpoint_every", "checkpoint_minutes", "snapshot_steps", "nproc_per_node",
              "loader.start_method", "loader.max_shard_failures", "loader.max_sample_failures"}
-# Settings that change the stream or the schedule: an explicit --resume across a change of one is refused.
-STREAM_SETTINGS = ("method", "arch", "world_size", "seed", "epochs", "warmup_epochs", "loader.batch_size",
-                   "loader.workers", "loader.shuffle_buffer", "loader.resampled", "loader.epoch_samples")
+# The stamped settings an explicit --resume may continue across (with a warning). Every other
+# stamped setting is part of what the checkpoint was trained with, and a change is refused:
+#  - the model and its state (arch, roi_size, bn_splits, methods.<name>.*: queue_size, proj_dim,
+#    ...) and the optimiser (optimizer, weight_decay, sgd_momentum): load_state_dict would fail,
+#    or load the state into a different network or update rule;
+#  - the schedule (epochs, warmup_epochs, base_lr): the cosine learning rate and the teacher
+#    momentum are functions of the step and of total_steps = epochs x steps per epoch, so a
+#    resumed run with another value follows a curve the checkpoint never was on (extend a run
+#    with a new run folder; stop it early with max_steps, which is not stamped);
+#  - the stream (seed, loader.*: batch, workers, views, shuffle buffer): the run position (epoch,
+#    batch in the epoch) would point into another sequence of images;
+#  - the libraries (versions.*): other kernels and decoders under the same weights.
+# `deterministic` only picks torch's deterministic kernels for the same computation: it changes
+# no state, shape, stream or schedule (a resumed run is then no longer bitwise an undisturbed one).
+RESUME_MAY_CHANGE = frozenset({"deterministic"})
+# The libraries whose versions the stamp holds (`library_versions`).
+VERSIONED_LIBRARIES = ("torch", "torchvision", "Pillow")
+# What every checkpoint `save_checkpoint` writes holds; one without them is of an older format.
+CHECKPOINT_KEYS = ("model", "optimizer", "step", "epoch", "batch", "rng", "method", "world_size")
 
 
 class ResumeError(RuntimeError):
-    """A resume that cannot continue the run (no checkpoint, or a setting that changes the stream)."""
+    """A resume that cannot continue the run (no checkpoint, an unreadable one, or a changed setting)."""
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -145,6 +163,17 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def library_versions() -> dict[str, str]:
+    """`{"versions.torch": ..., "versions.torchvision": ..., "versions.Pillow": ...}`: stamped,
+    because a checkpoint continued under other kernels (torch), transforms (torchvision) or JPEG
+    decoding (Pillow) is no longer the run its stamp describes."""
+    import PIL
+    import torchvision
+
+    found = {"torch": torch.__version__, "torchvision": torchvision.__version__, "Pillow": PIL.__version__}
+    return {f"versions.{name}": str(found[name]) for name in VERSIONED_LIBRARIES}
+
+
 def run_settings(method_name: str, cfg: dict, mcfg: dict, world: int) -> dict:
     """The stamped settings, flat ("loader.batch_size"): method, world size, `pretrain` with `loader`
     (as dicts, less UNSTAMPED) and `methods.<name>`."""
@@ -155,27 +184,32 @@ def run_settings(method_name: str, cfg: dict, mcfg: dict, world: int) -> dict:
 
 
 def make_stamp(shards: str | Path, method_name: str, cfg, mcfg, world: int) -> dict:
-    """What a checkpoint was trained from: the stamped settings (and their hash), the content hash
-    of the shards' index.json and the code version."""
-    settings = run_settings(method_name, as_dict(cfg), as_dict(mcfg), world)
+    """What a checkpoint was trained from: the stamped settings with the library versions (and
+    their hash), the content hash of the shards' index.json and the code version."""
+    settings = {**run_settings(method_name, as_dict(cfg), as_dict(mcfg), world), **library_versions()}
     return {"params": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
             "shards": storage.sha256(storage.join(shards, shardset.INDEX_NAME)),
             "code": code_version("train.pretrain"), "settings": settings}
 
 
 def stamp_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
-    """(changes of the stream or schedule, other changes) from stamp `old` to `new`, in words."""
-    stream, other = [], []
+    """(changes --resume refuses, changes it continues across with a warning) from stamp `old` to
+    `new`, in words. Refused: any stamped setting outside RESUME_MAY_CHANGE, other shards.
+    Continued across: RESUME_MAY_CHANGE, the code version (a fix to the sources is what a resume
+    after a crash often follows; the settings above pin what the state means)."""
+    refused, other = [], []
     a, b = old.get("settings", {}), new["settings"]
     for k in sorted(set(a) | set(b)):
         if a.get(k) != b.get(k):
-            (stream if k in STREAM_SETTINGS else other).append(f"{k} was {a.get(k)!r}, is now {b.get(k)!r}")
+            was = f"was {a[k]!r}" if k in a else "was not stamped"
+            now = f"is now {b[k]!r}" if k in b else "is now not set"
+            (other if k in RESUME_MAY_CHANGE else refused).append(f"{k} {was}, {now}")
     if old.get("shards") != new["shards"]:       # unknown for a checkpoint written before stamps
-        (stream if old.get("shards") else other).append(
+        (refused if old.get("shards") else other).append(
             "the shards' index.json differs" if old.get("shards") else "the shards are unknown")
     if old.get("code") != new["code"]:
         other.append("the code version (the sources train.pretrain imports) differs" if old.get("code") else "the code version is unknown")
-    return stream, other
+    return refused, other
 
 
 def legacy_stamp(state: dict) -> dict:
@@ -184,11 +218,39 @@ def legacy_stamp(state: dict) -> dict:
                                      state["world_size"])}
 
 
+def load_checkpoint(ckpt: Path, device: torch.device, mode: str) -> dict | None:
+    """The checkpoint at `ckpt`, or None where there is none to continue. A file that does not load
+    (truncated, corrupt, not a checkpoint) or lacks CHECKPOINT_KEYS (an older format) cannot be
+    continued: in "require" mode (--resume) that is a ResumeError naming the file; otherwise a
+    warning, and the run starts clean (overwriting it at its first checkpoint), as after a stamp
+    mismatch: DVC reruns the stage without flags and must not stop on a file it cannot use."""
+    if not ckpt.is_file():
+        return None
+    try:
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"it holds a {type(state).__name__}, not a checkpoint's dict")
+        missing = [k for k in CHECKPOINT_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"it lacks {missing} (an older format, or not a pre-training checkpoint)")
+    except Exception as e:     # noqa: BLE001  (torch.load raises RuntimeError, UnpicklingError, EOFError, ...)
+        why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}"
+        if mode == "require":
+            raise ResumeError(f"--resume: cannot read the checkpoint {ckpt} ({why}); delete or move it away and "
+                              "run without --resume to start clean, or restore a readable checkpoint") from e
+        if mode != "never":
+            log.warning("cannot read the checkpoint %s (%s); starting clean (it is overwritten at the first "
+                        "checkpoint)", ckpt, why)
+        return None
+    return state
+
+
 def plan_resume(ckpt: Path, state: dict | None, stamp: dict, mode: str, stop: int) -> bool:
     """Whether to continue from the checkpoint `state` (None: there is none). `mode`: "auto" resumes
     a checkpoint of the same stamp and starts clean otherwise, saying why; "require" (--resume)
-    resumes or raises ResumeError (no checkpoint, or a changed setting of the stream or schedule;
-    other changes are warned about); "never" starts clean."""
+    resumes or raises ResumeError (no checkpoint, or a changed stamped setting outside
+    RESUME_MAY_CHANGE, or other shards; the changes it allows, and the code version, are warned
+    about); "never" starts clean."""
     if mode == "never" or state is None:
         if state is None and mode == "require":
             raise ResumeError(f"--resume: there is no checkpoint {ckpt} to resume; run without --resume to "
@@ -197,22 +259,25 @@ def plan_resume(ckpt: Path, state: dict | None, stamp: dict, mode: str, stop: in
             log.info("not resuming %s (step %d): asked to start clean", ckpt, state["step"])
         return False
     old = state.get("stamp") or legacy_stamp(state)
-    stream, other = stamp_changes(old, stamp)
+    refused, other = stamp_changes(old, stamp)
     if mode == "require":
         if state["method"] != stamp["settings"]["method"] or state["world_size"] != stamp["settings"]["world_size"]:
             raise ResumeError(f"{ckpt} is a {state['method']} run on {state['world_size']} processes; cannot "
                               f"resume it as {stamp['settings']['method']} on {stamp['settings']['world_size']}")
-        if stream:
-            raise ResumeError(f"cannot resume {ckpt}: {'; '.join(stream)}. That changes the stream or the "
-                              "schedule; restore the setting, or run without --resume to start clean")
+        if refused:
+            raise ResumeError(
+                f"cannot resume {ckpt}: {'; '.join(refused)}. That changes what the checkpoint was trained with "
+                "(the model, the optimiser, the stream or the schedule, the libraries); restore the setting(s) "
+                "to continue this run, or start a new run folder (--out) for the new settings (--resume may "
+                f"change only {sorted(RESUME_MAY_CHANGE)} and the unstamped {sorted(UNSTAMPED)})")
         if state["step"] > stop:
             raise ResumeError(f"cannot resume {ckpt}: it is at step {state['step']}, past pretrain.max_steps {stop}")
         if other:
             log.warning("resuming %s although %s", ckpt, "; ".join(other))
         return True
-    if stream or other:
+    if refused or other:
         log.info("not resuming %s (step %d): its stamp differs (%s); starting clean", ckpt, state["step"],
-                 "; ".join(stream + other))
+                 "; ".join(refused + other))
         return False
     if state["step"] > stop:
         log.info("not resuming %s: it is at step %d, past pretrain.max_steps %d; starting clean",

@@ -42,10 +42,11 @@ the shards' `index.json` and the code version (the sources of this module's impo
 by `pipeline.closure`). Without flags a run resumes a checkpoint with its own stamp and logs
 `resumed from step N`; any other checkpoint is ignored, with a log line naming what differs, and
 overwritten at the first save (`dvc.yaml` keeps the checkpoint with `persist: true`, so a
-`dvc repro` after a crash continues the run). `--resume` requires a checkpoint: none, or one whose
-settings change the stream or the schedule (`STREAM_SETTINGS`: method, world size, seed, epochs,
-batch size, loader workers, ...; or other shards), is an error naming the setting; other changes
-(code, learning rate) are warned about and resumed across. `--fresh` starts clean.
+`dvc repro` after a crash continues the run). `--resume` requires a checkpoint: none, an unreadable
+one, or one whose stamp differs in any stamped setting (the model, optimiser, schedule, stream,
+shards, world size, or the torch / torchvision / Pillow versions) but those of
+`train.checkpoint.RESUME_MAY_CHANGE` is an error naming the setting; a code change is warned about
+and resumed across. `--fresh` starts clean.
 
 Multi-process and multi-node resume: every rank reads RUN_DIR/checkpoint.pt itself, so the run
 folder must be on storage that every rank (every node) sees, e.g. a shared file system. The ranks
@@ -191,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", type=Path, help="params.yaml (sections pretrain, loader, methods); without it the "
                                                "defaults: ResNet-50 for 800 epochs")
     p.add_argument("--resume", action="store_true",
-                   help="continue from RUN_DIR/checkpoint.pt, or fail: no checkpoint, or a changed setting of the "
-                        "stream or schedule (default: continue it only if its stamp matches, else start clean)")
+                   help="continue from RUN_DIR/checkpoint.pt, or fail: no checkpoint, an unreadable one, or a "
+                        "changed stamped setting (default: continue it only if its stamp matches, else start clean)")
     p.add_argument("--fresh", action="store_true", help="start clean even if a checkpoint of the same run exists")
     p.add_argument("--device", help="cpu, cuda (default: cuda if available)")
     p.add_argument("--seed", type=int, help="overrides pretrain.seed (initial weights, stream, augmentations)")

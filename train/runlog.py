@@ -8,10 +8,20 @@ stage output DVC hashes, and a timing in it would change with every run of the s
 chance level per InfoNCE term (ln(M + 1), M the query's own negatives: the queue less the keys of
 its own image, `train.losses.chance_loss`) means the method learned nothing; a key spread near 0
 means the keys collapsed to one point.
+
+A resumed run's log equals an undisturbed run's: the run logs step k (1-based) as dvclive step
+k - 1, and a crash after the checkpoint at step N leaves rows of steps N and later in the metrics
+TSVs (and dvclive's own resume would continue after the last row logged, or at 0 where
+metrics.json is gone). `resume_live` cuts every TSV under dvclive's plots/metrics to the rows of
+steps before N, rebuilds metrics.json's summary from their last rows and continues at step N.
 """
 from __future__ import annotations
 
+import csv
+import io
+import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -77,6 +87,91 @@ def _live_without_git():
     return LiveWithoutGit
 
 
+METRICS_SUBFOLDER = Path("plots") / "metrics"      # dvclive's metric histories, one TSV per metric
+
+
+def _parse(text: str) -> int | float | str:
+    """A TSV cell as dvclive logged it: int, float (`repr`, so it round-trips exactly) or text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def truncate_metrics(live_dir: Path, step: int) -> dict:
+    """Cut every metric TSV under `live_dir`/plots/metrics to its header and the rows of dvclive
+    steps below `step` (the run's steps up to its checkpoint at `step`); returns the summary of
+    the kept log as dvclive's metrics.json holds it (each metric's last kept value, nested by its
+    path, and "step": the last kept step), for the resumed logger to continue from.
+
+    Files are rewritten only where rows are dropped, with their bytes otherwise untouched (the
+    folder is a stage output DVC hashes). A file without a `step` column is an error naming it."""
+    root = live_dir / METRICS_SUBFOLDER
+    summary: dict = {}
+    last_step = -1
+    for path in sorted(root.rglob("*.tsv")) if root.is_dir() else []:
+        lines = path.read_bytes().decode("utf-8").splitlines(keepends=True)
+        if not lines:
+            continue
+        header = next(csv.reader(io.StringIO(lines[0].rstrip("\r\n")), delimiter="\t"))
+        if "step" not in header:
+            raise ValueError(f"{path}: no `step` column in its header {header}; it is not a dvclive metric "
+                             "history. Remove it, or start the run clean (--fresh)")
+        at, name = header.index("step"), os.path.splitext(path.name)[0]
+        kept, last = [lines[0]], None
+        for line in lines[1:]:
+            # a row cut short by the crash (no line end, missing cells) belongs to a step after the
+            # checkpoint: dropped like the complete ones
+            row = next(csv.reader(io.StringIO(line.rstrip("\r\n")), delimiter="\t"), [])
+            if line.endswith("\n") and len(row) == len(header) and row[at].isdigit() and int(row[at]) < step:
+                kept.append(line)
+                last = row
+        if len(kept) < len(lines):
+            path.write_bytes("".join(kept).encode("utf-8"))
+        if last is not None and name in header:
+            node = summary
+            for part in path.relative_to(root).with_suffix("").parts[:-1]:
+                node = node.setdefault(part, {})
+            node[name] = _parse(last[header.index(name)])
+            last_step = max(last_step, int(last[at]))
+    if last_step >= 0:
+        summary["step"] = last_step
+    return summary
+
+
+def _ordered_like(d: dict, like: dict) -> dict:
+    """`d` with its keys (at every level) in the order of `like`'s, the others after them."""
+    keys = [k for k in like if k in d] + [k for k in d if k not in like]
+    return {k: _ordered_like(d[k], like[k]) if isinstance(d[k], dict) and isinstance(like.get(k), dict) else d[k]
+            for k in keys}
+
+
+def resume_live(path: Path, step: int):
+    """A dvclive logger at `path` that continues the log of a run resumed from its checkpoint at
+    `step`: the metric TSVs cut to the steps before it (`truncate_metrics`), metrics.json's summary
+    from what they keep, and the next row logged as dvclive step `step`, as in a run never stopped."""
+    summary = truncate_metrics(path, step)
+    if summary.get("step", -1) != step - 1:
+        log.warning("the dvclive log in %s ends at step %s, not at the checkpoint's step %d: the rows of the "
+                    "steps between are missing (the folder was deleted or is older)", path,
+                    summary.get("step", -1) + 1, step)
+    # dvclive's resume reads its step and summary from metrics.json, which a crash may have left
+    # at a later step or half written: both are set here instead, in the order of its keys (the
+    # order the run logs its metrics in, which the rewritten metrics.json keeps)
+    old = path / "metrics.json"
+    try:
+        order = json.loads(old.read_text(encoding="utf-8")) if old.is_file() else {}
+    except (ValueError, OSError):
+        order = {}
+    old.unlink(missing_ok=True)
+    live = open_live(path, resume=True)
+    live.summary = _ordered_like(summary, order if isinstance(order, dict) else {})
+    live.step = step
+    return live
+
+
 class StepLog:
     """Rank 0's per-step logs: dvclive metrics under RUN_DIR/dvclive and the progress bar."""
 
@@ -85,7 +180,11 @@ class StepLog:
         from tqdm import tqdm
 
         self.run = run
-        self.live = open_live(run.out / "dvclive", resume=run.resumed and run.pos.step > 0) if run.rank == 0 else None
+        self.live = None
+        if run.rank == 0:
+            resumed = run.resumed and run.pos.step > 0
+            self.live = resume_live(run.out / "dvclive", run.pos.step) if resumed else open_live(run.out / "dvclive",
+                                                                                                resume=False)
         if self.live is not None:
             for k, v in {"method": run.name, "arch": run.cfg.arch, "world_size": run.world,
                          "steps": run.sched.total_steps}.items():

@@ -21,8 +21,8 @@ import torch
 from pipeline.params import as_dict
 from train import dist
 from train.checkpoint import (
-    CheckpointClock, ResumeError, RunPosition, agree_on_resume, checkpoint, plan_resume, set_rng_state,
-    weights_checksum,
+    CheckpointClock, ResumeError, RunPosition, agree_on_resume, checkpoint, load_checkpoint, plan_resume,
+    set_rng_state, weights_checksum,
 )
 from train.export import write_export
 from train.methods import MethodConfig, build, prepare
@@ -118,19 +118,23 @@ class Trainer:
         (out / "snapshots").mkdir(exist_ok=True)
 
     def resume(self, mode: str, stamp: dict) -> None:
-        """Continue the checkpoint or start clean, every rank alike (see `plan_resume`)."""
+        """Continue the checkpoint or start clean, every rank alike (see `load_checkpoint` and
+        `plan_resume`). Each rank loads the state into its method and optimiser before the ranks
+        agree, so a checkpoint that does not load is a ResumeError on every rank together, not a
+        traceback on one while the others wait in a collective."""
         error, state = None, None
         try:
             # every rank reads the checkpoint itself: the run folder must be on shared storage
-            state = torch.load(self.ckpt, map_location=self.dev, weights_only=True) if self.ckpt.is_file() else None
+            state = load_checkpoint(self.ckpt, self.dev, mode)
             self.resumed = plan_resume(self.ckpt, state, stamp, mode, self.sched.stop)
             if self.resumed:
                 self.pos = RunPosition(state["step"], state["epoch"], state["batch"])
+                self._load_state(state)
         except ResumeError as e:
             error = e
         agree_on_resume(self.resumed, self.pos, stamp, error, self.dev)
         if self.resumed:
-            self._load(state)
+            self._sync_loaded()
         elif self.rank == 0:
             for old in (self.out / "snapshots").iterdir():      # a clean start keeps no snapshot of another run
                 if old.is_dir() and old.name.startswith("step"):
@@ -139,14 +143,27 @@ class Trainer:
         self.meta = {"method": self.name, "arch": self.cfg.arch, "world_size": self.world,
                      "config": as_dict(self.cfg), "method_config": as_dict(self.mcfg), "stamp": stamp}
 
-    def _load(self, state: dict) -> None:
-        method, optimizer, pos = self.method, self.optimizer, self.pos
-        method.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]] * self.world
-        set_rng_state(rngs[self.rank], self.aug)
+    def _load_state(self, state: dict) -> None:
+        """This rank's part of a resume: the method, optimiser and RNG states of `state`. A state
+        that does not fit (its stamp matched, yet the shapes or keys differ: a hand-edited or
+        foreign checkpoint) is a ResumeError naming the file, not load_state_dict's traceback."""
+        try:
+            self.method.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]] * self.world
+            set_rng_state(rngs[self.rank], self.aug)
+        except Exception as e:     # noqa: BLE001  (RuntimeError, ValueError, KeyError, IndexError, ...)
+            text = " ".join(str(e).split())         # one line: load_state_dict lists the keys on many
+            why = f"{type(e).__name__}: {text[:500] + ' ...' if len(text) > 500 else text}"
+            raise ResumeError(f"the checkpoint {self.ckpt} does not load into this run's model and optimiser "
+                              f"({why}); move it away, or run with --fresh, to start clean, or resume it with "
+                              "the code and settings it was written with") from e
         self.recent.extend(state.get("recent", []))
-        # the same weights, queue and optimiser state on every rank, whatever each rank read
+
+    def _sync_loaded(self) -> None:
+        """After every rank agreed on the resume: rank 0's weights, queue and optimiser state on
+        every rank (whatever each rank read), and the log lines."""
+        method, optimizer, pos = self.method, self.optimizer, self.pos
         dist.broadcast_([*method.state_dict().values(),
                          *(v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))])
         log.info("resumed from step %d (epoch %d, batch %d) of %s", pos.step, pos.epoch, pos.batch, self.ckpt)

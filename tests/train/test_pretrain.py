@@ -130,6 +130,7 @@ def test_killed_and_resumed_run_reaches_the_same_weights(shards, tmp_path):
         assert torch.equal(a[k], b[k]), k           # bitwise: weights, teacher, queue, BN statistics
     whole = json.loads((tmp_path / "whole" / "summary.json").read_text())
     assert whole["steps"] == 8 and (tmp_path / "whole" / "dvclive" / "metrics.json").exists()
+    assert whole["epochs_done"] == 1                # 6 steps an epoch (24 samples, 2 workers, batch 4)
     logged = (tmp_path / "whole" / "dvclive" / "plots" / "metrics" / "train" / "loss_dp.tsv").read_text()
     assert len(logged.strip().splitlines()) == 1 + 8
 

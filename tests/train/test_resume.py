@@ -35,16 +35,22 @@ def tiny_params(path: Path, **pretrain_keys) -> Path:
     return path
 
 
-def run(shards: Path, out: Path, params: Path, resume="auto", **cfg_changes) -> dict:
+def run(shards: Path, out: Path, params: Path, resume="auto", method: dict | None = None, **cfg_changes) -> dict:
+    """A run of `params` with `cfg_changes` to its `pretrain` section (`loader`: a dict of loader
+    changes, its `views` a dict of views changes) and `method` to `methods.d3ssl`."""
     cfg = load_config(params)
     if cfg_changes:
-        loader = cfg_changes.pop("loader", None)
+        loader = dict(cfg_changes.pop("loader", None) or {})
         cfg = pretrain.override(cfg, **cfg_changes)
+        if "views" in loader:
+            loader["views"] = pretrain.override(cfg.loader.views, **loader["views"])
         if loader:
             cfg = pretrain.override(cfg, loader=pretrain.override(cfg.loader, **loader))
+    mcfg = method_config(METHOD, params)
+    if method:
+        mcfg = pretrain.override(mcfg, **method)
     try:
-        return pretrain.train(shards, out, METHOD, cfg, method_config(METHOD, params), resume=resume, device="cpu",
-                              progress=False)
+        return pretrain.train(shards, out, METHOD, cfg, mcfg, resume=resume, device="cpu", progress=False)
     finally:
         torch.use_deterministic_algorithms(False)      # train() sets it for the whole process
 
@@ -84,6 +90,8 @@ def test_a_rerun_resumes_automatically_and_equals_an_undisturbed_run(shards, cut
         assert torch.equal(a["model"][k], b["model"][k]), k     # student, teacher, queue, BN statistics
     assert json.loads((run_dir / "stamp.json").read_text()) == b["stamp"] == a["stamp"]
     assert summary["health"]["steps"] == WHOLE                    # the health window survived the resume
+    # 6 steps of 4 per epoch: one complete epoch, in the returned summary and in summary.json
+    assert summary["epochs_done"] == json.loads((run_dir / "summary.json").read_text())["epochs_done"] == 1
 
 
 def test_resume_without_a_checkpoint_is_an_error(shards, tmp_path, caplog):
@@ -100,7 +108,7 @@ def test_resume_without_a_checkpoint_is_an_error(shards, tmp_path, caplog):
 def test_resume_across_a_changed_batch_size_is_refused_naming_it(shards, cut_run, tmp_path, caplog):
     params, _ = cut_run
     run_dir = copy_run(cut_run, tmp_path)
-    with pytest.raises(ResumeError, match=r"loader\.batch_size was 4, is now 8.*stream or the schedule"):
+    with pytest.raises(ResumeError, match=r"loader\.batch_size was 4, is now 8.*restore the setting.*new run folder"):
         run(shards, run_dir, params, resume="require", max_steps=WHOLE, loader={"batch_size": 8})
     with pytest.raises(ResumeError, match=r"loader\.workers was 0, is now 1"):
         run(shards, run_dir, params, resume="require", max_steps=WHOLE, loader={"workers": 1})
@@ -111,14 +119,25 @@ def test_resume_across_a_changed_batch_size_is_refused_naming_it(shards, cut_run
     assert f"resumed from step {CUT}" in caplog.text and state(run_dir)["step"] == CUT + 1
 
 
-@pytest.mark.parametrize("change", ["params", "code"])
+def other_torch(monkeypatch) -> str:
+    """Pretend torch was upgraded since the checkpoint; returns the stamp's words for it."""
+    real = checkpoint.library_versions()
+    monkeypatch.setattr(checkpoint, "library_versions", lambda: {**real, "versions.torch": "99.0"})
+    return f"versions.torch was {real['versions.torch']!r}, is now '99.0'"
+
+
+@pytest.mark.parametrize("change", ["params", "code", "library"])
 def test_a_stamp_mismatch_starts_clean_and_says_why(shards, cut_run, tmp_path, caplog, monkeypatch, change):
     params, _ = cut_run
     run_dir = copy_run(cut_run, tmp_path)
     cfg = {"max_steps": 2}
+    if change != "code":            # the checkpoint's code version: the sources may change while the tests run
+        monkeypatch.setattr(checkpoint, "code_version", lambda module, v=state(run_dir)["stamp"]["code"]: v)
     if change == "params":
         cfg["base_lr"] = 0.1
         why = f"base_lr was {pretrain.load_config(params).base_lr}, is now 0.1"
+    elif change == "library":
+        why = other_torch(monkeypatch)
     else:
         monkeypatch.setattr(checkpoint, "code_version", lambda module: "another version")
         why = "the code version (the sources train.pretrain imports) differs"
@@ -129,6 +148,83 @@ def test_a_stamp_mismatch_starts_clean_and_says_why(shards, cut_run, tmp_path, c
     new = state(run_dir)
     assert new["step"] == summary["steps"] == 2 and summary["health"]["steps"] == 2   # 2 fresh steps, not CUT + 0
     assert json.loads((run_dir / "stamp.json").read_text()) == new["stamp"] != state(cut_run[1])["stamp"]
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"base_lr": 0.1}, r"base_lr was 0\.\d+, is now 0\.1"),
+    ({"optimizer": "lars"}, r"optimizer was 'sgd', is now 'lars'"),
+    ({"roi_size": 5}, r"roi_size was 7, is now 5"),
+    ({"loader": {"views": {"size": 48}}}, r"loader\.views\.size was 64, is now 48"),
+    ({"method": {"queue_size": 128}}, r"methods\.d3ssl\.queue_size was 64, is now 128"),
+    ({"library": True}, r"versions\.torch was '.+', is now '99\.0'"),
+])
+def test_resume_refuses_any_stamped_change_naming_it(shards, cut_run, tmp_path, monkeypatch, change, why):
+    """--resume continues only the settings the checkpoint was trained with: a change of the
+    model (queue_size, roi_size), the optimiser, the views, the schedule or the libraries is
+    refused naming the setting (not a warning followed by load_state_dict's traceback)."""
+    params, _ = cut_run
+    run_dir = copy_run(cut_run, tmp_path)
+    change = dict(change)
+    if change.pop("library", False):
+        other_torch(monkeypatch)
+    with pytest.raises(ResumeError, match=rf"cannot resume .*checkpoint\.pt: {why}\..*restore the setting\(s\).*"
+                                          r"new run folder"):
+        run(shards, run_dir, params, resume="require", max_steps=WHOLE, **change)
+    assert state(run_dir)["step"] == CUT                          # untouched
+
+
+def test_resume_continues_across_an_allowed_change_with_a_warning(shards, cut_run, tmp_path, caplog):
+    """`deterministic` (RESUME_MAY_CHANGE) picks kernels only: --resume continues, and says so."""
+    params, _ = cut_run
+    run_dir = copy_run(cut_run, tmp_path)
+    assert "deterministic" in checkpoint.RESUME_MAY_CHANGE
+    with caplog.at_level(logging.INFO, logger="train"):
+        run(shards, run_dir, params, resume="require", max_steps=CUT + 1, deterministic=False)
+    assert "although deterministic was True, is now False" in caplog.text
+    assert f"resumed from step {CUT}" in caplog.text and state(run_dir)["step"] == CUT + 1
+
+
+@pytest.mark.parametrize("resume", ["auto", "require"])
+def test_a_checkpoint_that_does_not_load_into_the_model_is_a_resume_error_naming_it(shards, cut_run, tmp_path,
+                                                                                     monkeypatch, resume):
+    """Its stamp matches, its state does not fit (a wrong-sized queue): a ResumeError naming the
+    file, not load_state_dict's traceback."""
+    params, _ = cut_run
+    run_dir = copy_run(cut_run, tmp_path)
+    bad = state(run_dir)
+    bad["model"]["queue.features"] = bad["model"]["queue.features"][:, :3]
+    bad["stamp"]["code"] = "this code"               # pinned: the sources may change while the tests run
+    monkeypatch.setattr(checkpoint, "code_version", lambda module: "this code")
+    torch.save(bad, run_dir / "checkpoint.pt")
+    with pytest.raises(ResumeError, match=rf"the checkpoint {run_dir / 'checkpoint.pt'} does not load into this "
+                                          r"run's model.*queue\.features.*--fresh"):
+        run(shards, run_dir, params, resume=resume, max_steps=WHOLE)
+
+
+def write_unusable(path: Path, kind: str) -> None:
+    if kind == "corrupt":
+        path.write_bytes(b"not a checkpoint at all")
+    elif kind == "truncated":                                  # killed while copying it
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:                                                      # an older format: no run position, no RNG states
+        torch.save({"model": state(path.parent)["model"], "step": CUT}, path)
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "truncated", "old format"])
+def test_an_unreadable_checkpoint_starts_clean_or_is_refused_with_resume(shards, cut_run, tmp_path, caplog, kind):
+    params, _ = cut_run
+    run_dir = copy_run(cut_run, tmp_path)
+    ckpt = run_dir / "checkpoint.pt"
+    write_unusable(ckpt, kind)
+    with pytest.raises(ResumeError, match=rf"--resume: cannot read the checkpoint {ckpt} \(.+\); delete or move "
+                                          "it away and run without --resume"):
+        run(shards, run_dir, params, resume="require", max_steps=2)
+    with caplog.at_level(logging.INFO, logger="train"):
+        summary = run(shards, run_dir, params, max_steps=2)       # automatic: a warning, and a clean start
+    assert f"cannot read the checkpoint {ckpt}" in caplog.text and "starting clean" in caplog.text
+    assert any(r.levelno == logging.WARNING and str(ckpt) in r.getMessage() for r in caplog.records)
+    assert "resumed from" not in caplog.text
+    assert summary["steps"] == state(run_dir)["step"] == 2 and summary["health"]["steps"] == 2
 
 
 def test_checkpoints_come_every_checkpoint_minutes_too(shards, tmp_path, monkeypatch):
@@ -232,5 +328,8 @@ def test_the_next_epochs_loader_starts_before_the_epoch_ends_and_changes_nothing
     assert started == [(0, 0), (1, 4), (2, 8)]
     a, b = state(tmp_path / "prefetch"), state(tmp_path / "plain")
     assert a["step"] == b["step"] == 12
+    # the run stopped at the last step of its 3rd epoch (the position's epoch lags there, at 2)
+    assert json.loads((tmp_path / "plain" / "summary.json").read_text())["epochs_done"] == 3
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+

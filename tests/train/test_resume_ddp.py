@@ -1,5 +1,6 @@
-"""A 2-rank (gloo, CPU) pre-training run stopped after a checkpoint and resumed ends where an
-undisturbed 2-rank run ends, and every rank holds the same queue (and student) as the checkpoint.
+"""A 2-rank (gloo, CPU) pre-training run stopped after a checkpoint in the middle of an epoch and
+resumed ends where an undisturbed 2-rank run ends, and every rank holds the same queue (and
+student) as the checkpoint.
 
 The ranks are started here with torch.multiprocessing (the environment torchrun would set); each
 runs `train.pretrain.main` unchanged and, when the trainer writes its summary, this test saves what
@@ -16,7 +17,8 @@ import torch.multiprocessing as mp
 
 from tests.train.test_resume import tiny_params
 
-CUT, WHOLE = 2, 4          # 2 steps an epoch on 2 ranks (16 samples, 4 per rank and step)
+STEPS_PER_EPOCH = 2        # on 2 ranks: 16 samples, 4 per rank and step
+CUT, WHOLE = 1, 4          # stopped in the middle of epoch 0 (after its batch 1 of 2), resumed across 2 epoch ends
 
 
 def _rank(rank: int, world: int, port: int, argv: list[str], dump: str) -> None:
@@ -59,9 +61,13 @@ def checkpoint(run_dir: Path) -> dict:
 
 @pytest.mark.slow
 def test_a_resumed_two_rank_run_equals_an_undisturbed_one_with_one_queue_on_every_rank(shards, tmp_path, capfd):
-    params = tiny_params(tmp_path / "params.yaml", max_steps=CUT, deterministic=False)
+    # A checkpoint averages the ranks' BN statistics in place: bitwise equal runs need checkpoints at
+    # the same steps, so the undisturbed run checkpoints at CUT too (every step; not stamped).
+    params = tiny_params(tmp_path / "params.yaml", max_steps=CUT, deterministic=False, checkpoint_every=1)
     stopped = run_two_ranks(shards, tmp_path / "run", params, tmp_path / "cut")
-    assert checkpoint(tmp_path / "run")["step"] == CUT
+    cut = checkpoint(tmp_path / "run")
+    # mid-epoch: each rank resumes its stream inside the epoch, at its batch CUT
+    assert (cut["step"], cut["epoch"], cut["batch"]) == (CUT, 0, CUT) and 0 < CUT < STEPS_PER_EPOCH
     params.write_text(params.read_text().replace(f"max_steps: {CUT}", f"max_steps: {WHOLE}"))
     capfd.readouterr()
     resumed = run_two_ranks(shards, tmp_path / "run", params, tmp_path / "resumed")

@@ -2,6 +2,7 @@
 stage output that DVC hashes, must depend on the run's numbers only, never on how fast it ran."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -50,3 +51,60 @@ def test_the_dvclive_folder_holds_no_timing_and_the_log_does(tmp_path, caplog):
     assert "metrics/train/loss.tsv" in fast and "metrics/train/loss_dc.tsv" in fast
     assert fast == slow                         # same numbers, different speeds: the same bytes
     assert any("images/s (not in the outputs)" in r.getMessage() for r in caplog.records)
+
+
+def log_steps(out: Path, start: int, stop: int, total: int = 6, resumed: bool = False) -> StepLog:
+    """Steps start+1..stop of a `total`-step run, as the trainer logs them (values depend on the
+    step only); the log is left open, as a killed run leaves it."""
+    run = fake_run(out)
+    run.sched.total_steps = run.sched.stop = total
+    run.pos.step, run.resumed = start, resumed
+    steplog = StepLog(run, progress=False)
+    for i in range(start, stop):
+        run.pos.step += 1
+        run.recent.append({"chance": 13.86})
+        steplog.step({"key": ["a", "b"], "errors": 0}, lr=0.1 * i, loss=torch.tensor(10.0 - i),
+                     terms={"loss_dc": torch.tensor(5.0 - i)})
+    return steplog
+
+
+def test_a_resumed_log_is_cut_to_the_checkpoint_and_equals_an_undisturbed_one(tmp_path):
+    """A run killed after logging step 5 resumes from its checkpoint at step 3: the rows of steps 4
+    and 5 are dropped, not logged twice, and dvclive continues at step 3 (the 4th row), whatever
+    dvclive's metrics.json says (here a row cut short by the kill, and metrics.json lost)."""
+    log_steps(tmp_path / "whole", 0, 6).close()
+    log_steps(tmp_path / "cut", 0, 5)                          # killed: never closed
+    live = tmp_path / "cut" / "dvclive"
+    with open(live / "plots" / "metrics" / "train" / "loss.tsv", "a") as f:
+        f.write("5\t5.")                                       # the row the kill cut short
+    log_steps(tmp_path / "cut", 3, 6, resumed=True).close()
+    assert folder_bytes(live) == folder_bytes(tmp_path / "whole" / "dvclive")
+    rows = (live / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+    assert rows[0] == "step\tloss" and [r.split("\t")[0] for r in rows[1:]] == ["0", "1", "2", "3", "4", "5"]
+
+    # a resume at the stop itself: metrics.json back at the checkpoint's step
+    log_steps(tmp_path / "at_stop", 0, 3, total=3).close()
+    log_steps(tmp_path / "cut_at_stop", 0, 5, total=3)
+    log_steps(tmp_path / "cut_at_stop", 3, 3, total=3, resumed=True).close()
+    assert folder_bytes(tmp_path / "cut_at_stop" / "dvclive") == folder_bytes(tmp_path / "at_stop" / "dvclive")
+
+    # metrics.json lost (dvclive alone would log the next row as step 0 again): the same rows, and
+    # the same summary (its key order, which came from the lost file, aside)
+    log_steps(tmp_path / "lost", 0, 5)
+    (tmp_path / "lost" / "dvclive" / "metrics.json").unlink()
+    log_steps(tmp_path / "lost", 3, 6, resumed=True).close()
+    lost, whole = folder_bytes(tmp_path / "lost" / "dvclive"), folder_bytes(tmp_path / "whole" / "dvclive")
+    assert json.loads(lost.pop("metrics.json")) == json.loads(whole.pop("metrics.json"))
+    assert lost == whole
+
+
+def test_truncation_names_a_file_that_is_no_metric_history(tmp_path):
+    import pytest
+
+    from train.runlog import truncate_metrics
+
+    bad = tmp_path / "dvclive" / "plots" / "metrics" / "notes.tsv"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("a\tb\n1\t2\n")
+    with pytest.raises(ValueError, match=r"notes\.tsv: no `step` column"):
+        truncate_metrics(tmp_path / "dvclive", 1)
