@@ -45,8 +45,8 @@ The batch is global: under torchrun each of the N processes takes ims_per_batch 
 
 On VOC, COCOeval's AP averages IoU 0.5:0.95 with 101-point interpolation; detectron2's
 PascalVOCDetectionEvaluator (MoCo's VOC numbers) uses the VOC07 11-point AP, so VOC numbers from
-here are close to, not identical with, the paper's protocol. VOC "difficult" objects are
-converted as crowd (eval.voc): ignored by COCOeval and not trained on.
+here are close to, not identical with, the paper's protocol. VOC "difficult" objects are trained
+on in trainval and ignored (as crowd) in the test set, as converted by eval.voc.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """PASCAL VOC XML annotations converted to one COCO-format JSON (the VOC07+12 detection protocol).
 
     python -m eval.voc --voc-root VOCdevkit --sets 2007:trainval 2012:trainval --out data/voc/voc0712_trainval.json
-    python -m eval.voc --voc-root VOCdevkit --sets 2007:test --out data/voc/voc07_test.json
+    python -m eval.voc --voc-root VOCdevkit --sets 2007:test --out data/voc/voc07_test.json   # difficult: ignore
     python -m eval.detect ... --train-ann data/voc/voc0712_trainval.json --train-images VOCdevkit \
         --val-ann data/voc/voc07_test.json --val-images VOCdevkit --preset voc_24k
 
@@ -13,9 +13,14 @@ Conversion (detectron2's pascal_voc reader for the coordinates):
 - VOC boxes are 1-based inclusive pixel indices; the COCO box is
   [xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1] (x, y, w, h in 0-based pixel edges).
 - The 20 classes get ids 1..20 in the usual VOC order (`VOC_CLASSES`).
-- "difficult" objects become `iscrowd: 1` (and keep `difficult: 1`): COCOeval ignores them as
-  the VOC protocol does, and eval.detect does not train on them (as the original Faster R-CNN's
-  VOC training). Image ids are 1..n in the order of the split files.
+- "difficult" objects keep `difficult: 1` and, by `--difficult`:
+  - `train` (the default unless every set is an evaluation split): ordinary boxes (`iscrowd: 0`),
+    trained on. This is MoCo's VOC protocol, which the paper follows: detectron2's pascal_voc
+    reader keeps difficult objects for training ("they don't hurt accuracy").
+  - `ignore` (the default when every set is an evaluation split, `test` or `val`): `iscrowd: 1`,
+    so COCOeval neither rewards nor penalises detections of them, as the VOC evaluation ignores
+    difficult objects.
+  Image ids are 1..n in the order of the split files.
 """
 from __future__ import annotations
 
@@ -67,8 +72,24 @@ def read_voc_xml(path: str | Path) -> dict:
             "height": int(float(text(size, "height"))), "objects": objects}
 
 
-def voc_to_coco(voc_root: str | Path, sets: list[tuple[str, str]]) -> dict:
-    """The images of `sets` ((year, split) pairs, e.g. ('2007', 'trainval')) as a COCO instances dict."""
+DIFFICULT = ("train", "ignore")
+EVAL_SPLITS = ("test", "val")
+
+
+def difficult_policy(sets: list[tuple[str, str]], difficult: str | None = None) -> str:
+    """`difficult` if given, else "ignore" when every split of `sets` is an evaluation split
+    (`EVAL_SPLITS`), else "train"."""
+    if difficult is None:
+        return "ignore" if all(split in EVAL_SPLITS for _, split in sets) else "train"
+    if difficult not in DIFFICULT:
+        raise ValueError(f"difficult={difficult!r}: expected one of {DIFFICULT}")
+    return difficult
+
+
+def voc_to_coco(voc_root: str | Path, sets: list[tuple[str, str]], difficult: str | None = None) -> dict:
+    """The images of `sets` ((year, split) pairs, e.g. ('2007', 'trainval')) as a COCO instances dict;
+    difficult objects are trained on or ignored (`iscrowd`) by `difficult_policy(sets, difficult)`."""
+    crowd = int(difficult_policy(sets, difficult) == "ignore")
     voc_root = Path(voc_root)
     categories = [{"id": i + 1, "name": n, "supercategory": "voc"} for i, n in enumerate(VOC_CLASSES)]
     cat_id = {c["name"]: c["id"] for c in categories}
@@ -91,7 +112,7 @@ def voc_to_coco(voc_root: str | Path, sets: list[tuple[str, str]]) -> dict:
                 annotations.append({
                     "id": len(annotations) + 1, "image_id": image_id, "category_id": cat_id[obj["name"]],
                     "bbox": [x1 - 1, y1 - 1, w, h], "area": w * h,
-                    "iscrowd": int(obj["difficult"]), "difficult": int(obj["difficult"]),
+                    "iscrowd": crowd * int(obj["difficult"]), "difficult": int(obj["difficult"]),
                 })
     return {"info": {"description": "PASCAL VOC " + " + ".join(f"{y} {s}" for y, s in sets)},
             "images": images, "annotations": annotations, "categories": categories}
@@ -109,9 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--voc-root", required=True, type=Path, help="folder holding VOC2007/ and VOC2012/")
     p.add_argument("--sets", required=True, nargs="+", type=parse_set, help="YEAR:SPLIT ...")
     p.add_argument("--out", required=True, type=Path, help="COCO-format JSON to write")
+    p.add_argument("--difficult", choices=DIFFICULT,
+                   help="difficult objects: train on them, or ignore them as crowd (default: ignore when "
+                        "every set is a test or val split, as for 2007:test; else train, MoCo's protocol)")
     args = p.parse_args(argv)
     cli.setup_logging(args.log_level)
-    coco = voc_to_coco(args.voc_root, args.sets)
+    coco = voc_to_coco(args.voc_root, args.sets, args.difficult)
     write_text(args.out, json.dumps(coco) + "\n")
     log.info("wrote %s: %d images, %d boxes of VOC %s in COCO format", args.out, len(coco["images"]),
              len(coco["annotations"]), " ".join(f"{y}:{s}" for y, s in args.sets))

@@ -46,7 +46,7 @@ class AugmentConfig:
     prc_size: tuple[float, float] = (0.2, 0.5)      # paper: cutout side / proposal side
     prc_overlap: float = 0.25                       # max share of a smaller proposal a cutout may cover
     prm: bool = True
-    prm_p: float = 0.5
+    prm_p: float = 0.5                              # paper silent: prc_p's value (SoCo's cutout_prob)
     prm_scale: tuple[float, float] = (0.2, 0.6)     # paper: rectangle area / proposal area
     prm_ratio: tuple[float, float] = (0.75, 1.3333333)  # paper: rectangle aspect ratio
     prm_fill: Literal["background", "zero"] = "background"
@@ -150,7 +150,8 @@ def sample_prm(boxes: torch.Tensor, valid: torch.Tensor, cfg: AugmentConfig, g: 
     [0.2, 0.6] and [3/4, 4/3]."
 
     Our reading: RBJ only ever shrinks a box, so the context a box's feature sees would barely
-    vary; PRM varies it. For a proposal (with probability `prm_p`), a rectangle of `prm_scale` of
+    vary; PRM varies it. For a proposal (with probability `prm_p`; the paper gives none, and
+    `prc_p`'s SoCo value 0.5 is used), a rectangle of `prm_scale` of
     its area and aspect in `prm_ratio` is centred on a random point of one of its four sides (a
     random direction): half of it lies in the proposal's border, half in its surroundings. The
     rectangle is filled with another image (the batch's background image, `prm_fill:

@@ -12,17 +12,26 @@ order (update the teacher, compute keys, loss, enqueue).
       L_dc = nce(z_s1, z_t2) + nce(z_s2, z_t1)          L_dp = nce(z_s3, z_t2) + nce(z_s3, z_t1)
       L = mean over proposals of (L_dc + L_dp)
   (L_dp over the proposals that stay in x3 after the shift, see train.augment.sample_shift.)
+  Eq. 10 averages over the K proposals of one image; over a batch the mean is taken over every
+  valid proposal of the batch (`info_nce`, MoCo's and SoCo's per-sample mean), so an image with
+  fewer valid proposals (padding, the whole-crop fallback) weighs less than one with K.
   Each of x1-hat, x2s-hat and x3 takes its foreign content (PRM patches, x3's background) from its
   own donor image of the batch, so no positive pair shares foreign content.
   The paper leaves queue size, temperature, momentum, projector and optimiser unsaid; they follow
   MoCo v2, whose InfoNCE-with-queue formalism eq. 3-5 use: queue 65536, T = 0.2, momentum 0.999,
-  2-layer MLP projector (C5 width hidden, 128 out). K = 4 proposals per image follows SoCo.
+  2-layer MLP projector (C5 width hidden, 128 out; BN in it where `proj_bn`, see train.model).
+  K = 4 proposals per image follows SoCo. Ours, where neither says: queued keys of the query's own
+  image are no negatives (`exclude_same_image`, see train.losses.Queue).
 - d3ssl_dc: the same without L_dp (Table 7), so no composition.
 - soco: SoCo's C4 recipe: views x1 and x2, SoCo's random cutout in each box and box jitter,
   online network with projector and predictor (4096 hidden, 256 out, BN), BYOL loss
-  2 - 2 cos, symmetric, target momentum 0.99 rising to 1 on a cosine schedule.
+  2 - 2 cos, symmetric, target momentum 0.99 rising to 1 on a cosine schedule. Its views are the
+  shared ones (x2 a random resized crop of scale [0.4, 1], `train.views`), where SoCo's C4 script
+  crops its view 2 at scale [0.6, 1]: every method sees the same views.
 - mocov2: image-level MoCo v2 on the same views x1 and x2 (global pooling of C5), queue, T = 0.2,
-  MLP head; the loss is symmetrised over the two views.
+  MLP head; the loss is symmetrised over the two views. A "shared-views MoCo v2", not MoCo v2's
+  own recipe (two RandomResizedCrop(0.2, 1) crops, blur with p = 0.5, an asymmetric loss): it
+  differs from the region methods in its loss alone.
 
 The InfoNCE-with-queue methods (d3ssl, d3ssl_dc, mocov2) use MoCo's shuffle-BN for the teacher
 (`shuffle_bn`, train.shuffle_bn; `pretrain.bn_splits` groups per process). Every augmentation

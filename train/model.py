@@ -7,8 +7,12 @@
 - head: res5 (stride 2: 14x14 -> 7x7) and global average pooling, one vector per region
   (`train.resnet.region_features`, the same function the evaluations use);
 - projector: an MLP. For the InfoNCE methods (d3ssl, mocov2) MoCo v2's: Linear-ReLU-Linear,
-  hidden = the C5 width, 128 out. For the BYOL-style soco, SoCo's: Linear-BN-ReLU-Linear, 4096
-  hidden, 256 out (and a predictor of the same shape). The paper says "an MLP projector" only.
+  hidden = the C5 width, 128 out; with `proj_bn` a BN after the hidden layer (Linear-BN-ReLU-
+  Linear, as MoCo v3 and SimCLR; MoCo v2 has none). params.yaml sets `proj_bn: true` for every
+  queue method: without it the short embedded runs collapsed (reports/experiments/README.md); a
+  run that wants MoCo v2's head exactly sets it false. For the BYOL-style soco, SoCo's:
+  Linear-BN-ReLU-Linear, 4096 hidden, 256 out (and a predictor of the same shape). The paper says
+  "an MLP projector" only.
 
 Batch norm: every BN layer is a `SplitBatchNorm*` (a subclass with the same parameters and
 buffers, so the state_dict is torchvision's). Given `groups` > 1, a forward normalises contiguous

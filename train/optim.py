@@ -1,9 +1,12 @@
 """Optimisers and schedules shared by every method (a fair comparison uses one schedule).
 
 - sgd: SGD with momentum 0.9 and weight decay 1e-4, lr = base_lr x batch / 256 (MoCo v2: 0.03).
+  Biases and BN parameters get no weight decay (as SoCo/BYOL; MoCo v2 decays every parameter):
+  one rule for both optimisers.
 - lars: LARS (SoCo's choice: base lr 1.0, weight decay 1e-5), trust ratio on weights only; biases
   and BN parameters get neither weight decay nor adaptation (as SoCo/BYOL).
-- learning rate: linear warm-up, then cosine decay to 0 (MoCo v2, SoCo).
+- learning rate: linear warm-up over `warmup_epochs` (SoCo's; MoCo v2 has none: set it to 0),
+  then cosine decay to 0 (MoCo v2, SoCo).
 """
 from __future__ import annotations
 

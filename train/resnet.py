@@ -3,10 +3,8 @@ the region features. Pre-training (`train.model`), the evaluations (`eval.backbo
 `eval.detection`) and the benchmarks import these; nothing here is defined twice.
 
 - `ARCHS`: the torchvision ResNets a backbone may be, built with `weights=None` (never a download).
-- `IMAGENET_MEAN` / `IMAGENET_STD`: RGB in [0, 1] is normalised with these (torchvision's and
-  MoCo's convention), in training and in every evaluation.
-- The stage split (detectron2's names): the stem (`conv1`, `bn1`, `relu`, `maxpool`), then
-  C2 = `layer1` (stride 4), C3 = `layer2` (8), C4 = `layer3` (16), C5 = `layer4` (32).
+- `IMAGENET_MEAN` / `IMAGENET_STD` and the stage split (`STEM`, `STAGES`, `LAYERS`, `STRIDES`,
+  `C4_TRUNK`): defined in `train.resnet_layout` (no torch import) and re-exported here.
   `c4_trunk` is stem..res4 as one flat `nn.Sequential` (the C4 structure of SoCo, D3SSL and the
   C4 detector); `C4_TRUNK` names its children, in order, as torchvision's ResNet does.
 - Region features: `align` is RoIAlign of boxes on a feature map (aligned=True, adaptive sampling:
@@ -27,6 +25,9 @@ import torch.nn as nn
 import torchvision
 from torchvision.ops import roi_align
 
+# the names (torch-free, one definition), re-exported: every consumer of the network imports them from here
+from train.resnet_layout import C4_TRUNK, IMAGENET_MEAN, IMAGENET_STD, LAYERS, STAGES, STEM, STRIDES  # noqa: F401
+
 ARCHS: dict[str, Callable[..., torchvision.models.ResNet]] = {
     "resnet18": torchvision.models.resnet18,
     "resnet34": torchvision.models.resnet34,
@@ -35,14 +36,6 @@ ARCHS: dict[str, Callable[..., torchvision.models.ResNet]] = {
     "resnet152": torchvision.models.resnet152,
 }
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-STEM = ("conv1", "bn1", "relu", "maxpool")
-STAGES = {"C2": "layer1", "C3": "layer2", "C4": "layer3", "C5": "layer4"}
-LAYERS = tuple(STAGES)
-STRIDES = {"C2": 4, "C3": 8, "C4": 16, "C5": 32}
-C4_TRUNK = STEM + ("layer1", "layer2", "layer3")
 
 
 def make_resnet(arch: str) -> torchvision.models.ResNet:

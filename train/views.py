@@ -15,6 +15,8 @@ in both 224 views; the *intersection* is used in both views, so the two boxes of
 same pixels of the image. K of them (SoCo's C4 setting: 4) are drawn at random; when fewer exist
 the rest are padding with `valid = False`. An image without any usable proposal falls back to the
 whole-image box, restricted to what x2 shows (the crop itself), which is always visible in both.
+The paper says only that the proposals are used in both views; this selection rule (the visible
+share, the minimum side, the intersection in both views) is ours.
 
 Pure functions of (image, proposals, numpy Generator): the colour operations are written out with
 OpenCV/numpy so that every random draw comes from the one Generator (deterministic per sample).

@@ -74,10 +74,25 @@ def test_voc_to_coco(tmp_path):
     a = coco["annotations"]
     assert [x["category_id"] for x in a] == [9, 9, 13, 15]                        # chair, chair, horse, person
     assert a[0]["bbox"] == [262.0, 210.0, 62.0, 129.0] and a[0]["area"] == 62.0 * 129.0
-    assert (a[0]["iscrowd"], a[1]["iscrowd"], a[1]["difficult"]) == (0, 1, 1)     # difficult -> ignored
+    assert (a[0]["iscrowd"], a[1]["iscrowd"], a[1]["difficult"]) == (0, 0, 1)     # difficult: trained on
     assert a[2]["bbox"] == [0.0, 0.0, 60.0, 40.0]                                 # the whole 60x40 image
     assert a[3]["bbox"] == [9.5, 1.0, 10.5, 29.0] and a[3]["iscrowd"] == 0
     assert [x["id"] for x in a] == [1, 2, 3, 4] and [x["image_id"] for x in a] == [1, 1, 2, 2]
+
+
+def test_voc_difficult_objects_are_trained_on_in_trainval_and_ignored_in_test(tmp_path):
+    root = _voc_tree(tmp_path)
+    (root / "VOC2007" / "ImageSets" / "Main" / "test.txt").write_text("000005\n")
+    crowd = lambda coco: [(x["difficult"], x["iscrowd"]) for x in coco["annotations"]]  # noqa: E731
+    assert crowd(voc_to_coco(root, [("2007", "trainval")])) == [(0, 0), (1, 0)]
+    assert crowd(voc_to_coco(root, [("2007", "test")])) == [(0, 0), (1, 1)]
+    (root / "VOC2007" / "ImageSets" / "Main" / "val.txt").write_text("000005\n")
+    assert crowd(voc_to_coco(root, [("2007", "val")])) == [(0, 0), (1, 1)]
+    assert crowd(voc_to_coco(root, [("2007", "trainval"), ("2007", "test")])) == [(0, 0), (1, 0)] * 2
+    assert crowd(voc_to_coco(root, [("2007", "trainval")], difficult="ignore")) == [(0, 0), (1, 1)]
+    assert crowd(voc_to_coco(root, [("2007", "test")], difficult="train")) == [(0, 0), (1, 0)]
+    with pytest.raises(ValueError, match="expected one of"):
+        voc_to_coco(root, [("2007", "test")], difficult="drop")
 
 
 def test_voc_cli_output_feeds_the_detector_dataset(tmp_path):
@@ -89,10 +104,15 @@ def test_voc_cli_output_feeds_the_detector_dataset(tmp_path):
     assert len(ds.category_ids) == 20
     x, t = ds[0]
     assert x.shape == (3, 375, 500)
-    assert t["boxes"].tolist() == [[262.0, 210.0, 324.0, 339.0]]                  # the difficult chair is left out
-    assert t["labels"].tolist() == [9]
+    assert t["boxes"].tolist() == [[262.0, 210.0, 324.0, 339.0], [4.0, 243.0, 67.0, 374.0]]
+    assert t["labels"].tolist() == [9, 9]                                          # the difficult chair is trained on
+    test = tmp_path / "voc07_test.json"
+    (root / "VOC2007" / "ImageSets" / "Main" / "test.txt").write_text("000005\n")
+    assert main(["--voc-root", str(root), "--sets", "2007:test", "--out", str(test)]) == 0
+    _, t = CocoDetection(test, root, train=False, with_masks=False)[0]
+    assert t["labels"].tolist() == [9]                                             # ... and ignored in the test set
     with pytest.raises(SystemExit):
         main(["--voc-root", str(root), "--sets", "2010-trainval", "--out", str(out)])
     with pytest.raises(FileNotFoundError, match="ImageSets"):
-        voc_to_coco(root, [("2007", "test")])
+        voc_to_coco(root, [("2012", "test")])
     assert json.loads(out.read_text())["info"]["description"].startswith("PASCAL VOC 2007 trainval")
