@@ -10,7 +10,9 @@ checkpoints along the way, so that a setting is judged in minutes, not by a whol
         reports/experiments/r5_d3ssl_s450_seed1 reports/experiments/r5_d3ssl_s450_seed2 \
         --out reports/experiments/seeds.json      # a setting's runs on several seeds, against random
 
-Each run writes `OUT/NAME/`: `params.yaml` (the params file with the `--set` overrides, what ran),
+Each run writes `OUT/NAME/`: `params.yaml` (the params file with the `--set` overrides and the
+values the harness sets itself, `pretrain.epochs` from `--steps`, `pretrain.seed` from `--seed` and
+`pretrain.checkpoint_every`: the file the run read, what ran),
 `curve.json` (settings, per evaluated step: O-KNN top-1/top-5 and disturbed, the training health
 of `summary.json`, wall seconds of training and of evaluation; step 0 is the run's initial
 network, seeded by `--seed`) and `curve.png`. The schedule is that of `--steps` (warm-up and
@@ -30,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks import save_png
+from eval.report_checks import RANDOM_MARGIN, clear_gap
 from eval.report_plots import pyplot
 from pipeline import cli
 from pipeline.files import write_text
@@ -61,6 +64,15 @@ def write_params(base: Path, overrides: list[str], path: Path) -> dict:
     return doc
 
 
+def finalise_params(path: Path, doc: dict, **pretrain_values) -> None:
+    """Write `pretrain_values` into the `pretrain` section of the params file at `path` (`doc`, what
+    `write_params` wrote), so that the folder's params.yaml is the file the run reads: before, the
+    harness set epochs and seed on the loaded config after copying, and a folder's params.yaml said
+    the base file's epochs (12) while its run used another (65, recorded only in curve.json)."""
+    doc["pretrain"] = {**(doc.get("pretrain") or {}), **pretrain_values}
+    write_text(path, yaml.safe_dump(doc, sort_keys=False))
+
+
 def evaluate(backbone: str, arch: str, params: Path, coco_root: Path, out: Path) -> dict:
     from eval.oknn import main as oknn_main
 
@@ -80,12 +92,13 @@ def run(args) -> dict:
 
     out = args.out / args.name
     params = out / "params.yaml"
-    write_params(args.params, args.set, params)
-    cfg = load_config(params)
+    doc = write_params(args.params, args.set, params)
+    loader = load_config(params).loader
     _, total = read_index(args.shards)
-    steps_per_epoch = max(cfg.loader.workers, 1) * batches_per_worker(cfg.loader, total, 1)
+    steps_per_epoch = max(loader.workers, 1) * batches_per_worker(loader, total, 1)
     epochs = math.ceil(args.steps / steps_per_epoch)
-    cfg = replace(cfg, seed=args.seed, epochs=epochs, checkpoint_every=10 ** 9)
+    finalise_params(params, doc, epochs=epochs, seed=args.seed, checkpoint_every=10 ** 9)
+    cfg = load_config(params)
     mcfg = method_config(args.method, params)
     run_dir = out / "run"
     points = []
@@ -138,10 +151,21 @@ def plot(results: list[dict], path: Path) -> None:
     save_png(fig, path)
 
 
-def _five_points_clear(seeds: int, gap: float, std: float, floor_std: float) -> bool:
-    """The issue's test of a setting against random: at least 3 distinct seeds, a mean at least 5
+def _five_points_clear(seeds: int, mean: float, std: float, floor: dict) -> bool:
+    """The issue's test of a setting against random, the report's own (eval.report_checks.clear_gap
+    with its 5-point margin): at least MIN_RUNS distinct seeds on each side, a mean more than 5
     points above random's, and above it by more than the sum of the two standard deviations."""
-    return seeds >= 3 and gap >= 5 and gap > std + floor_std
+    return clear_gap({"mean": mean, "std": std, "n": seeds}, floor, margin=RANDOM_MARGIN)
+
+
+def _floor(results: Path) -> dict:
+    """The random row of the report, {"mean", "std", "n"}: clear_gap needs the run count of both
+    sides, which eval.report records (`n`); a results file without it is an error naming it."""
+    floor = dict(json.loads(results.read_text())["results"]["random"]["oknn_top1"])
+    if floor.get("n") is None:
+        raise ValueError(f"{results}: results.random.oknn_top1 has no run count 'n' (an eval.report older than "
+                         "the run counts): rerun the report stage (dvc repro report)")
+    return floor
 
 
 def seed_summary(folders: list[Path], results: Path) -> dict:
@@ -158,7 +182,7 @@ def seed_summary(folders: list[Path], results: Path) -> dict:
     def stats(values: list[float]) -> tuple[float, float]:
         return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
-    floor = json.loads(results.read_text())["results"]["random"]["oknn_top1"]
+    floor = _floor(results)
     groups: dict[tuple, list[dict]] = {}
     for d in folders:
         r = json.loads((d / "curve.json").read_text())
@@ -175,12 +199,12 @@ def seed_summary(folders: list[Path], results: Path) -> dict:
         for step in sorted(set.intersection(*(set(x["by_step"]) for x in rows))):
             m, s = stats([x["by_step"][step] for x in rows])
             by_step.append({"step": step, "mean": m, "std": s, "gap_over_random": m - floor["mean"],
-                            "five_points_clear": _five_points_clear(seeds, m - floor["mean"], s, floor["std"])})
+                            "five_points_clear": _five_points_clear(seeds, m, s, floor)})
         runs = [{k: v for k, v in x.items() if k != "by_step"} for x in sorted(rows, key=lambda x: x["seed"])]
         out.append({"method": method, "steps": steps, "overrides": list(overrides), "n": len(rows), "seeds": seeds,
                     "runs": runs, "mean": mean, "std": std,
                     "mean_gain_over_init": statistics.mean(x["gain"] for x in rows), "gap_over_random": gap,
-                    "five_points_clear": _five_points_clear(seeds, gap, std, floor["std"]), "by_step": by_step,
+                    "five_points_clear": _five_points_clear(seeds, mean, std, floor), "by_step": by_step,
                     "first_clear_step": next((b["step"] for b in by_step if b["five_points_clear"]), None)})
     return {"random": {"mean": floor["mean"], "std": floor["std"], "from": str(results)}, "settings": out}
 

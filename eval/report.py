@@ -1,7 +1,8 @@
 """The report stage: the paper's tables for every model, averaged over seeds.
 
-    python -m eval.report --params params.yaml --reports reports/models \
-        --dataset-stats data/openimage_mini/stats.json --out reports/results
+    python -m eval.report --params params.yaml --reports reports/models --runs reports/models \
+        --dataset-stats data/openimage_mini/stats.json --proposals-summary data/proposals/summary.json \
+        --out reports/results
     python -m eval.report --reports reports/models --models random d3ssl soco --seeds 0 1 2 ...
 
 Reads, for each model and seed, `REPORTS/<model>/seed<s>/oknn.json`, `probes.json` and
@@ -14,11 +15,13 @@ Reads, for each model and seed, `REPORTS/<model>/seed<s>/oknn.json`, `probes.jso
   not its RoIAlign sampling; `control_cr_<layer>`, `control_mcs_<layer>` in the JSON, and
   `probe_control_max_deviation` over every run and layer);
 - Table 1: detection AP, AP50, AP75 per model;
-- Table 2: the OpenImage-MINI statistics against COCO;
-- the paper's orderings, each checked: holds when every model was measured and the means are
-  ordered as in the paper, and "clear" when it holds and every gap is larger than the two spreads
-  together; besides, each SSL method against random (by 5 points) and the supervised ceiling
-  against each SSL method on O-KNN;
+- Table 2: the OpenImage-MINI statistics against COCO; the selective-search proposals per image
+  (from the proposals stage's summary.json: `proposals` in the JSON);
+- the paper's orderings, each checked (eval.report_checks): holds when every model was measured and
+  the means are ordered as in the paper, and "clear" when it holds and every step is a
+  `clear_gap` (at least 3 runs on each side, a gap larger than the two spreads together); besides,
+  each SSL method against random (by 5 points) and the supervised ceiling against each SSL method
+  on O-KNN;
 - the pre-training runs' health (`pretrain.json` beside the results: loss against its chance level,
   rank-1 accuracy, key spread), with a warning for every run that ended at chance or collapsed;
 - the curves a reader compares, every method on one plot each (mean line, min-max band over the
@@ -40,10 +43,13 @@ import math
 import sys
 from pathlib import Path
 
+from eval.report_checks import (
+    fmt, health_problems, health_section, load, orderings_section, paper_orderings,
+)
 from eval.report_plots import plot_curves, plot_means
 from pipeline import cli
 from pipeline.files import write_text
-from train.resnet import LAYERS
+from train.resnet_layout import LAYERS
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +78,6 @@ def mean_std(values: list[float]) -> dict:
     m = sum(values) / n
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
     return {"mean": m, "std": sd, "n": n, "values": values}
-
-
-def load(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"missing result {path}: run its stage first (dvc repro)")
-    return json.loads(path.read_text())
 
 
 def collect(reports: Path, models: list[str], seeds: list[int], detect_models: list[str] | None = None) -> dict:
@@ -170,58 +170,6 @@ def probe_and_detect_settings(reports: Path, models: list[str], seeds: list[int]
     return out
 
 
-def ordering(results: dict, metric: str, chain: list[str], higher_is_better: bool, what: str,
-             margin: float = 0.0) -> dict:
-    """Does `chain[0]` beat `chain[1]` beat ... on `metric` (by more than `margin`)? Holds: every
-    model of the chain was measured and every step goes the claimed way; clear: it holds and every
-    gap is larger than the two standard deviations together. A model without results makes the
-    claim neither hold nor clear."""
-    present = [m for m in chain if m in results and metric in results[m]]
-    means = [results[m][metric]["mean"] for m in present]
-    sds = [results[m][metric]["std"] for m in present]
-    pairs = list(zip(range(len(present) - 1), range(1, len(present))))
-    gaps = [(means[i] - means[j]) if higher_is_better else (means[j] - means[i]) for i, j in pairs]
-    holds = len(present) == len(chain) and len(chain) > 1 and all(g > margin for g in gaps)
-    clear = holds and all(g > sds[i] + sds[j] for g, (i, j) in zip(gaps, pairs))
-    return {"claim": what, "metric": metric, "models": present, "means": means, "stds": sds,
-            "missing": [m for m in chain if m not in present], "holds": bool(holds), "clear": bool(clear)}
-
-
-def fmt(ms: dict, digits: int = 2) -> str:
-    return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
-
-
-def health_section(results: dict, problems: list[str]) -> list[str]:
-    """The pre-training runs' health at their end (train.runlog.health), and every problem."""
-    trained = [m for m, r in results.items() if "health_problems" in r]
-    if not trained:
-        return []
-    lines = ["", "## Pre-training health (last steps of each run)", "",
-             "| model | loss / chance | rank-1 accuracy | key spread | runs with a problem |", "|---|---|---|---|---|"]
-    for m in trained:
-        r = results[m]
-        cell = lambda k, d=3: fmt(r[k], d) if k in r else "–"  # noqa: E731
-        lines.append(f"| {m} | {cell('health_loss_over_chance')} | {cell('health_top1')} | {cell('health_key_std')} | "
-                     f"{sum(v > 0 for v in r['health_problems']['values'])} of {r['health_problems']['n']} |")
-    lines += ["", "Loss / chance: the InfoNCE loss over its chance level, the mean over queries of ln(M + 1) per "
-              "term with M the negatives left to the query; 1 = the positive is not told from the negatives. Key "
-              "spread: 1 for keys spread over the sphere, 0 for collapsed keys."]
-    if problems:
-        lines += ["", "**WARNING: unhealthy pre-training runs** (their numbers above measure a failed run):", ""]
-        lines += [f"- {p}" for p in problems]
-    return lines
-
-
-def health_problems(reports: Path, models: list[str], seeds: list[int]) -> list[str]:
-    out = []
-    for model in models:
-        for s in seeds:
-            path = reports / model / f"seed{s}" / "pretrain.json"
-            if path.is_file():
-                out += [f"{model} seed {s}: {p}" for p in (load(path).get("health") or {}).get("problems", [])]
-    return out
-
-
 def _oknn_section(results: dict, protocol: list[str]) -> list[str]:
     lines = ["## Object-level kNN (like Table 4)", "",
              "| model | O-KNN top-1 | O-KNN top-5 | disturbed top-1 | disturbed top-5 |", "|---|---|---|---|---|"]
@@ -284,6 +232,28 @@ def _stats_section(stats: dict | None) -> list[str]:
     return lines
 
 
+PROPOSAL_FIGURES = ("mean", "median", "p05", "p95", "min", "max")
+
+
+def proposals_figures(summary: dict) -> dict:
+    """What the report keeps of the proposals stage's summary.json: images, boxes, boxes per image
+    (PROPOSAL_FIGURES), the fallback paths taken and the failures per reason."""
+    return {"images": summary["images"], "boxes": summary["boxes"],
+            "boxes_per_image": {k: summary["boxes_per_image"][k] for k in PROPOSAL_FIGURES},
+            "paths": summary["paths"], "failures": summary["failures"]}
+
+
+def _proposals_section(proposals: dict | None) -> list[str]:
+    if not proposals:
+        return []
+    b = proposals["boxes_per_image"]
+    return ["", "## Selective-search proposals", "",
+            f"{proposals['images']} images, {proposals['boxes']} boxes: per image mean {b['mean']:.1f}, median "
+            f"{b['median']:g}, 5-95% {b['p05']:g}-{b['p95']:g}, min {b['min']}, max {b['max']}; paths "
+            + ", ".join(f"{k} {v}" for k, v in proposals["paths"].items())
+            + "; failures " + (", ".join(f"{k} {v}" for k, v in proposals["failures"].items()) or "none") + "."]
+
+
 def _curves_section(curves: list[str]) -> list[str]:
     if not curves:
         return []
@@ -294,17 +264,9 @@ def _curves_section(curves: list[str]) -> list[str]:
                "chance level (ln(M + 1) per InfoNCE term, M each query's negatives)."])
 
 
-def _orderings_section(orderings: list[dict]) -> list[str]:
-    lines = ["", "## The paper's orderings", "", "| claim | holds | clear (gap > spreads) | means |", "|---|---|---|---|"]
-    for o in orderings:
-        means = ", ".join(f"{m} {v:.3f}" for m, v in zip(o["models"], o["means"]))
-        lines.append(f"| {o['claim']} | {'yes' if o['holds'] else 'no'} | {'yes' if o['clear'] else 'no'} | {means} |")
-    return lines
-
-
 def render(results: dict, orderings: list[dict], stats: dict | None, seeds: list[int], plots: list[str],
            protocol: list[str] = (), problems: list[str] = (), curves: list[str] = (),
-           settings: dict | None = None) -> str:
+           settings: dict | None = None, proposals: dict | None = None) -> str:
     """results.md: the tables of the paper on the embedded data, in the paper's order."""
     settings = settings or {}
     lines = [f"# Results on the embedded data ({len(seeds)} seeds: {', '.join(map(str, seeds))}; mean ± std)", ""]
@@ -313,36 +275,23 @@ def render(results: dict, orderings: list[dict], stats: dict | None, seeds: list
     lines += _detection_section(results, settings)
     lines += _layers_section(results, plots)
     lines += _stats_section(stats)
+    lines += _proposals_section(proposals)
     lines += health_section(results, problems)
     lines += _curves_section(curves)
-    lines += _orderings_section(orderings)
+    lines += orderings_section(orderings)
     return "\n".join(lines) + "\n"
 
 
 def make_report(reports: Path, models: list[str], seeds: list[int], out: Path, dataset_stats: Path | None,
-                detect_models: list[str] | None = None, runs: Path | None = None) -> dict:
+                detect_models: list[str] | None = None, runs: Path | None = None,
+                proposals_summary: Path | None = None) -> dict:
     """Write OUT.md, OUT.json and the figures (module docstring); `runs` holds the pre-training
-    runs' dvclive logs (no loss plot without it). Returns the JSON document."""
+    runs' dvclive logs (no loss plot without it); `proposals_summary` the proposals stage's
+    summary.json (no proposals section without it). Returns the JSON document."""
     results = collect(reports, models, seeds, detect_models)
-    orderings = [
-        ordering(results, "oknn_top1", ["d3ssl", "soco", "random"], True, "O-KNN top-1: d3ssl > soco > random"),
-        ordering(results, "oknn_disturbed_top1", ["d3ssl", "soco", "random"], True,
-                 "disturbed O-KNN top-1: d3ssl > soco > random"),
-        ordering(results, "cr_C5", ["d3ssl", "d3ssl_dc"], False, "CR at C5: d3ssl < d3ssl_dc"),
-        ordering(results, "mcs_C5", ["d3ssl", "d3ssl_dc"], True, "MCS at C5: d3ssl > d3ssl_dc"),
-    ]
-    ssl = [m for m in models if m not in ("random", "supervised")]
-    for m in ssl:
-        orderings.append(ordering(results, "oknn_top1", [m, "random"], True,
-                                  f"O-KNN top-1: {m} > random by 5 points", margin=5.0))
-    if "supervised" in models:
-        for m in ssl:
-            orderings.append(ordering(results, "oknn_top1", ["supervised", m], True,
-                                      f"O-KNN top-1: supervised ceiling > {m}"))
-    for m in models:
-        if m != "random" and "det_AP" in results[m]:
-            orderings.append(ordering(results, "det_AP", [m, "random"], True, f"detection AP: {m} > random"))
+    orderings = paper_orderings(results, models)
     stats = json.loads(dataset_stats.read_text()) if dataset_stats and dataset_stats.is_file() else None
+    proposals = proposals_figures(json.loads(proposals_summary.read_text())) if proposals_summary else None
     plots = plot_means(results, out)
     control = [abs(v - 1.0) for r in results.values() for k, ms in r.items() if k.startswith("control_")
                for v in ms["values"]]
@@ -357,11 +306,12 @@ def make_report(reports: Path, models: list[str], seeds: list[int], out: Path, d
            "curves": {"oknn": curves["oknn"], "legend": curves["legend"]},
            "figures": [Path(f).name for f in [*plots, *sorted(pngs)]],
            "probe_control_max_deviation": max(control),
-           "dataset": {k: stats[k] for k in ("openimage_mini", "coco")} if stats else None}
+           "dataset": {k: stats[k] for k in ("openimage_mini", "coco")} if stats else None,
+           "proposals": proposals}
     write_text(out.with_suffix(".json"), json.dumps(doc, indent=2) + "\n")
     write_metrics(out.with_name(out.name + "_metrics"), headline(results))
     write_text(out.with_suffix(".md"), render(results, orderings, stats, seeds, [str(p) for p in plots], protocol,
-                                              problems, sorted(pngs), settings))
+                                              problems, sorted(pngs), settings, proposals))
     return doc
 
 
@@ -377,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--detect-models", nargs="*", help="instead of params: the models fine-tuned for detection "
                    "(default: params' `detect_models`, else every model with a detect/metrics.json)")
     p.add_argument("--dataset-stats", type=Path, help="stats.json of the sample stage (Table 2)")
+    p.add_argument("--proposals-summary", type=Path, help="summary.json of the proposals stage (boxes per image)")
     p.add_argument("--out", type=Path, default=Path("reports/results"), help="writes OUT.md, OUT.json, OUT_*.png/csv")
     args = p.parse_args(argv)
     cli.setup_logging(args.log_level)
@@ -391,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     if not models or not seeds:
         p.error("give --models and --seeds, or --params with top-level `models` and `seeds` lists")
     doc = make_report(args.reports, list(models), [int(s) for s in seeds], args.out, args.dataset_stats,
-                      args.detect_models, args.runs)
+                      args.detect_models, args.runs, args.proposals_summary)
     for o in doc["orderings"]:
         log.info("%s%s: %s", "holds" if o["holds"] else "fails", " (clear)" if o["clear"] else "", o["claim"])
     log.info("wrote %s, %s (means: %s_metrics/) and %d figures (%s) for %d models x %d seeds", args.out.with_suffix(".md"),

@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 from pipeline.files import atomic_path, write_text
-from train.resnet import LAYERS
+from train.resnet_layout import LAYERS
 
 REFERENCES = ("random", "supervised")   # models that are not pre-training methods
 DPI = 120

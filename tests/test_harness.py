@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from benchmarks.harness import seed_summary
 from tests.train.conftest import shards  # noqa: F401  (the tiny shards fixture)
@@ -23,7 +24,7 @@ def fake_run(root: Path, name: str, method: str, seed: int, init: float, end: fl
 @pytest.fixture
 def results(tmp_path: Path) -> Path:
     p = tmp_path / "results.json"
-    p.write_text(json.dumps({"results": {"random": {"oknn_top1": {"mean": 12.0, "std": 0.5}}}}))
+    p.write_text(json.dumps({"results": {"random": {"oknn_top1": {"mean": 12.0, "std": 0.5, "n": 3}}}}))
     return p
 
 
@@ -101,3 +102,27 @@ def test_step_0_is_the_runs_own_seeded_initialisation(shards, tmp_path, monkeypa
                       "--shards", str(shards), "--out", str(tmp_path / "out")])
     reference = random_backbone("resnet18", 2)
     assert sorted(seen[0]) == sorted(reference) and all(torch.equal(seen[0][k], reference[k]) for k in reference)
+
+
+def test_the_copied_params_hold_the_epochs_and_seed_that_ran(shards, tmp_path, monkeypatch):  # noqa: F811
+    """The run folder's params.yaml is the file the run read, epochs and seed included."""
+    import benchmarks.harness as harness
+    import train.pretrain
+    from tests.train.test_resume import tiny_params
+
+    seen = []
+
+    def fake_train(shards, out, method, cfg, *_, **__):
+        seen.append(cfg)
+        raise _Stop
+
+    monkeypatch.setattr(harness, "evaluate", lambda *_: {k: 0.0 for k in ("top1", "top5", "disturbed_top1",
+                                                                            "disturbed_top5", "prior_top1")})
+    monkeypatch.setattr(train.pretrain, "train", fake_train)
+    params = tiny_params(tmp_path / "params.yaml")                 # epochs 3, seed 0, 4 steps per epoch
+    with pytest.raises(_Stop):
+        harness.main(["--name", "x", "--method", "d3ssl", "--steps", "20", "--seed", "2", "--params", str(params),
+                      "--shards", str(shards), "--out", str(tmp_path / "out")])
+    written = yaml.safe_load((tmp_path / "out" / "x" / "params.yaml").read_text())["pretrain"]
+    assert (written["epochs"], written["seed"]) == (5, 2)           # 20 steps at 4 per epoch; --seed
+    assert (seen[0].epochs, seen[0].seed, seen[0].checkpoint_every) == (5, 2, written["checkpoint_every"])

@@ -46,6 +46,28 @@ def test_report_shows_the_control_and_the_oknn_protocol(tmp_path):
     assert "Detection: preset `tiny` (40 iterations), 30 train / 8 val images." in md
 
 
+def test_the_proposals_stage_summary_reaches_the_report(tmp_path):
+    reports = tmp_path / "models"
+    for m in MODELS:
+        for s in (0, 1):
+            _write(reports, m, s)
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({
+        "images": 420, "images_with_boxes": 419, "boxes": 32340,
+        "boxes_per_image": {"mean": 77.0, "min": 1, "p05": 30.0, "p25": 55.0, "median": 72.0, "p75": 95.0,
+                            "p95": 140.0, "max": 210, "histogram": {}},
+        "paths": {"filtered": 410, "relaxed": 6, "whole_image": 3, "failed": 1}, "failures": {"truncated": 1},
+        "fingerprint": "x", "settings": {}, "opencv": "4"}))
+    doc = make_report(reports, list(MODELS), [0, 1], tmp_path / "results", None, proposals_summary=summary)
+    assert doc["proposals"]["boxes_per_image"] == {"mean": 77.0, "median": 72.0, "p05": 30.0, "p95": 140.0,
+                                                   "min": 1, "max": 210}
+    md = (tmp_path / "results.md").read_text()
+    assert ("420 images, 32340 boxes: per image mean 77.0, median 72, 5-95% 30-140, min 1, max 210; paths "
+            "filtered 410, relaxed 6, whole_image 3, failed 1; failures truncated 1.") in md
+    make_report(reports, list(MODELS), [0, 1], tmp_path / "bare", None)
+    assert "Selective-search proposals" not in (tmp_path / "bare.md").read_text()
+
+
 def test_a_probe_result_without_its_control_is_refused(tmp_path):
     reports = tmp_path / "models"
     for m in MODELS:
@@ -54,12 +76,13 @@ def test_a_probe_result_without_its_control_is_refused(tmp_path):
         make_report(reports, list(MODELS), [0], tmp_path / "results", None)
 
 
-def _results(**means_stds):
-    return {m: {"oknn_top1": {"mean": m_s[0], "std": m_s[1]}} for m, m_s in means_stds.items()}
+def _results(n: int = 3, **means_stds):
+    """{model: {"oknn_top1": mean_std}} over `n` runs each (3: enough for a clear claim)."""
+    return {m: {"oknn_top1": {"mean": m_s[0], "std": m_s[1], "n": n}} for m, m_s in means_stds.items()}
 
 
 def test_ordering_holds_and_clear():
-    from eval.report import ordering
+    from eval.report_checks import ordering
     r = _results(d3ssl=(20.0, 1.0), soco=(15.0, 1.0), random=(5.0, 2.0))
     o = ordering(r, "oknn_top1", ["d3ssl", "soco", "random"], True, "c")
     assert o["holds"] and o["clear"]
@@ -78,7 +101,7 @@ def test_ordering_holds_and_clear():
 
 
 def test_a_missing_model_never_makes_a_claim_hold_or_clear():
-    from eval.report import ordering
+    from eval.report_checks import ordering
     o = ordering(_results(d3ssl=(90.0, 0.0), random=(5.0, 0.0)), "oknn_top1", ["d3ssl", "soco", "random"], True, "c")
     assert o["missing"] == ["soco"] and not o["holds"] and not o["clear"]
     o = ordering(_results(d3ssl=(90.0, 0.0)), "oknn_top1", ["d3ssl", "random"], True, "c")
