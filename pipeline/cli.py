@@ -24,7 +24,15 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows each option's default and keeps the description's line breaks."""
+    """Shows each option's default and keeps the description's line breaks. A default of None
+    (the value comes from params.yaml or the environment) is not shown as "(default: None)": the
+    help says where it comes from, and a help that states its default itself is left as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def parser(prog: str, doc: str | None, **kwargs) -> argparse.ArgumentParser:

@@ -29,6 +29,7 @@ matrix stays as written, the same text in `cmd`, `deps` and `outs`.
 """
 from __future__ import annotations
 
+import ast
 import re
 import shlex
 import subprocess
@@ -40,6 +41,7 @@ import pytest
 import yaml
 
 from pipeline import manifest
+from pipeline.categories import MANIFESTS
 from pipeline.closure import PACKAGES, closure, module_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,6 +153,89 @@ def path_args(cmd: str) -> list[tuple[str, str]]:
             if t.startswith("--") and not v.startswith("-") and "/" in v and t != "--params"]
 
 
+# --------------------------------------------------------------- manifests read through a constant
+
+
+def _manifest_constants(tree: ast.Module) -> dict[str, str]:
+    """Module-level `NAME = MANIFESTS / "a" / "b.csv"` -> {NAME: "data_manifests/a/b.csv"}."""
+    def parts(node) -> list[str] | None:
+        if isinstance(node, ast.Name) and node.id == "MANIFESTS":
+            return [MANIFESTS.name]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant):
+            left = parts(node.left)
+            return None if left is None else left + [str(node.right.value)]
+        return None
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            p = parts(node.value)
+            if p and len(p) > 1:
+                found[node.targets[0].id] = "/".join(p)
+    return found
+
+
+def _calls(node) -> list[ast.Call]:
+    return [n for n in ast.walk(node) if isinstance(n, ast.Call)]
+
+
+def _callee(call: ast.Call) -> str | None:
+    f = call.func
+    return f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+
+
+def manifest_reads(files: set[Path]) -> set[str]:
+    """The `data_manifests/` files the modules `files` read through a module constant, by their
+    code (no import): a function of a module that defines such constants reads the constants its
+    body names, what its calls of such functions read, and those of its defaults a call leaves
+    out; the modules read what their calls of those functions read, and the constants they import
+    by name. Over-approximates only where a call sits in code a stage never runs. Functions are
+    matched by name (the modules that define such constants, `pipeline/categories.py` and
+    `pipeline/synth.py` today, share none)."""
+    trees = {f: ast.parse(f.read_text()) for f in files}
+    consts = {name: path for t in trees.values() for name, path in _manifest_constants(t).items()}
+    # the functions of the modules that define such constants (where a read can hide in a default)
+    funcs = {n.name: n for t in trees.values() if _manifest_constants(t)
+             for n in t.body if isinstance(n, ast.FunctionDef)}
+    visiting: set[str] = set()
+
+    def named(node) -> set[str]:
+        return {consts[n.id] for n in ast.walk(node) if isinstance(n, ast.Name) and n.id in consts} | \
+               {consts[n.attr] for n in ast.walk(node) if isinstance(n, ast.Attribute) and n.attr in consts}
+
+    @cache
+    def body_reads(name: str) -> frozenset[str]:
+        fn = funcs[name]
+        reads = set().union(*(named(stmt) for stmt in fn.body))
+        visiting.add(name)                          # recursion (direct or mutual) adds nothing new
+        for call in _calls(fn):
+            if _callee(call) in funcs and _callee(call) not in visiting:
+                reads |= call_reads(call)
+        visiting.discard(name)
+        return frozenset(reads)
+
+    def call_reads(call: ast.Call) -> set[str]:
+        fn = funcs[_callee(call)]
+        params = fn.args.args[-len(fn.args.defaults):] if fn.args.defaults else []
+        passed = {kw.arg for kw in call.keywords}
+        first_default = len(fn.args.args) - len(fn.args.defaults)
+        left_out = [d for i, (a, d) in enumerate(zip(params, fn.args.defaults))
+                    if first_default + i >= len(call.args) and a.arg not in passed]
+        return set(body_reads(fn.name)).union(*(named(d) for d in left_out))
+
+    reads: set[str] = set()
+    for tree in trees.values():
+        defined = set(_manifest_constants(tree))
+        for node in ast.walk(tree):                 # constants named outside their own module
+            if isinstance(node, ast.Name) and node.id in consts and node.id not in defined:
+                reads.add(consts[node.id])
+            elif isinstance(node, ast.Attribute) and node.attr in consts and node.attr not in defined:
+                reads.add(consts[node.attr])
+        # a provider's functions read only when called: their own calls count through body_reads
+        scope = [n for n in tree.body if not isinstance(n, ast.FunctionDef)] if defined else [tree]
+        reads |= set().union(*(call_reads(c) for node in scope for c in _calls(node) if _callee(c) in funcs))
+    return reads
+
+
 # ---------------------------------------------------------------------------------------- tests
 
 
@@ -195,6 +280,36 @@ def test_the_lock_records_only_stages_of_dvc_yaml():
     names = set(listed.split())
     assert not set(lock) - names, f"dvc.lock holds stages dvc.yaml does not define: {sorted(set(lock) - names)}"
     assert not names - set(lock), f"stages of dvc.yaml never run (no dvc.lock entry): {sorted(names - set(lock))}"
+
+
+def test_manifest_reads_follow_calls_and_defaults(tmp_path):
+    mod = tmp_path / "m.py"
+    mod.write_text("MANIFESTS = 0\nA = MANIFESTS / 'a.csv'\nB = MANIFESTS / 'sub' / 'b.csv'\n"
+                   "def read_a(path=A):\n    return path\n"
+                   "def read_both(x, classes=None):\n    return read_a(), classes or B\n")
+    user = tmp_path / "u.py"
+    assert manifest_reads({mod}) == set()                       # nothing calls them
+    user.write_text("def f():\n    return read_both(1)\n")
+    assert manifest_reads({user, mod}) == {"data_manifests/a.csv", "data_manifests/sub/b.csv"}
+    user.write_text("def f():\n    return read_a('mine.csv'), B\n")
+    assert manifest_reads({user, mod}) == {"data_manifests/sub/b.csv"}     # read_a's default passed; B named
+    mod.write_text("MANIFESTS = 0\nA = MANIFESTS / 'a.csv'\ndef read_a(path=A):\n    return path\n")
+    assert manifest_reads({user, mod}) == set()                 # the default is passed: not read
+    user.write_text("def f():\n    return read_a()\n")
+    assert manifest_reads({user, mod}) == {"data_manifests/a.csv"}
+    user.write_text("import m\ndef f():\n    return open(m.A)\n")
+    assert manifest_reads({user, mod}) == {"data_manifests/a.csv"}      # named through its module
+
+
+@pytest.mark.parametrize("stage", list(stages()))
+def test_deps_list_every_manifest_the_stage_reads(stage):
+    """A table of data_manifests/ read through a module constant (COCO's categories, the class
+    mapping) shapes the outputs as much as a file on the command line."""
+    st = stages()[stage]
+    needed = set().union(*(closure(m) for c in st["cmd"] for m in cmd_modules(c)))
+    missing = sorted(r for r in manifest_reads(needed) if not covered(r, st["deps"]))
+    assert not missing, (f"dvc.yaml stage {stage!r} reads these data_manifests files through its code but does "
+                         f"not list them in its deps: {missing}")
 
 
 @pytest.mark.parametrize("stage", list(stages()))

@@ -199,7 +199,7 @@ def _committed(*paths: str) -> None:
 def test_the_cheap_readme_commands_run_for_real(tmp_path):
     runnable = [c for c in readme_commands() if shlex.split(c)[2] in RUN_FOR_REAL]
     assert runnable, f"the README has no command of {RUN_FOR_REAL} any more"
-    _committed("reports/models", "runs", "data/openimage_mini/stats.json")
+    _committed("reports/models", "runs", "data/openimage_mini/stats.json", "data/proposals/summary.json")
     for name in ("reports/models", "runs", "data", "params.yaml"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).symlink_to(REPO / name)
@@ -211,6 +211,7 @@ def test_the_cheap_readme_commands_run_for_real(tmp_path):
     md = (tmp_path / "reports" / "results.md").read_text()
     for png in ("results_loss.png", "results_oknn.png"):
         assert f"]({png})" in md and (tmp_path / "reports" / png).stat().st_size > 1000
+    assert "## Selective-search proposals" in md
 
 
 def test_the_export_snippet_loads_the_embedded_backbone():

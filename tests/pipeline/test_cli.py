@@ -27,6 +27,20 @@ def test_help_shows_defaults_and_the_log_level_flag(capsys):
     assert "(default: 1300)" in out and "--log-level" in out
 
 
+def test_help_shows_one_default_per_option(capsys):
+    """An option whose value comes from params.yaml (default None) or whose help states its
+    default gets no second, contradictory "(default: ...)"."""
+    p = cli.parser("python -m x", None)
+    p.add_argument("--seed", type=int, help="random seed (default: params or 0)")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--workers", type=int, default=0, help="processes (default 0: all CPUs)")
+    with pytest.raises(SystemExit):
+        p.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in out and out.count("default") == 3     # --log-level, --seed, --workers
+    assert "random seed (default: params or 0)" in out and "(default 0: all CPUs)" in out
+
+
 def test_log_level_is_case_insensitive_and_checked(monkeypatch):
     monkeypatch.delenv("D3SSL_LOG_LEVEL", raising=False)
     p = cli.parser("python -m x", None)
