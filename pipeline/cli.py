@@ -30,7 +30,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default is None or "default" in text:
+        if action.default is None or "default" in text.lower():
             return text
         return super()._get_help_string(action)
 

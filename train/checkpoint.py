@@ -56,6 +56,15 @@ def rng_state(aug: torch.Generator) -> dict:
     }
 
 
+def seed_host_rngs(seed: int) -> None:
+    """Seed Python's and NumPy's global generators. Training draws nothing from them (the
+    augmentations use `aug`, the stream its own seeds), but a checkpoint stores their states for
+    the resume: left seeded from the OS they made two runs of the same settings write different
+    checkpoint bytes, so `dvc.lock` changed after every clean `dvc repro`."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 def set_rng_state(state: dict, aug: torch.Generator) -> None:
     """Restore `rng_state`'s states; they come back as CPU tensors whatever `map_location` the
     checkpoint was loaded with (the RNG setters accept only CPU ByteTensors)."""
@@ -145,6 +154,7 @@ UNSTAMPED = {"max_steps", "checkpoint_every", "checkpoint_minutes", "snapshot_st
 RESUME_MAY_CHANGE = frozenset({"deterministic"})
 # The libraries whose versions the stamp holds (`library_versions`).
 VERSIONED_LIBRARIES = ("torch", "torchvision", "Pillow")
+VERSIONS_PREFIX = "versions."
 # What every checkpoint `save_checkpoint` writes holds; one without them is of an older format.
 CHECKPOINT_KEYS = ("model", "optimizer", "step", "epoch", "batch", "rng", "method", "world_size")
 
@@ -171,7 +181,7 @@ def library_versions() -> dict[str, str]:
     import torchvision
 
     found = {"torch": torch.__version__, "torchvision": torchvision.__version__, "Pillow": PIL.__version__}
-    return {f"versions.{name}": str(found[name]) for name in VERSIONED_LIBRARIES}
+    return {f"{VERSIONS_PREFIX}{name}": str(found[name]) for name in VERSIONED_LIBRARIES}
 
 
 def run_settings(method_name: str, cfg: dict, mcfg: dict, world: int) -> dict:
@@ -203,7 +213,9 @@ def stamp_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
         if a.get(k) != b.get(k):
             was = f"was {a[k]!r}" if k in a else "was not stamped"
             now = f"is now {b[k]!r}" if k in b else "is now not set"
-            (other if k in RESUME_MAY_CHANGE else refused).append(f"{k} {was}, {now}")
+            # a checkpoint from before the library versions were stamped: unknown, not changed
+            unknown = k not in a and k.startswith(VERSIONS_PREFIX)
+            (other if k in RESUME_MAY_CHANGE or unknown else refused).append(f"{k} {was}, {now}")
     if old.get("shards") != new["shards"]:       # unknown for a checkpoint written before stamps
         (refused if old.get("shards") else other).append(
             "the shards' index.json differs" if old.get("shards") else "the shards are unknown")

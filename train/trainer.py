@@ -22,7 +22,7 @@ from pipeline.params import as_dict
 from train import dist
 from train.checkpoint import (
     CheckpointClock, ResumeError, RunPosition, agree_on_resume, checkpoint, load_checkpoint, plan_resume,
-    set_rng_state, weights_checksum,
+    seed_host_rngs, set_rng_state, weights_checksum,
 )
 from train.export import write_export
 from train.methods import MethodConfig, build, prepare
@@ -108,6 +108,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.method.trainable(), cfg.optimizer, sched.peak_lr, cfg.weight_decay,
                                         cfg.sgd_momentum)
         self.aug = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + self.rank)
+        seed_host_rngs(cfg.seed * 1_000_003 + self.rank)
         self.ckpt = out / "checkpoint.pt"
         self.pos, self.resumed = RunPosition(), False
         self.recent: deque[dict] = deque(maxlen=HEALTH_WINDOW)

@@ -34,10 +34,12 @@ def test_help_shows_one_default_per_option(capsys):
     p.add_argument("--seed", type=int, help="random seed (default: params or 0)")
     p.add_argument("--out", help="output folder")
     p.add_argument("--workers", type=int, default=0, help="processes (default 0: all CPUs)")
+    p.add_argument("--size", type=int, default=64, help="pixels (Default: the paper's 224 / 3.5)")
     with pytest.raises(SystemExit):
         p.parse_args(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in out and out.count("default") == 3     # --log-level, --seed, --workers
+    assert "(default: 64)" not in out                                      # "Default" says it too
     assert "random seed (default: params or 0)" in out and "(default 0: all CPUs)" in out
 
 

@@ -135,6 +135,17 @@ def test_killed_and_resumed_run_reaches_the_same_weights(shards, tmp_path):
     assert len(logged.strip().splitlines()) == 1 + 8
 
 
+def test_two_runs_of_the_same_settings_write_the_same_checkpoint_bytes(shards, tmp_path):
+    """dvc.lock records the checkpoint's hash: a rerun with the same settings must not change it
+    (the Python and NumPy RNG states it stores were once seeded from the OS)."""
+    params = write_params(tmp_path / "params.yaml", max_steps=2)
+    for name in ("a", "b"):
+        run(["--shards", str(shards), "--method", "mocov2", "--params", str(params), "--device", "cpu",
+             "--out", str(tmp_path / name)])
+    a, b = ((tmp_path / name / "checkpoint.pt").read_bytes() for name in ("a", "b"))
+    assert a == b
+
+
 def test_two_process_gloo_ddp_keeps_ranks_identical(shards, tmp_path):
     params = write_params(tmp_path / "params.yaml", max_steps=3, deterministic=False)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -184,6 +184,19 @@ def test_resume_continues_across_an_allowed_change_with_a_warning(shards, cut_ru
     assert f"resumed from step {CUT}" in caplog.text and state(run_dir)["step"] == CUT + 1
 
 
+def test_a_checkpoint_stamped_before_library_versions_continues_with_a_warning():
+    """Versions missing from an older stamp are unknown, not changed: --resume continues with a
+    warning (refusing would strand every checkpoint written before they were stamped)."""
+    new = {"settings": {"base_lr": 0.1, **checkpoint.library_versions()}, "shards": "s", "code": "c"}
+    old = {**new, "settings": {"base_lr": 0.1}}
+    refused, other = checkpoint.stamp_changes(old, new)
+    assert refused == [] and len(other) == len(checkpoint.VERSIONED_LIBRARIES)
+    assert all("was not stamped" in why for why in other)
+    # a version that was stamped and changed is still refused
+    moved = {**new, "settings": {**new["settings"], "versions.torch": "0.1"}}
+    assert checkpoint.stamp_changes(moved, new)[0] == [f"versions.torch was '0.1', is now {torch.__version__!r}"]
+
+
 @pytest.mark.parametrize("resume", ["auto", "require"])
 def test_a_checkpoint_that_does_not_load_into_the_model_is_a_resume_error_naming_it(shards, cut_run, tmp_path,
                                                                                      monkeypatch, resume):
