@@ -39,6 +39,13 @@ def descendants(root: int) -> set[int]:
     return found
 
 
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return "?"
+
+
 def alive(pid: int) -> bool:
     info = _ppid_and_state(pid)
     return info is not None and info[1] != "Z"
@@ -72,11 +79,14 @@ def test_loader_processes_exit_when_the_trainer_is_killed(shards, tmp_path, star
         assert children, "no loader worker processes found"
         os.kill(trainer.pid, signal.SIGKILL)
         trainer.wait(timeout=5)
-        deadline = time.monotonic() + 5
+        # A leaked worker of this endless (resampled) loader never exits, so a long deadline costs the
+        # test no power; 5 s failed once on a loaded CI machine while the forkserver, which preloads
+        # torch, cv2 and pyarrow, was still finalising.
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(alive(p) for p in children):
             time.sleep(0.1)
-        left = [p for p in children if alive(p)]
-        assert not left, f"loader processes outlived the trainer: {left}"
+        left = {p: cmdline(p) for p in children if alive(p)}
+        assert not left, f"loader processes outlived the trainer by 30 s: {left}"
     finally:
         if trainer.poll() is None:
             trainer.kill()
