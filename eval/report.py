@@ -199,7 +199,10 @@ def _ablation_section(results: dict, settings: dict) -> list[str]:
 
 
 def _detection_section(results: dict, settings: dict) -> list[str]:
-    lines = ["", "## Detection fine-tuning (like Table 1; COCOeval bbox)", "", "| model | AP | AP50 | AP75 |", "|---|---|---|---|"]
+    lines = ["", "## Detection fine-tuning (like Table 1; COCOeval bbox)", ""]
+    if not any("det_AP" in r for r in results.values()):
+        return lines + ["Not run: no model is in `detect_models` (params.yaml); list models there to fine-tune them."]
+    lines += ["| model | AP | AP50 | AP75 |", "|---|---|---|---|"]
     for m in results:
         if "det_AP" in results[m]:
             lines.append(f"| {m} | " + " | ".join(fmt(results[m][f"det_{k}"]) for k in TABLE1) + " |")
@@ -278,7 +281,7 @@ def render(results: dict, orderings: list[dict], stats: dict | None, seeds: list
     lines += _proposals_section(proposals)
     lines += health_section(results, problems)
     lines += _curves_section(curves)
-    lines += orderings_section(orderings)
+    lines += orderings_section(orderings, runs=len(seeds))
     return "\n".join(lines) + "\n"
 
 

@@ -86,12 +86,17 @@ def paper_orderings(results: dict, models: list[str]) -> list[dict]:
     return out
 
 
-def orderings_section(orderings: list[dict]) -> list[str]:
-    """results.md's table of the claims."""
+def orderings_section(orderings: list[dict], runs: int | None = None) -> list[str]:
+    """results.md's table of the claims; with `runs` (seeds per model) under `MIN_RUNS`, a line
+    saying that no claim can be clear, so that a "no" under a large gap is not read as a verdict."""
     lines = ["", "## The paper's orderings", "", "| claim | holds | clear (gap > spreads) | means |", "|---|---|---|---|"]
     for o in orderings:
         means = ", ".join(f"{m} {v:.3f}" for m, v in zip(o["models"], o["means"]))
         lines.append(f"| {o['claim']} | {'yes' if o['holds'] else 'no'} | {'yes' if o['clear'] else 'no'} | {means} |")
+    if runs is not None and runs < MIN_RUNS:
+        lines += ["", f"Clear needs at least {MIN_RUNS} runs a side (two runs' standard deviation is too often far "
+                      f"below the true spread); this report has {runs} per model, so no claim is clear, whatever "
+                      f"its gap. Add seeds (`seeds` in params.yaml) to judge the claims."]
     return lines
 
 

@@ -153,6 +153,21 @@ def test_detection_is_read_for_detect_models_only(tmp_path):
 
 
 
+def test_no_detect_models_says_detection_was_not_run(tmp_path):
+    """The embedded default fine-tunes no model (`detect_models: []`): the report says so instead of
+    an empty Table 1, reads no leftover detect/metrics.json and claims no detection ordering."""
+    reports = tmp_path / "models"
+    for m in MODELS:
+        for s in (0, 1):
+            _write(reports, m, s)
+    doc = make_report(reports, list(MODELS), [0, 1], tmp_path / "results", None, detect_models=[])
+    assert not any("det_AP" in r for r in doc["results"].values())
+    assert not any("detection" in o["claim"] for o in doc["orderings"])
+    md = (tmp_path / "results.md").read_text()
+    section = md.split("## Detection fine-tuning", 1)[1].split("##", 1)[0]
+    assert "Not run: no model is in `detect_models`" in section and "| model | AP |" not in section
+
+
 def test_the_metrics_file_holds_the_headline_means_per_model(tmp_path):
     """`dvc metrics show` prints results_metrics/<model>.json: one row per model, one mean per headline
     metric (O-KNN 10 and 11 over the seeds: 10.5), detection only where it ran; a model no longer

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.report_checks import MIN_RUNS, RANDOM_MARGIN, clear_gap, ordering, paper_orderings
+from eval.report_checks import MIN_RUNS, RANDOM_MARGIN, clear_gap, ordering, orderings_section, paper_orderings
 
 
 def side(mean: float, std: float = 0.0, n: int = MIN_RUNS) -> dict:
@@ -123,3 +123,14 @@ def test_the_harness_needs_enough_runs_on_the_random_side_too(tmp_path):
 
     runs = [_curve(tmp_path, f"a{s}", s, 30.0) for s in range(3)]
     assert not seed_summary(runs, _floor(tmp_path, n=1))["settings"][0]["five_points_clear"]
+
+
+def test_the_orderings_table_says_why_nothing_is_clear_with_too_few_seeds():
+    """Two seeds (the embedded default) can never make a claim clear; the table says so beside its
+    "no"s, and says nothing of the kind once there are enough runs."""
+    results = {"supervised": {"oknn_top1": side(30.0, 1.0, 2)}, "d3ssl": {"oknn_top1": side(12.0, 0.5, 2)}}
+    claims = [ordering(results, "oknn_top1", ["supervised", "d3ssl"], True, "ceiling")]
+    assert claims[0]["holds"] and not claims[0]["clear"]
+    few = "\n".join(orderings_section(claims, runs=2))
+    assert f"at least {MIN_RUNS} runs a side" in few and "this report has 2 per model" in few
+    assert "runs a side" not in "\n".join(orderings_section(claims, runs=MIN_RUNS))
