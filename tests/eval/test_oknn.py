@@ -295,9 +295,17 @@ def test_positive_control_a_backbone_that_knows_the_classes_beats_a_random_one(t
     # could not see class information, training with the labels would not help.
     cfg = OknnConfig(min_size=256, max_size=427, per_image=3, workers=0, batch_size=8)
     coco = tiny_synth / "coco"
-    # About 5 s of CPU; margins seen: +18 top-1, +17 to +20 top-5 (two versions of the synthetic data).
-    trained = run_oknn(train_with_labels(TinyStages(seed=0), coco, cfg, epochs=20), coco, cfg, torch.device("cpu"))
-    random = run_oknn(TinyStages(seed=0), coco, cfg, torch.device("cpu"))
+    # About 10 s of CPU. 20 epochs gave +18 top-1 on one CPU and +7.8 to +12.2 on an Intel Xeon (the
+    # suite's other tests leave torch another thread count, so other reduction orders): a margin of 8
+    # on 90 queries was a coin toss there. 40 epochs gave +15.6 there; the thread count is pinned
+    # here and restored, so the result does not depend on which tests ran before.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        trained = run_oknn(train_with_labels(TinyStages(seed=0), coco, cfg, epochs=40), coco, cfg, torch.device("cpu"))
+        random = run_oknn(TinyStages(seed=0), coco, cfg, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
     assert trained["queries"] == random["queries"] > 50
     assert trained["top1"] >= random["top1"] + 8, (trained["top1"], random["top1"])
     assert trained["top5"] >= random["top5"] + 8, (trained["top5"], random["top5"])
