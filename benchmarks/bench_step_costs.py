@@ -42,6 +42,7 @@ def step_seconds(name: str, batch: dict, params: str, bn_splits: int, steps: int
     import train.model as model
     from train.methods import build
     from train.pretrain import load_config, method_config
+    from train.trainer import cpu_bf16
 
     cfg = load_config(params)
     saved = model._SplitBatchNorm._equal_groups
@@ -56,7 +57,7 @@ def step_seconds(name: str, batch: dict, params: str, bn_splits: int, steps: int
         times = []
         for _ in range(steps + 1):                          # the first is a warm-up
             t = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_cpu):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16(cfg.bf16_cpu)):
                 loss, _ = method(batch, g, 0.5)
             opt.zero_grad(set_to_none=True)
             loss.backward()

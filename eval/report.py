@@ -26,9 +26,10 @@ Reads, for each model and seed, `REPORTS/<model>/seed<s>/oknn.json`, `probes.jso
   rank-1 accuracy, key spread), with a warning for every run that ended at chance or collapsed;
 - the curves a reader compares, every method on one plot each (mean line, min-max band over the
   seeds; eval.report_plots): `OUT_loss.png` (pre-training loss against step, from the curves
-  under `--runs`: the trainlog stage's copies or the runs' dvclive logs) and `OUT_oknn.png`
-  (O-KNN top-1 against step: the random start, the curve stage's snapshots, the final backbones), with their means in `OUT_loss.csv` and
-  `OUT_oknn.csv` for `dvc plots show`;
+  under `--runs`: the trainlog stage's copies or the runs' dvclive logs) and `oknn_curve.png`
+  beside OUT (the learning curve, O-KNN top-1 against step: the random start, the curve stage's
+  snapshots, the final backbones), with their means in `OUT_loss.csv` and `oknn_curve.csv` for
+  `dvc plots show`;
 - `OUT_cr.png` / `OUT_mcs.png`: the probes over layers, one line per model (mean over seeds);
 - `OUT_metrics/<model>.json`: the headline means of each model (`METRICS`: O-KNN, disturbed O-KNN,
   CR and MCS at C5, detection AP where it ran), what `dvc metrics show` prints, one row per model
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: params' `detect_models`, else every model with a detect/metrics.json)")
     p.add_argument("--dataset-stats", type=Path, help="stats.json of the sample stage (Table 2)")
     p.add_argument("--proposals-summary", type=Path, help="summary.json of the proposals stage (boxes per image)")
-    p.add_argument("--out", type=Path, default=Path("reports/results"), help="writes OUT.md, OUT.json, OUT_*.png/csv")
+    p.add_argument("--out", type=Path, default=Path("reports/results"), help="writes OUT.md, OUT.json, OUT_*.png/csv and oknn_curve.png/csv beside them")
     args = p.parse_args(argv)
     cli.setup_logging(args.log_level)
     models, seeds = args.models, args.seeds

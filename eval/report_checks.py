@@ -94,9 +94,10 @@ def orderings_section(orderings: list[dict], runs: int | None = None) -> list[st
         means = ", ".join(f"{m} {v:.3f}" for m, v in zip(o["models"], o["means"]))
         lines.append(f"| {o['claim']} | {'yes' if o['holds'] else 'no'} | {'yes' if o['clear'] else 'no'} | {means} |")
     if runs is not None and runs < MIN_RUNS:
-        lines += ["", f"Clear needs at least {MIN_RUNS} runs a side (two runs' standard deviation is too often far "
-                      f"below the true spread); this report has {runs} per model, so no claim is clear, whatever "
-                      f"its gap. Add seeds (`seeds` in params.yaml) to judge the claims."]
+        lines += ["", f"Clear needs at least {MIN_RUNS} runs a side (with fewer, the sample standard deviation is "
+                      f"too often far below the true spread, and one run has none); this report has {runs} per "
+                      f"model, so no claim is clear, whatever its gap. Add seeds (`seeds` in params.yaml) to judge "
+                      f"the claims."]
     return lines
 
 

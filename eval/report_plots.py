@@ -5,12 +5,13 @@
   per InfoNCE term, M the negatives left to the query; dotted, same colour, for the InfoNCE
   methods): methods with more loss terms have a higher chance level, so a loss is read against
   its own.
-- `OUT_oknn.png`: O-KNN top-1 against pre-training step, one line per method (mean over the
+- `oknn_curve.png` (beside OUT, under this fixed name: the learning curve a reader looks for first):
+  O-KNN top-1 against pre-training step, one line per method (mean over the
   seeds measured at that step, min-max band), with the supervised ceiling and the random floor as
   horizontal lines. Step 0 is the randomly initialised backbone of the same seed (`random`), the
   intermediate steps are the snapshots of the curve stage (seed 0), the last step every seed's
   final backbone (`oknn.json`).
-- `OUT_loss.csv`, `OUT_oknn.csv`: the plotted means, a column per method against `step`, for
+- `OUT_loss.csv`, `oknn_curve.csv`: the plotted means, a column per method against `step`, for
   `dvc plots show` (dvc.yaml's top-level plots overlay the methods from them).
 - `OUT_cr.png`, `OUT_mcs.png`: the probes over layers, one line per model (mean, std bars).
 
@@ -28,6 +29,7 @@ from train.resnet_layout import LAYERS
 
 REFERENCES = ("random", "supervised")   # models that are not pre-training methods
 DPI = 120
+OKNN_CURVE = "oknn_curve"   # the learning curve's file name (.png, .csv) beside OUT, whatever OUT is
 
 
 def _json(path: Path) -> dict:
@@ -176,7 +178,7 @@ def write_means_csv(bands: dict[str, dict], path: Path) -> None:
 
 
 def plot_curves(reports: Path, runs: Path | None, models: list[str], seeds: list[int], out: Path) -> dict:
-    """OUT_oknn.png/.csv and (with `runs`) OUT_loss.png/.csv; returns the plotted bands as
+    """oknn_curve.png/.csv beside OUT and (with `runs`) OUT_loss.png/.csv; returns the plotted bands as
     {"oknn": {method: band}, "loss": {method: band}}, the legends as drawn under "legend" and the
     written files under "files"."""
     methods = methods_of(reports, models, seeds)
@@ -189,7 +191,7 @@ def plot_curves(reports: Path, runs: Path | None, models: list[str], seeds: list
         vals = [float(_json(f)["top1"]) for s in seeds if (f := reports / ref / f"seed{s}" / "oknn.json").is_file()]
         if ref in models and vals:
             refs[f"{ref} (mean of {len(vals)})"] = sum(vals) / len(vals)
-    png, table = out.parent / f"{out.name}_oknn.png", out.parent / f"{out.name}_oknn.csv"
+    png, table = out.parent / f"{OKNN_CURVE}.png", out.parent / f"{OKNN_CURVE}.csv"
     found["legend"]["oknn"] = overlay(found["oknn"], png, "O-KNN top-1 (%)",
                                       f"O-KNN against step, mean and min-max over seeds {seeds}", hlines=refs)
     write_means_csv(found["oknn"], table)

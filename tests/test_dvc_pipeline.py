@@ -122,7 +122,7 @@ def test_dvc_repro_runs_every_stage_and_the_report_is_complete(repo: Path, tmp_p
     for title in ("Object-level kNN", "Table 7", "Table 1", "Table 2", "orderings"):
         assert title in md
     assert set(report["curves"]["oknn"]) == set(MODELS[2:])          # every pre-trained method on one plot
-    for plot in ("results_cr.png", "results_mcs.png", "results_loss.png", "results_oknn.png"):
+    for plot in ("results_cr.png", "results_mcs.png", "results_loss.png", "oknn_curve.png"):
         assert (proj / "reports" / plot).read_bytes()[:4] == b"\x89PNG"
 
     # Nothing changed: nothing runs. A parameter of one stage re-runs that stage and what follows.

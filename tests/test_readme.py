@@ -214,7 +214,7 @@ def test_the_cheap_readme_commands_run_for_real(tmp_path):
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, f"{c}\n{r.stderr[-2000:]}"
     md = (tmp_path / "reports" / "results.md").read_text()
-    for png in ("results_loss.png", "results_oknn.png"):
+    for png in ("results_loss.png", "oknn_curve.png"):
         assert f"]({png})" in md and (tmp_path / "reports" / png).stat().st_size > 1000
     assert "## Selective-search proposals" in md
 

@@ -102,7 +102,8 @@ class PretrainConfig:
     nproc_per_node: int = 1                 # processes per node; the stage runs torchrun above 1 (train.launch)
     seed: int = 0
     deterministic: bool = False             # torch deterministic algorithms (bitwise resume on CPU)
-    bf16_cpu: bool = False                  # bf16 autocast on the CPU too (always on CUDA); ~1.4x on AVX512-BF16
+    bf16_cpu: Literal["auto"] | bool = "auto"   # bf16 autocast on the CPU too (always on CUDA); auto: where the
+                                            # CPU has a bf16 path (train.trainer.cpu_bf16)
     max_steps: int = 0                      # stop after this many steps (0: the whole schedule)
     bn_splits: int = 1                      # batch-norm groups per process (MoCo's SplitBatchNorm; shuffle-BN)
     snapshot_steps: tuple[int, ...] = ()    # also export the student backbone after these steps (learning curves)

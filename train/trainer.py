@@ -38,6 +38,24 @@ log = logging.getLogger(__name__)
 PREFETCH_BATCHES = 2     # the next epoch's loader starts this many batches before the current epoch ends
 
 
+def cpu_bf16(setting: str | bool) -> bool:
+    """Whether pre-training on the CPU runs under bf16 autocast (`pretrain.bf16_cpu`): true or false
+    as set; `auto` where oneDNN has a bf16 path on this CPU (AVX512 or newer:
+    `torch.ops.mkldnn._is_mkldnn_bf16_supported`). Without one (AVX2 only) every bf16 convolution is
+    emulated: on a 2-core AVX2 AMD EPYC a ResNet-18 forward and backward ran 24x slower than in
+    float32 and a d3ssl step of the embedded settings 36x (`benchmarks/results/cpu_bf16.json`), which
+    made a 168-step run take hours. bf16 changes the
+    trained weights as another seed does, so the choice is logged and in the run summary."""
+    if setting != "auto":
+        return bool(setting)
+    return onednn_bf16()
+
+
+def onednn_bf16() -> bool:
+    """True where oneDNN runs bf16 natively or with AVX512 (not emulated on AVX2)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 @dataclass(frozen=True)
 class Schedule:
     """The run's length and learning-rate schedule, from the stream's size and the world size."""
@@ -104,6 +122,14 @@ class Trainer:
         self.out, self.name, self.cfg, self.mcfg, self.dev, self.sched = out, method_name, cfg, mcfg, dev, sched
         self.rank, self.world = dist.rank(), dist.world_size()
         self.on_cuda = dev.type == "cuda"
+        self.bf16 = self.on_cuda or cpu_bf16(cfg.bf16_cpu)
+        if not self.on_cuda:
+            log.info("bf16 autocast on the CPU: %s (pretrain.bf16_cpu: %s; CPU capability %s, oneDNN bf16 path: %s)",
+                     "on" if self.bf16 else "off, float32", cfg.bf16_cpu, torch.backends.cpu.get_cpu_capability(),
+                     onednn_bf16())
+            if self.bf16 and not onednn_bf16():
+                log.warning("pretrain.bf16_cpu is true on a CPU without a bf16 path (%s): every step is emulated, "
+                            "20-40x slower than float32; set it to auto", torch.backends.cpu.get_cpu_capability())
         self.method, self.model = build_method(method_name, cfg, mcfg, dev, self.world)
         self.optimizer = make_optimizer(self.method.trainable(), cfg.optimizer, sched.peak_lr, cfg.weight_decay,
                                         cfg.sgd_momentum)
@@ -243,7 +269,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         b = prepare(batch, self.dev, channels_last=self.on_cuda)
-        with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.on_cuda or self.cfg.bf16_cpu):
+        with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.bf16):
             loss, terms = self.model(b, self.aug, pos.step / max(1, sched.total_steps))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -263,6 +289,7 @@ class Trainer:
                 # complete epochs (the position's epoch lags at an epoch's last step)
                 "epochs_done": self.pos.step // self.sched.steps_per_epoch,
                 "total_steps": self.sched.total_steps, "world_size": self.world,
+                "precision": "bf16" if self.bf16 else "float32",
                 "finished": self.pos.step >= self.sched.total_steps,
                 "student_checksums": [int(x) for x in sums.tolist()],
                 "ranks_identical": bool((sums == sums[0]).all()), "health": health(list(self.recent))}

@@ -126,7 +126,7 @@ def test_report_warns_about_unhealthy_runs_and_draws_the_curve(tmp_path):
     c = doc["curves"]["oknn"]["d3ssl"]
     assert c["step"] == [0, 20, 40] and c["mean"] == [10.5, 10.5, 10.5] and c["n"] == [2, 1, 2]
     assert c["min"] == [10.0, 10.5, 10.0] and c["max"] == [11.0, 10.5, 11.0]
-    assert (tmp_path / "results_oknn.png").is_file()
+    assert (tmp_path / "oknn_curve.png").is_file()
     md = (tmp_path / "results.md").read_text()
     assert "WARNING: unhealthy pre-training runs" in md and "| d3ssl | 0.695 ± 0.417 | 0.255 ± 0.346 | 0.550 ± 0.071 | 1 of 2 |" in md
     claims = {o["claim"]: o for o in doc["orderings"]}
@@ -211,14 +211,14 @@ def test_curves_overlay_every_method_on_one_plot_each(tmp_path):
     reports, runs = _runs(tmp_path)
     models = ["random", "supervised", *METHODS]
     doc = make_report(reports, models, [0, 1], tmp_path / "results", None, runs=runs)
-    for name in ("loss", "oknn"):
-        png = tmp_path / f"results_{name}.png"
+    for name, stem in (("loss", "results_loss"), ("oknn", "oknn_curve")):   # the curve under the name issue 13 gave it
+        png = tmp_path / f"{stem}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert f"![results_{name}](results_{name}.png)" in (tmp_path / "results.md").read_text()
-        head = (tmp_path / f"results_{name}.csv").read_text().splitlines()[0]
+        assert f"![{stem}]({stem}.png)" in (tmp_path / "results.md").read_text()
+        head = (tmp_path / f"{stem}.csv").read_text().splitlines()[0]
         assert head == "step,d3ssl,d3ssl_dc,soco,mocov2"          # dvc.yaml's plots overlay these columns
         assert [e.split(" ")[0] for e in doc["curves"]["legend"][name]][:4] == list(METHODS)
-    assert doc["figures"] == ["results_cr.png", "results_mcs.png", "results_loss.png", "results_oknn.png"]
+    assert doc["figures"] == ["results_cr.png", "results_mcs.png", "oknn_curve.png", "results_loss.png"]
     # the loss means over the two seeds: 10 * i + t + 0.5 at step t
     rows = (tmp_path / "results_loss.csv").read_text().splitlines()
     assert len(rows) == 6 and rows[3] == "2,2.5,12.5,22.5,32.5"
