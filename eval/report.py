@@ -273,7 +273,11 @@ def render(results: dict, orderings: list[dict], stats: dict | None, seeds: list
            settings: dict | None = None, proposals: dict | None = None) -> str:
     """results.md: the tables of the paper on the embedded data, in the paper's order."""
     settings = settings or {}
-    lines = [f"# Results on the embedded data ({len(seeds)} seeds: {', '.join(map(str, seeds))}; mean ± std)", ""]
+    if len(seeds) == 1:
+        head = f"1 seed: {seeds[0]}; one run per model, so no spread"
+    else:
+        head = f"{len(seeds)} seeds: {', '.join(map(str, seeds))}; mean ± std"
+    lines = [f"# Results on the embedded data ({head})", ""]
     lines += _oknn_section(results, protocol)
     lines += _ablation_section(results, settings)
     lines += _detection_section(results, settings)

@@ -102,7 +102,10 @@ def orderings_section(orderings: list[dict], runs: int | None = None) -> list[st
 
 
 def fmt(ms: dict, digits: int = 2) -> str:
-    """`mean ± std` of a `mean_std` dict, as every table of the report prints it."""
+    """`mean ± std` of a `mean_std` dict, as every table of the report prints it; the value alone for
+    one run, which has no spread (a printed `± 0.00` would read as a measured one)."""
+    if ms.get("n", 0) == 1:
+        return f"{ms['mean']:.{digits}f}"
     return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
 
 

@@ -260,3 +260,15 @@ def test_the_legend_says_where_a_band_has_fewer_runs():
     assert n_label({"step": [0, 84, 168], "n": [3, 1, 3]}) == "n=3; 1 at step 84"
     assert n_label({"step": [0, 168], "n": [3, 3]}) == "n=3"
     assert n_label({"step": [0, 10, 20, 30, 40], "n": [2, 1, 1, 1, 1]}) == "n=2; 1 at steps 10, 20, 30, ..."
+
+
+def test_one_seed_prints_values_without_a_spread(tmp_path):
+    """One run has no spread: the tables print the value alone, not `± 0.00` as if one was measured."""
+    reports = tmp_path / "models"
+    for m in MODELS:
+        _write(reports, m, 0)
+    doc = make_report(reports, list(MODELS), [0], tmp_path / "results", None)
+    assert doc["results"]["d3ssl"]["oknn_top1"]["n"] == 1
+    md = (tmp_path / "results.md").read_text()
+    assert md.startswith("# Results on the embedded data (1 seed: 0; one run per model, so no spread)")
+    assert "| d3ssl | 1.030 | 0.970 | 1.00 |" in md and "±" not in md
