@@ -25,7 +25,7 @@ PAPER, EMBEDDED = REPO / "params_paper.yaml", REPO / "params.yaml"
 
 # What a real run changes, and why (the paper where it says, else its closest baseline's):
 PAPER_CHANGES = {
-    "seeds", "detect_models",                                           # one run per method; detection of all
+    "detect_models",                                                    # detection of every model
     "data.coco_root", "data.openimages_root", "data.manifests", "data.generate",   # the real downloads
     "proposals.max_side",                                               # selective search at 500 px
     "loader.workers", "loader.views.size", "loader.views.small_size",   # 224 / 112 px views (paper)
