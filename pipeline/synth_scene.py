@@ -115,6 +115,52 @@ def _convex(u: np.ndarray, v: np.ndarray, pts: list[tuple[float, float]]) -> np.
     return d
 
 
+# NumPy's transcendental ufuncs take a SIMD path chosen at run time (AVX-512, AVX2, baseline), and
+# those paths differ in the last bits: NumPy's sin and arctan2 made an AVX2-only CPU draw other
+# images than an AVX-512 one. The shapes and textures use these two instead, built from +, -, *, /
+# and rint, which IEEE 754 rounds the same on every path, so a scene is the same bytes on every x86
+# CPU. Accurate to about 1e-12 (float64), far below a pixel.
+_HALF_PI, _TWO_PI = math.pi / 2, 2 * math.pi
+_TAN_PI_8 = math.tan(math.pi / 8)
+
+
+def _sin(x) -> np.ndarray:
+    """sin(x), the same bits on every CPU: reduced to [-pi/2, pi/2], then its Taylor series to x^17."""
+    x = np.asarray(x)
+    dtype = x.dtype if x.dtype in (np.float32, np.float64) else np.float64
+    r = x.astype(np.float64)
+    r = r - np.rint(r / _TWO_PI) * _TWO_PI                  # [-pi, pi]
+    r = np.where(r > _HALF_PI, math.pi - r, r)
+    r = np.where(r < -_HALF_PI, -math.pi - r, r)            # [-pi/2, pi/2]
+    r2, term, out = r * r, r, r
+    for n in range(1, 9):                                   # (-1)^n r^(2n+1) / (2n+1)!
+        term = term * r2 / (-(2 * n) * (2 * n + 1))
+        out = out + term
+    return out.astype(dtype)
+
+
+def _atan2(y, x) -> np.ndarray:
+    """arctan2(y, x) in [-pi, pi], the same bits on every CPU: atan of t in [0, tan(pi/8)] by its
+    series (to t^39), unfolded by the octant."""
+    y, x = np.asarray(y), np.asarray(x)
+    rt = np.result_type(y, x)
+    dtype = rt if rt in (np.float32, np.float64) else np.float64
+    ay, ax = np.abs(y.astype(np.float64)), np.abs(x.astype(np.float64))
+    hi, lo = np.maximum(ay, ax), np.minimum(ay, ax)
+    t = np.divide(lo, hi, out=np.zeros_like(hi), where=hi > 0)       # [0, 1]
+    big = t > _TAN_PI_8
+    z = np.where(big, (t - 1) / (t + 1), t)                            # |z| <= tan(pi/8)
+    z2, term, a = z * z, z, z
+    for n in range(1, 20):                                             # (-1)^n z^(2n+1) / (2n+1)
+        term = -term * z2
+        a = a + term / (2 * n + 1)
+    a = np.where(big, math.pi / 4 + a, a)                              # atan(t), [0, pi/4]
+    a = np.where(ay > ax, _HALF_PI - a, a)
+    a = np.where(x < 0, math.pi - a, a)
+    a = np.where(y < 0, -a, a)
+    return a.astype(dtype)
+
+
 def _box(u, v, cx, cy, hx, hy):
     return np.maximum(np.abs(u - cx) - hx, np.abs(v - cy) - hy)
 
@@ -164,9 +210,9 @@ def shape_distance(shape: str, u: np.ndarray, v: np.ndarray, params: np.ndarray)
         bottom = _convex(u, v, [(-1, 1), (-0.15, -0.15), (0.15, -0.15), (1, 1)])
         return np.minimum(top, bottom)
     r = np.sqrt(u * u + v * v)
-    th = np.arctan2(v, u)
+    th = _atan2(v, u)
     if shape == "blob":
-        rad = 0.78 + 0.14 * np.sin(2 * th + 6.28 * params[0]) + 0.08 * np.sin(3 * th + 6.28 * params[1])
+        rad = 0.78 + 0.14 * _sin(2 * th + 6.28 * params[0]) + 0.08 * _sin(3 * th + 6.28 * params[1])
         return r - rad
     if shape == "star":
         k = 5
@@ -194,14 +240,14 @@ def texture_field(texture: str, u: np.ndarray, v: np.ndarray, freq: float, angle
         return (freq * x / 2 + phase / (2 * math.pi)) % 1.0 - 0.5
 
     if texture == "stripes":
-        return sharp(0.5 + 0.5 * np.sin(math.pi * freq * a + phase))
+        return sharp(0.5 + 0.5 * _sin(math.pi * freq * a + phase))
     if texture == "checker":
-        return sharp(0.5 + 0.5 * np.sin(math.pi * freq * a + phase) * np.sin(math.pi * freq * b + phase) * 4)
+        return sharp(0.5 + 0.5 * _sin(math.pi * freq * a + phase) * _sin(math.pi * freq * b + phase) * 4)
     if texture == "dots":     # discs of radius 0.4 period: half the area
         fa, fb = cell(a), cell(b)
         return sharp(0.5 + (0.4 - np.sqrt(fa * fa + fb * fb)) * 4)
     if texture == "rings":
-        return sharp(0.5 + 0.5 * np.sin(math.pi * freq * np.sqrt(u * u + v * v) + phase))
+        return sharp(0.5 + 0.5 * _sin(math.pi * freq * np.sqrt(u * u + v * v) + phase))
     if texture == "grid":     # lines 0.29 of a period wide: half the area
         d = np.minimum(0.5 - np.abs(cell(a)), 0.5 - np.abs(cell(b)))
         return sharp(0.5 + (0.146 - d) * 4)
