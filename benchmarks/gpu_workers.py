@@ -144,10 +144,15 @@ def _setting(s: dict, compiled: bool):
     """(device, the figures every throughput check records)."""
     import torch
 
+    from train.trainer import onednn_bf16
+
     dev = torch.device("cuda" if torch.cuda.is_available() and not s["smoke"] else "cpu")
     cuda = dev.type == "cuda"
+    # bf16 on a GPU, and in the CPU smoke where `pretrain.bf16_cpu: auto` would use it (a native
+    # oneDNN bf16 path): emulated on an AVX2-only CPU, 24-36x slower, the smoke ran past its budget
+    bf16 = cuda or onednn_bf16()
     common = {"arch": s["arch"], "batch": s["batch"], "size": s["size"], "small_size": s["size"] // 2, "K": 4,
-              "bf16": True, "channels_last": cuda, "compile": compiled,
+              "bf16": bf16, "channels_last": cuda, "compile": compiled,
               "device": torch.cuda.get_device_name(dev) if cuda else "cpu", "steps": s["steps"]}
     return dev, common
 
@@ -174,7 +179,7 @@ def baseline_check(s: dict, compiled: bool) -> dict:
     y = torch.randint(0, 1000, (B,), device=dev)
 
     def step():
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=common["bf16"]):
             loss = F.cross_entropy(fwd(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -218,7 +223,7 @@ def method_check(name: str, s: dict, compiled: bool, batch: dict, base: dict | N
     losses = []
 
     def step():
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=common["bf16"]):
             loss, _ = m(batch, g, 0.5)
         opt.zero_grad(set_to_none=True)
         loss.backward()

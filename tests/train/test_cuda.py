@@ -25,7 +25,7 @@ from train.methods import DEFAULTS, METHODS, build, prepare
 from train.model import RegionEncoder, SplitBatchNorm2d, bn_segments, chunk_sizes
 from train.shuffle_bn import shuffled_forward
 from train.stream import LoaderConfig, make_stream
-from train.trainer import use_sync_batchnorm
+from train.trainer import onednn_bf16, use_sync_batchnorm
 from train.views import ViewConfig
 
 from tests.train.test_pretrain import write_params as tiny_params
@@ -48,9 +48,14 @@ def one_rank_group(device, tmp_path):
         torch_dist.destroy_process_group()
 
 
-def autocast(device: torch.device):
-    """bf16 autocast as train.pretrain runs it (always on CUDA; `bf16_cpu` on the CPU)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+def autocast(device: torch.device, force: bool = False):
+    """bf16 autocast as train.pretrain runs it with the default `bf16_cpu: auto`: always on CUDA, on
+    the CPU only where oneDNN has a native bf16 path (train.trainer.onednn_bf16). On an AVX2-only CPU
+    bf16 is emulated 24-36x slower, and the CPU smoke's training loops ran past their time limits in
+    `benchmarks.gpu_check --cpu-smoke`; there they run in float32, as pre-training would. `force`:
+    bf16 on any CPU, for a test of the bf16 dtypes themselves (one forward)."""
+    enabled = device.type == "cuda" or force or onednn_bf16()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def loader_batch(shards: Path, batch: int = BATCH) -> dict:
@@ -110,7 +115,7 @@ def test_bf16_autocast_keeps_rois_float32(device, monkeypatch):
     x = torch.randn(2, 3, 64, 64, device=device)
     boxes = torch.tensor([[[1.3, 2.7, 33.3, 41.9], [5.1, 6.2, 60.7, 50.3]]] * 2, device=device)
     valid = torch.tensor([[True, True], [True, False]], device=device)
-    with autocast(device):
+    with autocast(device, force=True):
         z = enc.regions(x, boxes, valid, groups=1)
     assert seen["c4"] == torch.bfloat16, "autocast did not put the backbone in bf16"
     assert seen["x"] == torch.float32 and seen["rois"] == torch.float32
