@@ -144,13 +144,13 @@ def _setting(s: dict, compiled: bool):
     """(device, the figures every throughput check records)."""
     import torch
 
-    from train.trainer import onednn_bf16
+    from train.trainer import cpu_bf16
 
     dev = torch.device("cuda" if torch.cuda.is_available() and not s["smoke"] else "cpu")
     cuda = dev.type == "cuda"
     # bf16 on a GPU, and in the CPU smoke where `pretrain.bf16_cpu: auto` would use it (a native
     # oneDNN bf16 path): emulated on an AVX2-only CPU, 24-36x slower, the smoke ran past its budget
-    bf16 = cuda or onednn_bf16()
+    bf16 = cuda or cpu_bf16("auto")
     common = {"arch": s["arch"], "batch": s["batch"], "size": s["size"], "small_size": s["size"] // 2, "K": 4,
               "bf16": bf16, "channels_last": cuda, "compile": compiled,
               "device": torch.cuda.get_device_name(dev) if cuda else "cpu", "steps": s["steps"]}

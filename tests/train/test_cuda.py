@@ -25,7 +25,7 @@ from train.methods import DEFAULTS, METHODS, build, prepare
 from train.model import RegionEncoder, SplitBatchNorm2d, bn_segments, chunk_sizes
 from train.shuffle_bn import shuffled_forward
 from train.stream import LoaderConfig, make_stream
-from train.trainer import onednn_bf16, use_sync_batchnorm
+from train.trainer import cpu_bf16, use_sync_batchnorm
 from train.views import ViewConfig
 
 from tests.train.test_pretrain import write_params as tiny_params
@@ -50,11 +50,11 @@ def one_rank_group(device, tmp_path):
 
 def autocast(device: torch.device, force: bool = False):
     """bf16 autocast as train.pretrain runs it with the default `bf16_cpu: auto`: always on CUDA, on
-    the CPU only where oneDNN has a native bf16 path (train.trainer.onednn_bf16). On an AVX2-only CPU
+    the CPU only where oneDNN has a native bf16 path (train.trainer.cpu_bf16("auto")). On an AVX2-only CPU
     bf16 is emulated 24-36x slower, and the CPU smoke's training loops ran past their time limits in
     `benchmarks.gpu_check --cpu-smoke`; there they run in float32, as pre-training would. `force`:
     bf16 on any CPU, for a test of the bf16 dtypes themselves (one forward)."""
-    enabled = device.type == "cuda" or force or onednn_bf16()
+    enabled = device.type == "cuda" or force or cpu_bf16("auto")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
