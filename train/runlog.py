@@ -14,12 +14,13 @@ k - 1, and a crash after the checkpoint at step N leaves rows of steps N and lat
 TSVs (and dvclive's own resume would continue after the last row logged, or at 0 where
 metrics.json is gone). `resume_live` cuts every TSV under dvclive's plots/metrics to the rows of
 steps before N, rebuilds metrics.json's summary from their last rows and continues at step N.
+metrics.json holds its keys sorted (at every level), in every run: its order then comes from the
+names alone, never from the file a crash may have left empty or half written.
 """
 from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
 import time
@@ -141,11 +142,9 @@ def truncate_metrics(live_dir: Path, step: int) -> dict:
     return summary
 
 
-def _ordered_like(d: dict, like: dict) -> dict:
-    """`d` with its keys (at every level) in the order of `like`'s, the others after them."""
-    keys = [k for k in like if k in d] + [k for k in d if k not in like]
-    return {k: _ordered_like(d[k], like[k]) if isinstance(d[k], dict) and isinstance(like.get(k), dict) else d[k]
-            for k in keys}
+def _sorted_tree(d: dict) -> dict:
+    """`d` with its keys sorted at every level (the order metrics.json is written in)."""
+    return {k: _sorted_tree(v) if isinstance(v, dict) else v for k, v in sorted(d.items())}
 
 
 def resume_live(path: Path, step: int):
@@ -158,16 +157,11 @@ def resume_live(path: Path, step: int):
                     "steps between are missing (the folder was deleted or is older)", path,
                     summary.get("step", -1) + 1, step)
     # dvclive's resume reads its step and summary from metrics.json, which a crash may have left
-    # at a later step or half written: both are set here instead, in the order of its keys (the
-    # order the run logs its metrics in, which the rewritten metrics.json keeps)
-    old = path / "metrics.json"
-    try:
-        order = json.loads(old.read_text(encoding="utf-8")) if old.is_file() else {}
-    except (ValueError, OSError):
-        order = {}
-    old.unlink(missing_ok=True)
+    # at a later step, half written or empty: both are set here instead, the summary's keys sorted
+    # as every write of it sorts them (StepLog.step), so nothing is read from the old file
+    (path / "metrics.json").unlink(missing_ok=True)
     live = open_live(path, resume=True)
-    live.summary = _ordered_like(summary, order if isinstance(order, dict) else {})
+    live.summary = _sorted_tree(summary)
     live.step = step
     return live
 
@@ -214,6 +208,8 @@ class StepLog:
         live.log_metric("train/momentum", method.last_momentum)
         live.log_metric("train/queue_fill", method.queue_fill())
         live.log_metric("train/loader_errors", int(batch["errors"]))
+        # metrics.json's key order: the names', not the order of logging ("step" as make_summary sets it)
+        live.summary = _sorted_tree({**live.summary, "step": live.step})
         live.next_step()
         self.t_last, self.seen = now, 0
         self.bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{speed:.1f}")

@@ -88,14 +88,19 @@ def test_a_resumed_log_is_cut_to_the_checkpoint_and_equals_an_undisturbed_one(tm
     log_steps(tmp_path / "cut_at_stop", 3, 3, total=3, resumed=True).close()
     assert folder_bytes(tmp_path / "cut_at_stop" / "dvclive") == folder_bytes(tmp_path / "at_stop" / "dvclive")
 
-    # metrics.json lost (dvclive alone would log the next row as step 0 again): the same rows, and
-    # the same summary (its key order, which came from the lost file, aside)
-    log_steps(tmp_path / "lost", 0, 5)
-    (tmp_path / "lost" / "dvclive" / "metrics.json").unlink()
-    log_steps(tmp_path / "lost", 3, 6, resumed=True).close()
-    lost, whole = folder_bytes(tmp_path / "lost" / "dvclive"), folder_bytes(tmp_path / "whole" / "dvclive")
-    assert json.loads(lost.pop("metrics.json")) == json.loads(whole.pop("metrics.json"))
-    assert lost == whole
+    # metrics.json lost (dvclive alone would log the next row as step 0 again), or emptied or half
+    # written by a kill during its write: the same bytes, the summary's key order included (the
+    # folder is a stage output DVC hashes)
+    whole = folder_bytes(tmp_path / "whole" / "dvclive")
+    for name, damage in (("lost", None), ("emptied", ""), ("half", '{\n    "train": {\n        "lo')):
+        log_steps(tmp_path / name, 0, 5)
+        metrics = tmp_path / name / "dvclive" / "metrics.json"
+        metrics.unlink() if damage is None else metrics.write_text(damage)
+        log_steps(tmp_path / name, 3, 6, resumed=True).close()
+        assert folder_bytes(tmp_path / name / "dvclive") == whole, name
+    summary = json.loads(whole["metrics.json"])
+    assert list(summary) == ["step", "train"] and list(summary["train"]) == sorted(summary["train"])
+    assert summary["step"] == 5 and summary["train"]["loss"] == 5.0
 
 
 def test_truncation_names_a_file_that_is_no_metric_history(tmp_path):
