@@ -63,7 +63,9 @@ def make_shapes_set(root: Path, split: str, n: int, seed: int, size: int = 128) 
 TINY = Schedule(min_size_train=(128,), min_size_test=128, max_size=128, ims_per_batch=4, base_lr=0.02,
                 max_iter=60, steps=(50,), warmup_iters=10, masks=False, precise_bn_iters=4,
                 anchor_sizes=(16, 32, 64), rpn_pre_nms_train=500, rpn_post_nms_train=100,
-                rpn_pre_nms_test=300, rpn_post_nms_test=50, roi_per_image=32, pooler_resolution=8)
+                rpn_pre_nms_test=300, rpn_post_nms_test=50, roi_per_image=16, pooler_resolution=8)
+# roi_per_image 16 (the images hold 1-2 objects): res5 on the sampled RoIs is most of an iteration's
+# CPU cost, so the RoI sample is what sizes these tests' time
 
 
 @pytest.fixture(scope="module")
