@@ -58,8 +58,11 @@ GPU = {"budget_s": 340, "tests_timeout_s": 150, "per_test_timeout_s": 100, "thro
        "arch": "resnet50", "batch": 64, "size": 224, "roi_size": 14, "warmup": 2, "steps": 6,
        "loader_workers": (1, 4, 12), "loader_batch": 64, "loader_window_s": 5,
        "images": 96, "image_size": (640, 480), "shards": 4}
-SMOKE = {"budget_s": 170, "tests_timeout_s": 100, "per_test_timeout_s": 60, "throughput_timeout_s": 45,
-         "compile_timeout_s": 60, "loader_timeout_s": 40, "per_check_s": 30, "per_compile_check_s": 30,
+# The smoke checks code paths, not the CPU's speed: its limits hold twice what it took beside another
+# test worker on 2 cores of the slowest machine measured (an AVX2-only EPYC: 169 s, the cuda_tests
+# process 86 s, throughput 31 + 36 s; alone there it took 124-142 s), since `pytest -n auto` runs it so.
+SMOKE = {"budget_s": 360, "tests_timeout_s": 180, "per_test_timeout_s": 60, "throughput_timeout_s": 90,
+         "compile_timeout_s": 120, "loader_timeout_s": 40, "per_check_s": 30, "per_compile_check_s": 30,
          "arch": "resnet18", "batch": 4, "size": 64, "roi_size": 7, "warmup": 1, "steps": 2,
          "loader_workers": (0, 1), "loader_batch": 4, "loader_window_s": 0.5,
          "images": 16, "image_size": (96, 72), "shards": 2}

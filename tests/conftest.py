@@ -48,6 +48,21 @@ def tiny_synth(tmp_path_factory) -> Path:
     return out
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Run the `slow` tests first (stable order otherwise). Under pytest-xdist the scheduler hands out
+    tests in this order, so the longest ones start at once rather than last on one worker while the
+    other sits idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`pytest -n auto`: one worker per CPU this process may use (its affinity, which is what a
+    container grants, not the host's count), at most 8: each worker holds its own FiftyOne database
+    and Ray instances, and the end-to-end `dvc repro` test bounds the suite's time beyond that."""
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
 def _end_children(grace_s: float = 10.0) -> list[str]:
     """Terminate (then kill, after `grace_s`) every process this one started that still runs, and
     return their names. Only descendants of the pytest process: nothing else is touched."""

@@ -80,6 +80,7 @@ def reduce(params: dict) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)      # 514 s alone on 2 EPYC cores, over 600 s beside another test worker
 def test_dvc_repro_runs_every_stage_and_the_report_is_complete(repo: Path, tmp_path: Path):
     proj = project_copy(repo, tmp_path / "proj")
     params = reduce(yaml.safe_load((proj / "params.yaml").read_text()))
