@@ -9,6 +9,7 @@ checkpoints along the way, so that a setting is judged in minutes, not by a whol
     python -m benchmarks.harness --seed-summary reports/experiments/r4_d3ssl_s450 \
         reports/experiments/r5_d3ssl_s450_seed1 reports/experiments/r5_d3ssl_s450_seed2 \
         --out reports/experiments/seeds.json      # a setting's runs on several seeds, against random
+                                                  # (the runs' own step 0 over their seeds)
 
 Each run writes `OUT/NAME/`: `params.yaml` (the params file with the `--set` overrides and the
 values the harness sets itself, `pretrain.epochs` from `--steps`, `pretrain.seed` from `--seed` and
@@ -168,10 +169,36 @@ def _floor(results: Path) -> dict:
     return floor
 
 
-def seed_summary(folders: list[Path], results: Path) -> dict:
+def _init_floor(runs: list[tuple[Path, dict]]) -> dict:
+    """The random floor from the runs themselves: the step-0 point of each seed (the run's network
+    before training, seeded by its seed, evaluated with the run's own O-KNN settings), one per seed,
+    {"mean", "std", "n"} over the seeds. This is the `random` model of the pipeline for those seeds
+    (the same seeded initialisation and protocol), measured beside the runs it is compared with, so
+    the summary is regenerated from the folders alone. Two runs of one seed with different step-0
+    values were measured with different settings: an error naming both folders."""
+    import statistics
+
+    by_seed: dict[int, tuple[Path, float]] = {}
+    for folder, r in runs:
+        first = r["points"][0]
+        if first["step"] != 0:
+            raise ValueError(f"{folder / 'curve.json'}: its first point is step {first['step']}, not the untrained "
+                             "step 0; pass --results reports/results.json for the report's random floor")
+        seen = by_seed.setdefault(r["seed"], (folder, first["top1"]))
+        if seen[1] != first["top1"]:
+            raise ValueError(f"seed {r['seed']}: step 0 is {seen[1]} in {seen[0]} and {first['top1']} in {folder}: "
+                             "their O-KNN settings differ; summarise runs of one protocol")
+    values = [v for _, v in by_seed.values()]
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def seed_summary(folders: list[Path], results: Path | None = None) -> dict:
     """Runs of one setting on several seeds, grouped by (method, schedule, overrides): the end of
-    each schedule, its mean and sample std over the runs, and the issue's test against the
-    `random` row of the report (`results`: reports/results.json; `_five_points_clear`).
+    each schedule, its mean and sample std over the runs, and the issue's test against random
+    (`_five_points_clear`). Random is the runs' own step 0 over their seeds (`_init_floor`), or,
+    with `results` (reports/results.json), the report's `random` row, whose seeds are the
+    report's and may not be the runs'.
 
     `by_step` applies the same test at every step all runs of a group evaluated, so one long
     schedule also says where the gap appears; a point inside a schedule is the run before its
@@ -182,10 +209,12 @@ def seed_summary(folders: list[Path], results: Path) -> dict:
     def stats(values: list[float]) -> tuple[float, float]:
         return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
-    floor = _floor(results)
+    curves = [(d, json.loads((d / "curve.json").read_text())) for d in folders]
+    floor = _floor(results) if results is not None else _init_floor(curves)
+    source = str(results) if results is not None else \
+        f"step 0 (the untrained network) of these runs, one per seed: {floor['n']} seeds"
     groups: dict[tuple, list[dict]] = {}
-    for d in folders:
-        r = json.loads((d / "curve.json").read_text())
+    for d, r in curves:
         first, last = r["points"][0], r["points"][-1]
         row = {"name": r["name"], "seed": r["seed"], "init": first["top1"], "step": last["step"], "end": last["top1"],
                "gain": last["top1"] - first["top1"], "by_step": {p["step"]: p["top1"] for p in r["points"]}}
@@ -206,7 +235,7 @@ def seed_summary(folders: list[Path], results: Path) -> dict:
                     "mean_gain_over_init": statistics.mean(x["gain"] for x in rows), "gap_over_random": gap,
                     "five_points_clear": _five_points_clear(seeds, mean, std, floor), "by_step": by_step,
                     "first_clear_step": next((b["step"] for b in by_step if b["five_points_clear"]), None)})
-    return {"random": {"mean": floor["mean"], "std": floor["std"], "from": str(results)}, "settings": out}
+    return {"random": {"mean": floor["mean"], "std": floor["std"], "n": floor["n"], "from": source}, "settings": out}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,9 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", type=Path, nargs="*", help="instead of a run: overlay the curves of these folders into --out (a .png)")
     p.add_argument("--seed-summary", type=Path, nargs="*",
                    help="instead of a run: group these folders' runs by setting, mean and std over seeds against "
-                        "the random row of --results, into --out (a .json)")
-    p.add_argument("--results", type=Path, default=Path("reports/results.json"),
-                   help="with --seed-summary: the report holding the random floor (default: %(default)s)")
+                        "random (the runs' step 0, or --results), into --out (a .json)")
+    p.add_argument("--results", type=Path, default=None,
+                   help="with --seed-summary: take the random floor from this report's random row (e.g. "
+                        "reports/results.json) instead of the runs' own step 0, one per seed (the default)")
     args = p.parse_args(argv)
     cli.setup_logging()
     if args.plot:

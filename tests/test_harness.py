@@ -76,6 +76,26 @@ def test_by_step_uses_only_steps_every_run_evaluated(tmp_path, results):
     assert [b["step"] for b in g["by_step"]] == [0, 225, 450] and g["first_clear_step"] == 225
 
 
+def test_without_a_report_random_is_the_runs_own_step_0_one_per_seed(tmp_path):
+    # seeds 0, 1, 2 start at 11.0, 13.0, 12.0 (two methods each, the same initialisation per seed)
+    inits = {0: 11.0, 1: 13.0, 2: 12.0}
+    runs = [fake_run(tmp_path, f"{m}{s}", m, s, inits[s], e) for m in ("d3ssl", "soco")
+            for s, e in zip(inits, (19.0, 20.0, 21.0))]
+    summary = seed_summary(runs)
+    assert {k: summary["random"][k] for k in ("mean", "std", "n")} == {"mean": 12.0, "std": 1.0, "n": 3}
+    assert "step 0" in summary["random"]["from"]
+    g = summary["settings"][0]
+    assert g["gap_over_random"] == 8.0 and g["five_points_clear"]
+    # two seeds (on both sides): too few runs for a clear claim
+    assert not seed_summary(runs[:2] + runs[3:5])["settings"][0]["five_points_clear"]
+
+
+def test_a_seed_whose_step_0_differs_between_runs_is_an_error_naming_both(tmp_path):
+    runs = [fake_run(tmp_path, "a0", "d3ssl", 0, 12.0, 20.0), fake_run(tmp_path, "b0", "soco", 0, 14.0, 20.0)]
+    with pytest.raises(ValueError, match=r"seed 0: step 0 is 12.0 in .*a0 and 14.0 in .*b0"):
+        seed_summary(runs)
+
+
 class _Stop(Exception):
     pass
 
