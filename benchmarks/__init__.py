@@ -23,3 +23,22 @@ def write_json(path: str | Path, result: dict, log: logging.Logger) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     log.info("wrote %s", path)
+
+
+def first_batch(params: str, shards: str):
+    """The first batch of the params' input stream over `shards` (seed 0, read in this process),
+    prepared for a CPU step: what the step benchmarks time the methods on."""
+    from dataclasses import replace
+
+    import torch
+
+    from pipeline import shardset
+    from train.methods import prepare
+    from train.pretrain import load_config
+    from train.stream import make_stream
+
+    loader = load_config(params).loader
+    paths, total = shardset.shards(shards)
+    stream = make_stream(paths, replace(loader, workers=0), seed=0, total_samples=total)
+    return prepare(next(iter(stream)), torch.device("cpu"))
+

@@ -24,9 +24,8 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import replace
 
-from benchmarks import write_json
+from benchmarks import first_batch, write_json
 from pipeline import cli
 
 # What the trainer's main module (train.pretrain) imports, at the top as there: every loader worker
@@ -69,17 +68,10 @@ def step_seconds(name: str, batch: dict, params: str, bn_splits: int, steps: int
 
 
 def bench_bn(params: str, shards: str, steps: int) -> dict:
-    import torch
-
-    from train.methods import prepare
     from train.pretrain import load_config
-    from pipeline import shardset
-    from train.stream import make_stream
 
     cfg = load_config(params)
-    paths, total = shardset.shards(shards)
-    batch = prepare(next(iter(make_stream(paths, replace(cfg.loader, workers=0), seed=0, total_samples=total))),
-                    torch.device("cpu"))
+    batch = first_batch(params, shards)
     out = {}
     for name in ("d3ssl", "d3ssl_dc", "mocov2"):
         row = {"loop_s": step_seconds(name, batch, params, cfg.bn_splits, steps, fused=False),

@@ -20,6 +20,10 @@ groups of its batch separately (MoCo's SplitBatchNorm, its single-GPU stand-in f
 the image batch in `groups` chunks, the regions by the chunk their image is in. This is what
 shuffle-BN (train.methods) needs on one process.
 
+Convolutions: every one is a `GemmGradConv2d` (train.conv_grad; an nn.Conv2d with the same
+state), whose backward on the CPU is two matrix products where the output map is tiny (res5 on
+4x4 RoIAlign regions, 2x2 out): oneDNN's weight gradient is slow there.
+
 RoI coordinates stay float32 under autocast (`train.resnet.align`): RoIAlign runs in float32 and
 its output is cast to the feature dtype.
 
@@ -37,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from train.conv_grad import use_gemm_grad_conv
 from train.resnet import STRIDES, c4_trunk, make_resnet, out_channels, region_features, torchvision_backbone
 
 # ------------------------------------------------------------------------------ split batch norm
@@ -183,6 +188,7 @@ class RegionEncoder(nn.Module):
         self.projector = MLP(width, proj_hidden or width, proj_dim, proj_bn)
         self.arch = arch
         use_split_batch_norm(self)
+        use_gemm_grad_conv(self)          # same state; a faster backward on small CPU maps (train.conv_grad)
 
     def regions(self, images: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor, groups: int = 1) -> torch.Tensor:
         """Projected features of the valid boxes: images (B, 3, H, W), boxes (B, K, 4) in pixels,
