@@ -12,6 +12,11 @@
    the shards, the model's convolutions as built (matrix-product backward up to MAX_POSITIONS)
    and set back to `nn.Conv2d` (oneDNN's backward everywhere), alternated.
 
+3. With `--pipeline STEPS` instead: wall seconds of the pre-training loop itself
+   (`train.pretrain.train`, its loader workers, schedule and logging as `dvc repro` runs them) for
+   STEPS steps of d3ssl, with the region encoder as built and with `use_gemm_grad_conv` switched
+   off, alternated over two rounds, into `benchmarks/results/conv_grad_pipeline.json`.
+
 Writes the JSON (settings, figures, ratios) and logs a summary. float32 (the AVX2 CPU path).
 """
 from __future__ import annotations
@@ -124,27 +129,67 @@ def bench_steps(params: str, shards: str, steps: int) -> dict:
     return out
 
 
+def bench_pipeline(params: str, shards: str, steps: int, method: str = "d3ssl") -> dict:
+    import tempfile
+    from dataclasses import replace
+    from pathlib import Path
+
+    import train.model as model
+    from train.pretrain import load_config, method_config, train
+
+    cfg = replace(load_config(params), max_steps=steps)
+    mcfg = method_config(method, params)
+    built = model.use_gemm_grad_conv
+    times: dict[str, list[float]] = {"onednn_s": [], "matmul_s": []}
+    try:
+        for _ in range(2):                                   # alternate, so drift hits both
+            for key, swap in (("onednn_s", lambda m: m), ("matmul_s", built)):
+                model.use_gemm_grad_conv = swap
+                with tempfile.TemporaryDirectory() as tmp:
+                    t = time.perf_counter()
+                    summary = train(shards, Path(tmp) / "run", method, cfg, mcfg, resume=False, device="cpu",
+                                    progress=False)
+                    times[key].append(time.perf_counter() - t)
+                assert summary["steps"] == steps, summary["steps"]
+                log.info("%s, %d steps, %s backward: %.1f s", method, steps, key[:-2], times[key][-1])
+    finally:
+        model.use_gemm_grad_conv = built
+    out = {"method": method, "steps": steps, "all_s": times,
+           "onednn_s": min(times["onednn_s"]), "matmul_s": min(times["matmul_s"])}
+    out["matmul_over_onednn"] = out["matmul_s"] / out["onednn_s"]
+    log.info("%s: %d steps of the pre-training loop in %.1f s with oneDNN's backward, %.1f s as built (x%.2f)",
+             method, steps, out["onednn_s"], out["matmul_s"], out["matmul_over_onednn"])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser("python -m benchmarks.bench_conv_grad", __doc__)
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--shards", default="data/shards")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per convolution (after a warm-up)")
     p.add_argument("--steps", type=int, default=3, help="timed optimiser steps per method and variant")
-    p.add_argument("--out", default="benchmarks/results/conv_grad.json")
+    p.add_argument("--out", default=None,
+                   help="default: benchmarks/results/conv_grad.json, with --pipeline conv_grad_pipeline.json")
+    p.add_argument("--pipeline", type=int, default=0, metavar="STEPS",
+                   help="instead: time STEPS steps of the pre-training loop itself, both ways")
     args = p.parse_args(argv)
     cli.setup_logging(args.log_level)
     import torch
 
     from train.conv_grad import MAX_POSITIONS
-    result = {"settings": {"params": args.params, "shards": args.shards, "reps": args.reps, "steps": args.steps,
-                           "max_positions": MAX_POSITIONS, "cpus": os.cpu_count(),
-                           "torch_threads": torch.get_num_threads(),
-                           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                           "machine": platform.processor() or platform.machine(), "dtype": "float32",
+    settings = {"params": args.params, "shards": args.shards, "max_positions": MAX_POSITIONS, "cpus": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "machine": platform.processor() or platform.machine(), "dtype": "float32"}
+    if args.pipeline:
+        result = {"settings": {**settings, "timing": "minimum over two alternated rounds of one loop each"},
+                  "pipeline": bench_pipeline(args.params, args.shards, args.pipeline)}
+        write_json(args.out or "benchmarks/results/conv_grad_pipeline.json", result, log)
+        return 0
+    result = {"settings": {**settings, "reps": args.reps, "steps": args.steps,
                            "timing": "minimum over two alternated rounds of the mean over the repetitions"},
               "convolutions": bench_shapes(args.reps),
               "steps": bench_steps(args.params, args.shards, args.steps)}
-    write_json(args.out, result, log)
+    write_json(args.out or "benchmarks/results/conv_grad.json", result, log)
     return 0
 
 

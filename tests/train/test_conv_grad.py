@@ -9,13 +9,13 @@ import torchvision
 
 from train import conv_grad
 from train.conv_grad import MAX_POSITIONS, GemmGradConv2d, use_gemm_grad_conv
-from train.model import RegionEncoder
+from train.model import RegionEncoder, momentum_copy
 
 
-def conv_pair(cin, cout, k, stride, padding):
+def conv_pair(cin, cout, k, stride, padding, dilation=1):
     torch.manual_seed(0)
-    plain = nn.Conv2d(cin, cout, k, stride, padding, bias=False)
-    fast = nn.Conv2d(cin, cout, k, stride, padding, bias=False)
+    plain = nn.Conv2d(cin, cout, k, stride, padding, dilation, bias=False)
+    fast = nn.Conv2d(cin, cout, k, stride, padding, dilation, bias=False)
     fast.load_state_dict(plain.state_dict())
     use_gemm_grad_conv(fast)
     return plain, fast
@@ -28,19 +28,20 @@ def grads(conv, x, grad_out):
     return y, x.grad, conv.weight.grad
 
 
-# (in, out, kernel, stride, padding, input side, batch): res5's stride-2 3x3 and 1x1 downsample from
-# 4x4 RoIAlign regions, its 3x3 at 2x2, a res4 3x3 at 4x4, and an odd side with a stride
-@pytest.mark.parametrize("cin,cout,k,stride,padding,side,n", [
-    (32, 64, 3, 2, 1, 4, 12), (32, 64, 1, 2, 0, 4, 12), (64, 64, 3, 1, 1, 2, 12), (16, 16, 3, 1, 1, 4, 5),
-    (8, 16, 3, 2, 1, 7, 3),
+# (in, out, kernel, stride, padding, input side, batch, dilation): res5's stride-2 3x3 and 1x1
+# downsample from 4x4 RoIAlign regions, its 3x3 at 2x2, a res4 3x3 at 4x4, an odd side with a
+# stride, then non-square kernels, strides, paddings and inputs, and a dilation
+@pytest.mark.parametrize("cin,cout,k,stride,padding,side,n,dilation", [
+    (32, 64, 3, 2, 1, 4, 12, 1), (32, 64, 1, 2, 0, 4, 12, 1), (64, 64, 3, 1, 1, 2, 12, 1), (16, 16, 3, 1, 1, 4, 5, 1),
+    (8, 16, 3, 2, 1, 7, 3, 1), (8, 16, (3, 1), (2, 1), (1, 0), (5, 3), 3, 1), (8, 8, 3, 1, 2, (4, 6), 2, 2),
 ])
-def test_gradients_equal_autograds(cin, cout, k, stride, padding, side, n, monkeypatch):
+def test_gradients_equal_autograds(cin, cout, k, stride, padding, side, n, dilation, monkeypatch):
     monkeypatch.setattr(conv_grad, "MAX_POSITIONS", 10 ** 9)     # the path on every map: the gradients' maths
-    plain, fast = conv_pair(cin, cout, k, stride, padding)
+    plain, fast = conv_pair(cin, cout, k, stride, padding, dilation)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(n, cin, side, side, generator=g)
-    out_side = (side + 2 * padding - k) // stride + 1
-    grad_out = torch.randn(n, cout, out_side, out_side, generator=g)
+    h, w = (side, side) if isinstance(side, int) else side
+    x = torch.randn(n, cin, h, w, generator=g)
+    grad_out = torch.randn(plain(x).shape, generator=g)
     y0, gx0, gw0 = grads(plain, x, grad_out)
     y1, gx1, gw1 = grads(fast, x, grad_out)
     assert type(y1.grad_fn).__name__.startswith("_MatmulGradConv"), "the small map did not take the fast path"
@@ -70,13 +71,17 @@ def test_the_usual_convolution_everywhere_else():
     assert type(fast(small).grad_fn).__name__.startswith("_MatmulGradConv")
     big = torch.randn(2, 8, side + 1, side + 1, requires_grad=True)  # one row and column over the limit
     assert not type(fast(big).grad_fn).__name__.startswith("_MatmulGradConv")
+    row = torch.randn(2, 8, 1, MAX_POSITIONS + 1, requires_grad=True)  # one position over the limit
+    assert not type(fast(row).grad_fn).__name__.startswith("_MatmulGradConv")
+    row = torch.randn(2, 8, 1, MAX_POSITIONS, requires_grad=True)      # exactly at it
+    assert type(fast(row).grad_fn).__name__.startswith("_MatmulGradConv")
     with torch.no_grad():
         assert fast(small).grad_fn is None                       # the teacher, the evaluations
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not type(fast(small).grad_fn).__name__.startswith("_MatmulGradConv")   # bf16 keeps oneDNN's
 
 
-def test_the_region_encoder_keeps_torchvisions_state_and_its_gradients():
+def test_the_region_encoder_keeps_torchvisions_state_and_its_gradients(monkeypatch):
     torch.manual_seed(0)
     enc = RegionEncoder("resnet18", proj_dim=16, roi_size=4)
     convs = [m for m in enc.modules() if isinstance(m, nn.Conv2d)]
@@ -84,6 +89,10 @@ def test_the_region_encoder_keeps_torchvisions_state_and_its_gradients():
     net = torchvision.models.resnet18()
     missing, unexpected = net.load_state_dict(enc.backbone_state_dict(), strict=False)
     assert missing == ["fc.weight", "fc.bias"] and unexpected == []
+    teacher = momentum_copy(enc)                                 # the teacher: a deep copy, same classes
+    assert all(type(m) is GemmGradConv2d for m in teacher.modules() if isinstance(m, nn.Conv2d))
+    restored = RegionEncoder("resnet18", proj_dim=16, roi_size=4)
+    restored.load_state_dict(enc.state_dict())                   # a checkpoint round trip
 
     images = torch.randn(4, 3, 64, 64)
     boxes = torch.tensor([[4.0, 4.0, 40.0, 40.0], [20.0, 10.0, 60.0, 50.0]]).expand(4, 2, 4)
@@ -94,7 +103,12 @@ def test_the_region_encoder_keeps_torchvisions_state_and_its_gradients():
         enc.regions(images, boxes, valid, groups=2).square().sum().backward()
         return [m.weight.grad.clone() for m in convs]
 
+    calls = []
+    apply = conv_grad._MatmulGradConv.apply
+    monkeypatch.setattr(conv_grad._MatmulGradConv, "apply", lambda *a: calls.append(a[0].shape) or apply(*a))
     fast = weight_grads()
+    # res5's three kinds of convolution on the 8 regions' 4x4 RoIAlign maps (2x2 out) took the path
+    assert len(calls) == 5 and all(shape[0] == 8 for shape in calls), calls
     for m in convs:
         m.__class__ = nn.Conv2d                                  # oneDNN's backward, the same weights
     plain = weight_grads()
