@@ -73,7 +73,8 @@ class GemmGradConv2d(nn.Conv2d):
     """nn.Conv2d with the matrix-product backward on small CPU maps (module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled()
+        if (self.bias is None and self.groups == 1 and self.padding_mode == "zeros" and isinstance(self.padding, tuple)
+                and x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled()
                 and (x.requires_grad or self.weight.requires_grad) and not torch.is_autocast_enabled("cpu")
                 and not torch.compiler.is_compiling() and x.dim() == 4
                 and _out_positions(self, x.shape[-2], x.shape[-1]) <= MAX_POSITIONS):

@@ -114,3 +114,20 @@ def test_the_region_encoder_keeps_torchvisions_state_and_its_gradients(monkeypat
     plain = weight_grads()
     for f, p in zip(fast, plain):
         torch.testing.assert_close(f, p, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs", [{"bias": True}, {"groups": 2, "bias": False},
+                                    {"padding_mode": "reflect", "bias": False}, {"padding": "same", "bias": False}])
+def test_a_conv_the_matrix_products_do_not_cover_keeps_its_own_backward(kwargs):
+    torch.manual_seed(0)
+    plain = nn.Conv2d(8, 8, 3, padding=kwargs.pop("padding", 1), **kwargs)
+    fast = GemmGradConv2d(plain.in_channels, plain.out_channels, 3, padding=plain.padding,
+                          padding_mode=plain.padding_mode, groups=plain.groups, bias=plain.bias is not None)
+    fast.load_state_dict(plain.state_dict())                    # built directly, not by use_gemm_grad_conv
+    x = torch.randn(2, 8, 2, 2)
+    grad_out = torch.randn(2, 8, 2, 2)
+    y0, gx0, gw0 = grads(plain, x, grad_out)
+    y1, gx1, gw1 = grads(fast, x, grad_out)
+    assert not type(y1.grad_fn).__name__.startswith("_MatmulGradConv")
+    assert torch.equal(y0, y1) and torch.equal(gx0, gx1) and torch.equal(gw0, gw1)
+
